@@ -1,0 +1,38 @@
+//! The bottle policy: parsed from TOML into types that cannot hold an invalid policy, plus the pure decisions the
+//! proxy asks of it. No I/O beyond reading the one policy file, no syscalls, no async.
+
+pub mod address;
+mod error;
+pub mod host;
+mod model;
+pub mod preset;
+mod raw;
+mod render;
+pub mod rules;
+mod validate;
+
+use std::path::Path;
+
+pub use error::{Location, PolicyError};
+pub use model::{
+    AddressVerdict, Agent, Backend, Bottle, BottleName, Credential, HostRule, HostVerdict, Network, Origin, Placement,
+    Policy, Resources, SecretSource, TlsMode,
+};
+pub use render::Effective;
+pub use validate::{MAX_POLICY_BYTES, Overrides, RESERVED_ENV, Source, from_bytes, from_flags, from_str};
+
+/// Reads and validates a policy file. The read is bounded: a file over `MAX_POLICY_BYTES` is refused unread.
+pub fn load_file(path: &Path, overrides: &Overrides) -> Result<Policy, PolicyError> {
+    use std::io::Read;
+    let read = || -> std::io::Result<Vec<u8>> {
+        let file = std::fs::File::open(path)?;
+        if !file.metadata()?.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        let mut buf = Vec::new();
+        file.take(MAX_POLICY_BYTES as u64 + 1).read_to_end(&mut buf)?;
+        Ok(buf)
+    };
+    let bytes = read().map_err(|e| PolicyError::whole_file(Some(path), format!("cannot read policy: {e}")))?;
+    from_bytes(&bytes, Some(path), overrides)
+}
