@@ -1,6 +1,8 @@
 //! The bottle policy: parsed from TOML into types that cannot hold an invalid policy, plus the pure decisions the
 //! proxy asks of it. No I/O beyond reading the one policy file, no syscalls, no async.
 
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
 pub mod address;
 mod error;
 pub mod host;

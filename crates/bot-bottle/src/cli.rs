@@ -1,0 +1,143 @@
+//! The command line (clap derive). Verbs mirror docker and smolvm.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::policy_args::PolicyArgs;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bot-bottle",
+    version,
+    about = "Run AI coding agents in a bottle whose only way out is a policed egress proxy",
+    long_about = "Run AI coding agents (Claude Code, Codex, Gemini CLI, aider) in a bottle: an isolated sandbox \
+whose only way out is a host-side egress proxy that enforces the bottle's policy, intercepts TLS with a CA minted \
+for that bottle, injects credentials so secrets never enter the bottle, and logs every decision.\n\n\
+Exit codes: 0 success; 2 usage; 120 not available yet; 121 invalid policy; 122 preflight failed; \
+123 sandbox failed; 124 proxy failed; 125 other bot-bottle error; otherwise the agent's own exit code."
+)]
+pub struct Cli {
+    /// Machine-readable output: one JSON document on stdout, errors as JSON on stderr.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// More diagnostics on stderr (-v info, -vv debug, -vvv trace); BOT_BOTTLE_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start a bottle and run the agent (or CMD) in it.
+    Run(RunArgs),
+    /// List bottles: name, backend, address, state, uptime, allowed/denied counts.
+    Ls,
+    /// Run a command in a running bottle.
+    Exec(ExecArgs),
+    /// Show a bottle's output, or its egress audit log.
+    Logs(LogsArgs),
+    /// Stop a running bottle: agent, proxy, lease.
+    Stop(NameArg),
+    /// Remove a stopped bottle's state.
+    Rm(NameArg),
+    /// Check whether this host can run each backend, with the exact remedy for anything missing.
+    Doctor(DoctorArgs),
+    /// Work with policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Run the egress proxy alone, in the foreground (benchmarks, containers, debugging).
+    Proxy(ProxyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+    /// Run in the background; manage it with ls, logs, exec, stop.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Extra trusted root for upstream TLS (PEM), e.g. an internal service's CA. Repeatable.
+    #[arg(long = "upstream-ca", value_name = "FILE")]
+    pub upstream_ca: Vec<PathBuf>,
+    /// The command to run in the bottle (default: the agent preset's command).
+    #[arg(last = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExecArgs {
+    /// The bottle's name.
+    pub name: String,
+    /// The command to run.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The bottle's name.
+    pub name: String,
+    /// Show the egress audit log (one JSON line per decision) instead of the agent's output.
+    #[arg(long)]
+    pub egress: bool,
+    /// Only denied requests (implies --egress).
+    #[arg(long)]
+    pub denied: bool,
+    /// Keep printing as lines arrive.
+    #[arg(short, long)]
+    pub follow: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct NameArg {
+    /// The bottle's name.
+    pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Check one backend only; exit 122 if it cannot run here.
+    #[arg(long, value_name = "BACKEND", value_parser = ["namespace", "container", "smolmachines"])]
+    pub backend: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy and print the effective policy (presets expanded, flags applied), or the error.
+    Check(PolicyCheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PolicyCheckArgs {
+    /// The policy file (default: ./bottle.toml if present, else the agent preset). `-` reads stdin.
+    #[arg(value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ProxyArgs {
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+    /// Address to listen on, e.g. 127.0.0.1:3128.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:3128")]
+    pub listen: SocketAddr,
+    /// Where the CA (ca.pem, ca-key.pem 0600) and the audit log (audit.jsonl) go.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// Sign leaf certificates with this existing CA certificate (PEM) instead of minting one.
+    #[arg(long, value_name = "FILE", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// The private key (PEM) of --ca-cert.
+    #[arg(long, value_name = "FILE", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// Extra trusted root for upstream TLS (PEM). Repeatable.
+    #[arg(long = "upstream-ca", value_name = "FILE")]
+    pub upstream_ca: Vec<PathBuf>,
+}

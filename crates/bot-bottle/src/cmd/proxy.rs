@@ -1,0 +1,29 @@
+//! `proxy`: the egress proxy alone, in the foreground.
+
+use anyhow::Context;
+use bottle_proxy::StandaloneOptions;
+
+use crate::cli::ProxyArgs;
+use crate::output::Output;
+
+pub fn run(args: ProxyArgs, _out: &Output) -> anyhow::Result<u8> {
+    let (policy, policy_path) = args.policy.load(None)?;
+    let bottle = policy
+        .bottle
+        .name
+        .as_ref()
+        .map_or_else(|| "standalone".to_string(), ToString::to_string);
+    let opts = StandaloneOptions {
+        policy,
+        policy_path,
+        overrides: args.policy.overrides(),
+        listen: args.listen,
+        state_dir: args.state_dir,
+        ca_cert: args.ca_cert,
+        ca_key: args.ca_key,
+        upstream_ca: args.upstream_ca,
+        bottle,
+    };
+    bottle_proxy::run_standalone(opts).context("egress proxy failed")?;
+    Ok(0)
+}

@@ -1,0 +1,66 @@
+//! Exit codes: bot-bottle's own failures use 2 and 120–125 so that an agent's exit code (passed through by `run`
+//! and `exec`) stays distinguishable, as docker does with 125–127. Documented in README.md.
+
+use bottle_policy::PolicyError;
+use bottle_proxy::ProxyError;
+
+/// Bad command line (clap's convention).
+pub const USAGE: u8 = 2;
+/// The verb exists but is not available yet, or not on this platform.
+pub const UNAVAILABLE: u8 = 120;
+/// The policy (file, preset or flags) is invalid.
+pub const POLICY: u8 = 121;
+/// The host cannot confine the bottle with the chosen backend (see `bot-bottle doctor`).
+pub const PREFLIGHT: u8 = 122;
+/// The sandbox failed to start, or its confinement could not be verified.
+pub const SANDBOX: u8 = 123;
+/// The egress proxy failed to start or stopped.
+pub const PROXY: u8 = 124;
+/// Any other bot-bottle failure.
+pub const INTERNAL: u8 = 125;
+
+/// A verb that a later issue fills in. Never pretends to work.
+#[derive(Debug, thiserror::Error)]
+#[error("`bot-bottle {verb}` is not available yet: {reason}")]
+pub struct Unavailable {
+    pub verb: &'static str,
+    pub reason: &'static str,
+}
+
+/// The host failed a preflight check the chosen backend requires.
+#[derive(Debug, thiserror::Error)]
+#[error("the {backend} backend cannot run on this host; run `bot-bottle doctor --backend {backend}` for remedies")]
+pub struct PreflightFailed {
+    pub backend: bottle_policy::Backend,
+}
+
+/// Maps the typed root cause of an error chain to its exit code.
+pub fn classify(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if cause.is::<PolicyError>() {
+            return POLICY;
+        }
+        if cause.is::<Unavailable>() {
+            return UNAVAILABLE;
+        }
+        if cause.is::<PreflightFailed>() {
+            return PREFLIGHT;
+        }
+        if cause.is::<ProxyError>() {
+            return PROXY;
+        }
+    }
+    INTERNAL
+}
+
+pub fn kind(code: u8) -> &'static str {
+    match code {
+        USAGE => "usage",
+        UNAVAILABLE => "unavailable",
+        POLICY => "policy",
+        PREFLIGHT => "preflight",
+        SANDBOX => "sandbox",
+        PROXY => "proxy",
+        _ => "internal",
+    }
+}

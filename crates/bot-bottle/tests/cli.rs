@@ -1,0 +1,288 @@
+//! The `bot-bottle` binary as a user drives it: real processes, real files, documented exit codes.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+
+const POLICY: i32 = 121;
+const UNAVAILABLE: i32 = 120;
+const USAGE: i32 = 2;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The binary with a private state home and working directory, so that no test sees another's state.
+fn bb(dir: &Path) -> Command {
+    let mut cmd = Command::cargo_bin("bot-bottle").unwrap();
+    cmd.current_dir(dir)
+        .env("XDG_STATE_HOME", dir.join("state"))
+        .env("XDG_DATA_HOME", dir.join("data"))
+        .env_remove("BOT_BOTTLE_LOG");
+    cmd
+}
+
+fn examples() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(repo().join("examples"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn bad_fixtures() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(repo().join("crates/bottle-policy/tests/fixtures/bad"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn help_lists_every_verb() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = bb(tmp.path())
+        .arg("--help")
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let help = String::from_utf8(out).unwrap();
+    for verb in ["run", "ls", "exec", "logs", "stop", "rm", "doctor", "policy", "proxy"] {
+        assert!(help.contains(&format!("  {verb} ")), "{verb} missing from:\n{help}");
+    }
+    assert!(
+        help.contains("121 invalid policy"),
+        "exit codes are documented in --help"
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let tmp = tempfile::tempdir().unwrap();
+    bb(tmp.path()).arg("frobnicate").assert().code(USAGE);
+    bb(tmp.path())
+        .args(["proxy", "--listen", "not-an-address", "--state-dir", "x"])
+        .assert()
+        .code(USAGE);
+    bb(tmp.path()).args(["exec", "name"]).assert().code(USAGE);
+}
+
+#[test]
+fn policy_check_accepts_every_shipped_example() {
+    let tmp = tempfile::tempdir().unwrap();
+    for example in examples() {
+        bb(tmp.path())
+            .args(["policy", "check"])
+            .arg(&example)
+            .assert()
+            .success()
+            .stdout(predicate::str::contains("ok. The effective policy:"))
+            .stdout(predicate::str::contains("[network]"));
+    }
+}
+
+#[test]
+fn policy_check_expands_presets() {
+    let tmp = tempfile::tempdir().unwrap();
+    bb(tmp.path())
+        .args(["policy", "check", "--agent", "claude"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("api.anthropic.com"))
+        .stdout(predicate::str::contains("x-api-key"));
+}
+
+#[test]
+fn policy_check_reads_bottle_toml_by_default() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("bottle.toml"),
+        "[network]\nallow = [\"only-here.example.com\"]\n",
+    )
+    .unwrap();
+    bb(tmp.path())
+        .args(["policy", "check"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("only-here.example.com"));
+}
+
+#[test]
+fn policy_check_rejects_every_bad_fixture_pointing_at_its_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixtures = bad_fixtures();
+    assert!(fixtures.len() >= 20);
+    for bad in fixtures {
+        let out = bb(tmp.path())
+            .args(["policy", "check"])
+            .arg(&bad)
+            .assert()
+            .code(POLICY)
+            .get_output()
+            .clone();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        let name = bad.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(stderr.starts_with("error: invalid policy: "), "{name}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{name}:")),
+            "{name}: no file:line:col in {stderr}"
+        );
+        assert!(stderr.contains(" | "), "{name}: no source line in {stderr}");
+        assert!(stderr.contains('^'), "{name}: no caret in {stderr}");
+        assert!(out.stdout.is_empty(), "{name}: printed a policy anyway");
+    }
+}
+
+#[test]
+fn policy_errors_as_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bad = repo().join("crates/bottle-policy/tests/fixtures/bad/wildcard-tld.toml");
+    let out = bb(tmp.path())
+        .args(["--json", "policy", "check"])
+        .arg(&bad)
+        .assert()
+        .code(POLICY)
+        .get_output()
+        .clone();
+    let v: serde_json::Value = serde_json::from_slice(&out.stderr).unwrap();
+    assert_eq!(v["error"]["kind"], "policy");
+    assert_eq!(v["error"]["exit_code"], POLICY);
+    assert!(
+        v["error"]["where"]
+            .as_str()
+            .unwrap()
+            .ends_with("wildcard-tld.toml:2:10")
+    );
+}
+
+#[test]
+fn bad_flags_are_policy_errors_naming_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    bb(tmp.path())
+        .args(["policy", "check", "--allow", "*.com"])
+        .assert()
+        .code(POLICY)
+        .stderr(predicate::str::contains("--allow \"*.com\""));
+}
+
+#[test]
+fn hostile_policy_files_get_one_error_and_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let huge = tmp.path().join("huge.toml");
+    std::fs::write(&huge, vec![b'#'; 2 << 20]).unwrap();
+    let binary = tmp.path().join("binary.toml");
+    std::fs::write(&binary, [0x7f, b'E', b'L', b'F', 0, 0xff, 0xfe]).unwrap();
+    let nested = tmp.path().join("nested.toml");
+    std::fs::write(&nested, format!("x = {}{}", "[".repeat(50_000), "]".repeat(50_000))).unwrap();
+    for (file, needle) in [
+        (&huge, "the limit is"),
+        (&binary, "binary"),
+        (&nested, "nested.toml:1:"),
+    ] {
+        for verb in [
+            &["policy", "check"][..],
+            &["run", "--policy"][..],
+            &["proxy", "--state-dir", "s", "--policy"][..],
+        ] {
+            bb(tmp.path())
+                .args(verb)
+                .arg(file)
+                .assert()
+                .code(POLICY)
+                .stderr(predicate::str::contains(needle));
+        }
+    }
+    let mut left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        ["binary.toml", "huge.toml", "nested.toml"],
+        "a refused policy must leave no state behind"
+    );
+}
+
+#[test]
+fn lifecycle_verbs_say_not_available_yet() {
+    let tmp = tempfile::tempdir().unwrap();
+    for args in [
+        &["run", "--", "true"][..],
+        &["ls"][..],
+        &["exec", "b1", "--", "true"][..],
+        &["logs", "b1"][..],
+        &["stop", "b1"][..],
+        &["rm", "b1"][..],
+    ] {
+        bb(tmp.path())
+            .args(args)
+            .assert()
+            .code(UNAVAILABLE)
+            .stderr(predicate::str::contains("not available yet"));
+    }
+}
+
+#[test]
+fn doctor_reports_every_backend() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = bb(tmp.path())
+        .arg("doctor")
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let text = String::from_utf8(out).unwrap();
+    for backend in ["namespace", "container", "smolmachines"] {
+        assert!(
+            text.lines().any(|l| l.starts_with(backend)),
+            "{backend} missing:\n{text}"
+        );
+    }
+    let out = bb(tmp.path())
+        .args(["--json", "doctor"])
+        .assert()
+        .success()
+        .get_output()
+        .stdout
+        .clone();
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let reports = v.as_array().unwrap();
+    assert_eq!(reports.len(), 3);
+    for r in reports {
+        for c in r["checks"].as_array().unwrap() {
+            let status = c["status"].as_str().unwrap();
+            assert!(["ok", "degraded", "missing"].contains(&status), "{c}");
+            if status == "missing" {
+                assert!(!c["remedy"].as_str().unwrap().is_empty(), "missing without remedy: {c}");
+            }
+        }
+    }
+}
+
+#[test]
+fn doctor_for_one_backend_exits_122_exactly_when_it_cannot_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    for backend in ["namespace", "container", "smolmachines"] {
+        let out = bb(tmp.path())
+            .args(["--json", "doctor", "--backend", backend])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let missing = v[0]["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["status"] == "missing");
+        assert_eq!(out.status.code(), Some(if missing { 122 } else { 0 }), "{backend}: {v}");
+    }
+}

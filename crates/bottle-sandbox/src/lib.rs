@@ -1,0 +1,6 @@
+//! Sandbox backends, leases and preflight.
+
+pub mod engine;
+pub mod lease;
+pub mod preflight;
+mod sys;
