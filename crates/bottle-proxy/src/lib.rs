@@ -1,7 +1,47 @@
-//! Egress proxy: the bottle's only way out. Filled in by the proxy issue (#3).
+//! Egress proxy: the bottle's only way out. Explicit (absolute-form HTTP and CONNECT) and transparent modes, TLS
+//! interception with the bottle's CA, per-request policy, credential injection, an audit line per decision.
+//!
+//! SECURITY: it fails closed. Every path that cannot decide ends in a 403, a 400 or a closed connection with an
+//! audit record; nothing is tunnelled uninspected except passthrough hosts, and only after their SNI matched.
+
+mod audit;
+mod body;
+mod ca;
+mod connect;
+mod credentials;
+mod decide;
+mod deny;
+mod exchange;
+mod framing;
+mod hello;
+mod idle;
+mod listener;
+mod mitm;
+mod proxy;
+mod rewind;
+mod session;
+mod standalone;
+mod transparent;
+mod upstream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+
+pub use audit::AuditError;
+pub use ca::CaError;
+pub use credentials::{CredentialError, PLACEHOLDER_PREFIX};
+pub use deny::DENIED_HEADER;
+pub use proxy::{Limits, Proxy, ProxyConfig, ProxyError};
+pub use upstream::RootsError;
+
+/// The parsers that read bottle-controlled bytes, for the stable-Rust fuzz harness (`tests/fuzz.rs`,
+/// `fuzz/README.md`). Not an API: no stability promise, hidden from the docs.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::decide::{DenyReason, Target, check_path, check_same_host, decide_target, parse_authority};
+    pub use crate::framing::{FramingViolation, Tracker};
+    pub use crate::hello::{Hello, HelloError, read as read_client_hello};
+}
 
 /// What `bot-bottle proxy` hands the library.
 pub struct StandaloneOptions {
@@ -18,13 +58,8 @@ pub struct StandaloneOptions {
     pub bottle: String,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    #[error("the standalone proxy is not available yet (issue #3)")]
-    NotAvailable,
-}
-
-/// Runs the proxy in the foreground until SIGINT/SIGTERM. Not available until issue #3 lands.
-pub fn run_standalone(_opts: StandaloneOptions) -> Result<(), ProxyError> {
-    Err(ProxyError::NotAvailable)
+/// Runs the proxy in the foreground until SIGINT/SIGTERM. Prints exactly one line to stdout,
+/// `listening on <addr>`; everything else goes through `tracing`.
+pub fn run_standalone(opts: StandaloneOptions) -> Result<(), ProxyError> {
+    standalone::run(opts)
 }

@@ -1,0 +1,77 @@
+//! TLS interception: terminate the bottle's TLS with a leaf from the bottle CA, offer `h2` and `http/1.1`, and
+//! police every request of the decrypted stream (HTTP/2 streams one by one) through `exchange`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::TlsAcceptor;
+
+use crate::ca::ALPN_H2;
+use crate::connect::{self, Tunnel};
+use crate::decide::DenyReason;
+use crate::exchange;
+use crate::framing::Guarded;
+use crate::idle;
+use crate::listener::{framing_report, h1_builder, h2_builder};
+use crate::proxy::Proxy;
+use crate::session::{Peer, Scope, Session};
+
+pub async fn serve<S>(proxy: Proxy, peer: Peer, io: S, mut tunnel: Tunnel)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let start = Instant::now();
+    let config = match proxy.inner.ca.server_config(&tunnel.target) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, host = %tunnel.target, "cannot mint a leaf certificate");
+            let reason = DenyReason::Framing("no leaf certificate");
+            return connect::close(&proxy, &peer, &tunnel, &reason, start);
+        }
+    };
+    let timeout = proxy.inner.limits.handshake_timeout;
+    let tls = match tokio::time::timeout(timeout, TlsAcceptor::from(config).accept(io)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            // Most often the client does not trust the bottle CA, or pins the real certificate.
+            tracing::info!(error = %e, host = %tunnel.target, "TLS handshake with the bottle failed");
+            let reason = DenyReason::ClientTls;
+            return connect::close(&proxy, &peer, &tunnel, &reason, start);
+        }
+        Err(_) => {
+            let reason = DenyReason::Timeout("in the TLS handshake with the client");
+            return connect::close(&proxy, &peer, &tunnel, &reason, start);
+        }
+    };
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(ALPN_H2);
+    let scope = Scope::Tunnel {
+        target: tunnel.target.clone(),
+        port: tunnel.port,
+    };
+    let predialed = tunnel.predialed.take();
+    let limits = proxy.inner.limits.clone();
+    let activity = peer.activity.clone();
+    let report = framing_report(&proxy, &peer);
+    let session = Arc::new(Session::tunnel(proxy, peer, scope, h2, tunnel.checked, predialed));
+    let service = service_fn(move |req| {
+        let session = Arc::clone(&session);
+        async move { Ok::<_, Infallible>(exchange::handle(session, req).await) }
+    });
+    let ended = if h2 {
+        let conn = h2_builder(&limits).serve_connection(TokioIo::new(tls), service);
+        idle::watch(conn, &activity, limits.idle_timeout).await
+    } else {
+        let io = TokioIo::new(Guarded::new(tls, report));
+        let conn = h1_builder(&limits).serve_connection(io, service).with_upgrades();
+        idle::watch(conn, &activity, limits.idle_timeout).await
+    };
+    match ended {
+        None => tracing::debug!("intercepted connection idle; closed"),
+        Some(Err(e)) => tracing::debug!(error = %e, "intercepted connection ended with an error"),
+        Some(Ok(())) => {}
+    }
+}

@@ -1,0 +1,139 @@
+//! Transparent mode: a connection redirected to the proxy without the client knowing (the bottle dialled some
+//! address; the backend hands us the socket and its original destination). The host name comes from the TLS
+//! ClientHello SNI or the HTTP `Host` header, the port from the original destination; the original address
+//! itself is ignored: the proxy resolves the name and checks the answer like for any other request.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+
+use crate::audit::{self, Event, Verdict};
+use crate::connect::{self, Tunnel};
+use crate::decide::{self, DenyReason, Target};
+use crate::exchange;
+use crate::framing::Guarded;
+use crate::hello;
+use crate::idle::{self, Tracked};
+use crate::listener::{connection_error, framing_report, h1_builder};
+use crate::proxy::Proxy;
+use crate::rewind::Rewind;
+use crate::session::{Peer, Scope, Session};
+use crate::upstream;
+
+/// First byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+impl Proxy {
+    /// Serves one redirected connection whose original destination was `original_dst`.
+    pub async fn serve_transparent<S>(&self, stream: S, original_dst: SocketAddr)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Ok(slot) = self.slot().await else { return };
+        let peer = Peer::new(format!("transparent:{original_dst}"), slot);
+        let mut io = Tracked::new(stream, peer.activity.clone());
+        let mut first = BytesMut::with_capacity(4096);
+        let limits = self.inner.limits.clone();
+        match tokio::time::timeout(limits.header_read_timeout, io.read_buf(&mut first)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return,
+        }
+        let io = Rewind::new(first.clone().freeze(), io);
+        if first[0] == TLS_HANDSHAKE {
+            self.transparent_tls(io, original_dst.port(), peer).await;
+        } else {
+            self.transparent_http(io, original_dst.port(), peer).await;
+        }
+    }
+
+    async fn transparent_tls<S>(&self, mut io: S, port: u16, peer: Peer)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let start = Instant::now();
+        let mut event = Event {
+            event: "transparent",
+            client: Arc::clone(&peer.label),
+            scheme: "tls",
+            port,
+            ..Event::default()
+        };
+        let timeout = self.inner.limits.handshake_timeout;
+        let hello = match tokio::time::timeout(timeout, hello::read(&mut io)).await {
+            Ok(Ok(h)) => h,
+            _ => return self.refuse(event, &DenyReason::Framing("malformed ClientHello"), start),
+        };
+        let Some(sni) = hello.sni.clone() else {
+            return self.refuse(event, &DenyReason::MissingSni, start);
+        };
+        event.host = sni.clone();
+        let target = match Target::parse(&sni) {
+            Ok(t) => t,
+            Err(reason) => return self.refuse(event, &reason, start),
+        };
+        let policy = self.policy();
+        let allowed = match decide::decide_target(&policy.network, &target, port) {
+            Ok(a) => a,
+            Err(reason) => return self.refuse(event, &reason, start),
+        };
+        let connect_timeout = self.inner.limits.connect_timeout;
+        let checked = match upstream::resolve(&policy.network, &target, port, connect_timeout).await {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(reason) = e.as_denial() {
+                    return self.refuse(event, &reason, start);
+                }
+                tracing::info!(host = %target, port, error = %upstream::describe(&e), "upstream unreachable");
+                event.decision = Verdict::Error;
+                event.rule = "upstream-unreachable".into();
+                event.duration_ms = audit::elapsed_ms(start);
+                return self.inner.audit.write(&event);
+            }
+        };
+        event.rule = allowed
+            .rule
+            .map_or_else(|| "allow_cidr".into(), |r| r.pattern.to_string());
+        event.duration_ms = audit::elapsed_ms(start);
+        self.inner.audit.write(&event);
+        let tunnel = Tunnel {
+            target,
+            port,
+            tls: allowed.tls,
+            checked,
+            predialed: None,
+        };
+        connect::after_hello(self.clone(), peer, io, hello, tunnel, start).await;
+    }
+
+    async fn transparent_http<S>(&self, io: S, port: u16, peer: Peer)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let limits = self.inner.limits.clone();
+        let activity = peer.activity.clone();
+        let session = Arc::new(Session::new(self.clone(), peer.clone(), Scope::Transparent { port }));
+        let service = service_fn(move |req| {
+            let session = Arc::clone(&session);
+            async move { Ok::<_, Infallible>(exchange::handle(session, req).await) }
+        });
+        let conn =
+            h1_builder(&limits).serve_connection(TokioIo::new(Guarded::new(io, framing_report(self, &peer))), service);
+        if let Some(Err(e)) = idle::watch(conn.with_upgrades(), &activity, limits.idle_timeout).await {
+            connection_error(self, &peer, &e);
+        }
+    }
+
+    fn refuse(&self, mut event: Event, reason: &DenyReason, start: Instant) {
+        event.decision = Verdict::Deny;
+        event.rule = reason.code().to_string();
+        event.duration_ms = audit::elapsed_ms(start);
+        tracing::info!(host = %event.host, port = event.port, rule = reason.code(), "transparent connection refused");
+        self.inner.audit.write(&event);
+    }
+}

@@ -1,0 +1,53 @@
+//! Live policy reload: the next request (even inside an open tunnel) sees the new policy.
+#![allow(clippy::disallowed_methods, clippy::unwrap_used)]
+
+mod fixture;
+
+use fixture::*;
+
+#[tokio::test]
+async fn reload_takes_effect_for_the_next_request() {
+    let w = World::start().await;
+    let at = w.tls_at("upstream.test");
+    let mut client = w.lab.h1_in_tunnel(&at).await;
+    assert_eq!(text(client.send_request(get("/one", &at)).await.unwrap()).await.0, 200);
+    let mut plain = w.lab.h1_to_proxy().await;
+    let fresh = format!("http://{}/", w.http_at("fresh.test"));
+    assert_eq!(text(plain.send_request(get(&fresh, "x")).await.unwrap()).await.0, 403);
+
+    // New policy: upstream.test only for /allowed/**, and fresh.test allowed.
+    let next = STANDARD_POLICY
+        .replace("\"other.test:*\"]", "\"other.test:*\", \"fresh.test:*\"]")
+        .replace("\"pass.test\" = \"127.0.0.1\"", "\"pass.test\" = \"127.0.0.1\"\n\"fresh.test\" = \"127.0.0.1\"")
+        .replace("allow = [\"upstream.test:*\", ", "allow = [")
+        .replace("[[host]]\nname = \"rules.test:*\"", "[[host]]\nname = \"upstream.test:*\"\n[[host.rule]]\npaths = [\"/allowed/**\"]\n\n[[host]]\nname = \"rules.test:*\"");
+    w.lab.proxy.reload(policy(&next));
+
+    let (status, headers, _) = text(client.send_request(get("/two", &at)).await.unwrap()).await;
+    assert_eq!(status, 403, "the open tunnel sees the new rule");
+    assert!(denied(&headers).contains("rule=request-rule"));
+    assert_eq!(
+        text(client.send_request(get("/allowed/3", &at)).await.unwrap()).await.0,
+        200
+    );
+    assert_eq!(text(plain.send_request(get(&fresh, "x")).await.unwrap()).await.0, 200);
+    w.lab.wait_audit(|v| v["event"] == "reload").await;
+}
+
+#[tokio::test]
+async fn reload_withdrawing_a_cidr_stops_reuse_of_kept_alive_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca(dir.path());
+    let (http, rec) = http_upstream().await;
+    // `localhost` comes from /etc/hosts (no DNS query leaves the machine).
+    let first = "[network]\nallow = [\"localhost:*\"]\nallow_cidr = [\"127.0.0.1/32\", \"::1/128\"]\n";
+    let lab = Lab::start(dir, ca, first).await;
+    let mut plain = lab.h1_to_proxy().await;
+    let url = format!("http://localhost:{}/", http.port());
+    assert_eq!(text(plain.send_request(get(&url, "x")).await.unwrap()).await.0, 200);
+    lab.proxy.reload(policy("[network]\nallow = [\"localhost:*\"]\n"));
+    let (status, headers, _) = text(plain.send_request(get(&url, "x")).await.unwrap()).await;
+    assert_eq!(status, 403);
+    assert!(denied(&headers).contains("rule=private-address"));
+    assert_eq!(rec.requests().len(), 1);
+}
