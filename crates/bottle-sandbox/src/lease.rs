@@ -173,7 +173,6 @@ impl Registry {
         let write = || -> io::Result<()> {
             let mut f = File::create(&tmp)?;
             f.write_all(&serde_json::to_vec(record).map_err(io::Error::other)?)?;
-            f.sync_all()?;
             fs::rename(&tmp, &path)
         };
         write().map_err(|source| LeaseError::Write { path, source })
@@ -258,7 +257,13 @@ pub fn pid_start_time(pid: u32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces and parentheses: split after the last `)`.
     let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut fields = rest.split_whitespace();
+    // A zombie (Z) or dead (X) process has exited: its pid and start time linger only until it is reaped,
+    // and an orphan may never be reaped on a host whose pid 1 does not wait.
+    if matches!(fields.next(), Some("Z" | "X")) {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// A lease owner is alive when its pid exists with the recorded start time.

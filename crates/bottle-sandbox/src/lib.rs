@@ -4,3 +4,6 @@ pub mod engine;
 pub mod lease;
 pub mod preflight;
 mod sys;
+pub mod namespace;
+pub mod ready;
+pub mod state;

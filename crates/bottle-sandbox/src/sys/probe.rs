@@ -1,6 +1,5 @@
 //! The crate's only `unsafe`: raw syscalls the preflight probes need (fork + unshare, KVM ioctls, Landlock, seccomp).
 //! Trusts the kernel's documented ABI; every function is safe to call and reports failure as `io::Error`.
-#![allow(unsafe_code)]
 
 #[cfg(target_os = "linux")]
 pub(crate) use linux::*;

@@ -1,0 +1,133 @@
+//! The launcher ↔ init control channel: a SEQPACKET socketpair (one message per send, boundaries kept) that
+//! carries the bottle's in-namespace proxy listener (SCM_RIGHTS) and the readiness verdict.
+//! Trusts: the peer is our own re-executed binary, but a message that is not one of ours is an error.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, OwnedFd};
+
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer, SendAncillaryMessage,
+    SendFlags, SocketFlags, SocketType, recvmsg, sendmsg, socketpair,
+};
+
+/// Largest message: a failure reason is cut to fit.
+const MAX_MESSAGE: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// The init's proxy listener is attached (from the child) / the proxy serves it (from the launcher).
+    Listener,
+    Go,
+    Ready,
+    Fail(String),
+}
+
+impl Message {
+    fn encode(&self) -> Vec<u8> {
+        match self {
+            Self::Listener => b"listener".to_vec(),
+            Self::Go => b"go".to_vec(),
+            Self::Ready => b"ready".to_vec(),
+            Self::Fail(why) => {
+                let mut v = b"fail:".to_vec();
+                v.extend(why.bytes().take(MAX_MESSAGE - 5));
+                v
+            }
+        }
+    }
+
+    fn decode(bytes: &[u8]) -> io::Result<Self> {
+        Ok(match bytes {
+            b"listener" => Self::Listener,
+            b"go" => Self::Go,
+            b"ready" => Self::Ready,
+            [b'f', b'a', b'i', b'l', b':', rest @ ..] => Self::Fail(String::from_utf8_lossy(rest).into_owned()),
+            other => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("unexpected control message ({} bytes)", other.len()),
+                ));
+            }
+        })
+    }
+}
+
+/// Both ends, close-on-exec; the launcher clears the flag on the child's end only while spawning.
+pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    Ok(socketpair(
+        AddressFamily::UNIX,
+        SocketType::SEQPACKET,
+        SocketFlags::CLOEXEC,
+        None,
+    )?)
+}
+
+pub fn send(sock: impl AsFd, msg: &Message, fd: Option<std::os::fd::BorrowedFd<'_>>) -> io::Result<()> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut anc = SendAncillaryBuffer::new(&mut space);
+    let fds;
+    if let Some(fd) = fd {
+        fds = [fd];
+        anc.push(SendAncillaryMessage::ScmRights(&fds));
+    }
+    let bytes = msg.encode();
+    sendmsg(sock, &[IoSlice::new(&bytes)], &mut anc, SendFlags::NOSIGNAL)?;
+    Ok(())
+}
+
+/// Receives one message (and the descriptor attached to it, if any). `Ok(None)`: the peer closed, or
+/// (non-blocking) nothing is there yet.
+pub fn recv(sock: impl AsFd, nonblocking: bool) -> io::Result<Option<(Message, Option<OwnedFd>)>> {
+    let mut buf = [0u8; MAX_MESSAGE];
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut anc = RecvAncillaryBuffer::new(&mut space);
+    let flags = if nonblocking {
+        RecvFlags::DONTWAIT | RecvFlags::CMSG_CLOEXEC
+    } else {
+        RecvFlags::CMSG_CLOEXEC
+    };
+    let n = match recvmsg(sock, &mut [IoSliceMut::new(&mut buf)], &mut anc, flags) {
+        Ok(r) => r.bytes,
+        Err(rustix::io::Errno::AGAIN) if nonblocking => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    if n == 0 {
+        return Ok(None);
+    }
+    let mut fd = None;
+    for m in anc.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = m {
+            for f in fds {
+                fd.get_or_insert(f);
+            }
+        }
+    }
+    Ok(Some((Message::decode(&buf[..n])?, fd)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_and_descriptors_cross_the_pair() {
+        let (a, b) = pair().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        send(&a, &Message::Listener, Some(listener.as_fd())).unwrap();
+        send(&a, &Message::Fail("no proxy".into()), None).unwrap();
+        let (m, fd) = recv(&b, false).unwrap().unwrap();
+        assert_eq!(m, Message::Listener);
+        let got = std::net::TcpListener::from(fd.unwrap());
+        assert_eq!(got.local_addr().unwrap(), listener.local_addr().unwrap());
+        assert_eq!(recv(&b, false).unwrap().unwrap().0, Message::Fail("no proxy".into()));
+        assert!(recv(&b, true).unwrap().is_none());
+        drop(a);
+        assert!(recv(&b, false).unwrap().is_none());
+    }
+
+    #[test]
+    fn unknown_messages_are_errors() {
+        assert!(Message::decode(b"ready!").is_err());
+    }
+}

@@ -1,0 +1,289 @@
+//! The bottle's init: runs in a freshly re-executed, single-threaded `bot-bottle __bottle-init` process, enters
+//! new namespaces, builds the bottle, proves confinement from inside, then runs the agent as a child of the
+//! bottle's pid 1. Trusts its spec (written 0600 by the launcher); trusts nothing the agent does.
+//!
+//! Processes: the launcher spawns *outer* (host pid namespace) → outer forks *pid 1* (the bottle's pid
+//! namespace; reaps, forwards SIGTERM/SIGHUP) → pid 1 forks the *agent*. Each has PDEATHSIG = SIGKILL, so
+//! `kill -9` of the launcher takes the whole bottle down, and pid 1's death kills every process in the bottle.
+
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::time::Duration;
+
+use rustix::process::{Pid, WaitOptions};
+use rustix::thread::UnshareFlags;
+
+use super::control::{self, Message};
+use super::harden::{self, Hardening, LandlockMode};
+use super::rootfs;
+use super::spec::{IN_BOTTLE_PROXY_PORT, InitSpec, RealFs, fs_plan};
+use crate::sys::ns::{self as sys, Forked};
+
+/// The hidden subcommand the launcher re-executes itself with.
+pub const INIT_SUBCOMMAND: &str = "__bottle-init";
+/// Exit code of outer/pid 1 when the bottle failed before the agent ran (the reason went over the channel).
+pub const INIT_FAILED: i32 = 123;
+
+/// The name the self-test asks the proxy for; never allowed (`.invalid`, RFC 2606), so the proxy must deny it.
+pub const SELFTEST_HOST: &str = "selftest.bot-bottle.invalid";
+const SELFTEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Where the self-test proves direct egress is impossible: TEST-NET-1 (RFC 5737), never routed. In the bottle's
+/// network namespace there is no route at all, so nothing is ever sent.
+const DIRECT_EGRESS_PROBE: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 80);
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("cannot read the bottle spec {path}")]
+    Spec { path: String, source: io::Error },
+    #[error("cannot take the control channel")]
+    Control { source: io::Error },
+    #[error("cannot create the user namespace (`bot-bottle doctor` checks this)")]
+    UserNs { source: io::Error },
+    #[error("cannot write {file}")]
+    IdMap { file: &'static str, source: io::Error },
+    #[error("cannot unshare the mount/pid/net/ipc/uts namespaces")]
+    Unshare { source: io::Error },
+    #[error("cannot fork")]
+    Fork { source: io::Error },
+    #[error("cannot set up the bottle network")]
+    Network { source: io::Error },
+    #[error(transparent)]
+    Rootfs(#[from] rootfs::RootfsError),
+    #[error("the launcher went away before the bottle was ready")]
+    LauncherGone,
+    #[error("confinement self-test failed: {0}")]
+    SelfTest(String),
+    #[error(transparent)]
+    Harden(#[from] harden::HardenError),
+    #[error("cannot start `{program}`")]
+    Exec { program: String, source: io::Error },
+}
+
+/// Entry point of the re-executed init; returns the process exit code (the agent's, or INIT_FAILED).
+pub fn main(spec_path: &Path, control_fd: i32) -> i32 {
+    let control = match sys::adopt_fd(control_fd) {
+        Ok(fd) => fd,
+        Err(source) => return report(None, &InitError::Control { source }),
+    };
+    match outer(spec_path, &control) {
+        Ok(code) => code,
+        Err(e) => report(Some(&control), &e),
+    }
+}
+
+fn report(control: Option<&OwnedFd>, err: &InitError) -> i32 {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    match control {
+        Some(c) if control::send(c, &Message::Fail(text.clone()), None).is_ok() => {}
+        _ => {
+            let _ = writeln!(io::stderr(), "bot-bottle init: {text}");
+        }
+    }
+    INIT_FAILED
+}
+
+fn outer(spec_path: &Path, control: &OwnedFd) -> Result<i32, InitError> {
+    die_with_parent(true)?;
+    let spec: InitSpec = std::fs::read(spec_path)
+        .and_then(|b| serde_json::from_slice(&b).map_err(io::Error::other))
+        .map_err(|source| InitError::Spec {
+            path: spec_path.display().to_string(),
+            source,
+        })?;
+    enter_user_namespace(&spec)?;
+    let mut flags = UnshareFlags::NEWNS | UnshareFlags::NEWPID | UnshareFlags::NEWIPC | UnshareFlags::NEWUTS;
+    if !spec.unconfined_network_for_selfcheck {
+        flags |= UnshareFlags::NEWNET;
+    }
+    if spec.cgroup_ns {
+        flags |= UnshareFlags::NEWCGROUP;
+    }
+    sys::unshare(flags).map_err(|source| InitError::Unshare { source })?;
+    match sys::fork().map_err(|source| InitError::Fork { source })? {
+        Forked::Child => {
+            let code = match pid_one(&spec, control) {
+                Ok(code) => code,
+                Err(e) => report(Some(control), &e),
+            };
+            sys::exit_child(code)
+        }
+        Forked::Parent { child } => {
+            sys::forward_signals_to(child).map_err(|source| InitError::Fork { source })?;
+            Ok(wait_for(child))
+        }
+    }
+}
+
+/// Arms PDEATHSIG = SIGKILL. `check`: also verify the parent did not die before it was armed (pid 1 of a new
+/// pid namespace sees its parent as pid 0 and cannot check; its parent checks the control channel instead).
+fn die_with_parent(check: bool) -> Result<(), InitError> {
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+        .map_err(|e| InitError::Fork { source: e.into() })?;
+    if check && rustix::process::getppid().is_none_or(|p| p.as_raw_nonzero().get() == 1) {
+        return Err(InitError::LauncherGone);
+    }
+    Ok(())
+}
+
+/// Maps the invoking uid/gid to themselves: the agent owns what it writes in the workspace, and nothing else.
+fn enter_user_namespace(spec: &InitSpec) -> Result<(), InitError> {
+    sys::unshare(UnshareFlags::NEWUSER).map_err(|source| InitError::UserNs { source })?;
+    for (file, contents) in [
+        ("/proc/self/setgroups", "deny".to_string()),
+        ("/proc/self/uid_map", format!("{0} {0} 1\n", spec.uid)),
+        ("/proc/self/gid_map", format!("{0} {0} 1\n", spec.gid)),
+    ] {
+        std::fs::write(file, contents).map_err(|source| InitError::IdMap { file, source })?;
+    }
+    Ok(())
+}
+
+fn pid_one(spec: &InitSpec, control: &OwnedFd) -> Result<i32, InitError> {
+    die_with_parent(false)?;
+    rustix::system::sethostname(spec.name.as_bytes()).map_err(|e| InitError::Network { source: e.into() })?;
+    let listener = if spec.unconfined_network_for_selfcheck {
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+    } else {
+        sys::loopback_up().and_then(|()| TcpListener::bind((Ipv4Addr::LOCALHOST, IN_BOTTLE_PROXY_PORT)))
+    }
+    .map_err(|source| InitError::Network { source })?;
+    let proxy_addr = listener.local_addr().map_err(|source| InitError::Network { source })?;
+    control::send(control, &Message::Listener, Some(listener.as_fd()))
+        .map_err(|source| InitError::Control { source })?;
+    drop(listener);
+
+    rootfs::build(&spec.root, &fs_plan(spec, &RealFs))?;
+
+    match control::recv(control, false).map_err(|source| InitError::Control { source })? {
+        Some((Message::Go, _)) => {}
+        _ => return Err(InitError::LauncherGone),
+    }
+    self_test(proxy_addr, spec.canary).map_err(InitError::SelfTest)?;
+
+    let agent = match sys::fork().map_err(|source| InitError::Fork { source })? {
+        Forked::Child => {
+            let err = exec_in_bottle(spec, &spec.argv);
+            let _ = control::send(control, &Message::Fail(err.to_string()), None);
+            sys::exit_child(INIT_FAILED)
+        }
+        Forked::Parent { child } => child,
+    };
+    sys::forward_signals_to(agent).map_err(|source| InitError::Fork { source })?;
+    control::send(control, &Message::Ready, None).map_err(|source| InitError::Control { source })?;
+    Ok(reap_until(agent))
+}
+
+/// From inside: the proxy answers and polices, and nothing else is reachable.
+fn self_test(proxy: SocketAddr, canary: Option<SocketAddr>) -> Result<(), String> {
+    let mut s = TcpStream::connect_timeout(&proxy, SELFTEST_TIMEOUT).map_err(|e| format!("proxy {proxy}: {e}"))?;
+    s.set_read_timeout(Some(SELFTEST_TIMEOUT)).map_err(|e| e.to_string())?;
+    s.write_all(
+        b"GET http://selftest.bot-bottle.invalid/ HTTP/1.1\r\nHost: selftest.bot-bottle.invalid\r\nConnection: close\r\n\r\n",
+    )
+    .map_err(|e| format!("proxy {proxy}: {e}"))?;
+    let mut head = Vec::new();
+    let _ = s.take(8192).read_to_end(&mut head);
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    if !head.starts_with("http/1.1 403") || !head.contains("x-bottle-denied") {
+        return Err(format!("the proxy at {proxy} did not deny a non-allowed host"));
+    }
+    if let Ok(c) = TcpStream::connect_timeout(&SocketAddr::V4(DIRECT_EGRESS_PROBE), Duration::from_millis(500)) {
+        return Err(format!(
+            "a direct TCP connection to {} succeeded",
+            c.peer_addr().map_or_else(|e| e.to_string(), |a| a.to_string())
+        ));
+    }
+    if let Ok(u) = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
+        && u.send_to(b"x", DIRECT_EGRESS_PROBE).is_ok()
+    {
+        return Err("a direct UDP datagram could be sent".into());
+    }
+    if let Some(canary) = canary
+        && TcpStream::connect_timeout(&canary, Duration::from_millis(500)).is_ok()
+    {
+        return Err(format!("the host's loopback service {canary} is reachable"));
+    }
+    Ok(())
+}
+
+/// Runs in the agent's process (or an `exec`'d command's): harden, drop every inherited descriptor, exec.
+/// Returns only on failure.
+pub(super) fn exec_in_bottle(spec: &InitSpec, argv: &[String]) -> InitError {
+    if let Err(e) = rustix::process::chdir(&spec.workspace) {
+        return InitError::Exec {
+            program: spec.workspace.display().to_string(),
+            source: e.into(),
+        };
+    }
+    let hardening = Hardening {
+        read_only: vec!["/".into()],
+        read_write: vec![spec.workspace.clone(), "/tmp".into(), spec.home.clone(), "/dev".into()],
+        landlock: LandlockMode::BestEffort,
+    };
+    if let Err(e) = harden::apply(&hardening) {
+        return e.into();
+    }
+    if let Err(source) = sys::close_from(3) {
+        return InitError::Exec {
+            program: "close_range".into(),
+            source,
+        };
+    }
+    let Some((program, args)) = argv.split_first() else {
+        return InitError::Exec {
+            program: String::new(),
+            source: io::Error::new(io::ErrorKind::InvalidInput, "empty command"),
+        };
+    };
+    let source = std::process::Command::new(program)
+        .args(args)
+        .env_clear()
+        .envs(&spec.env)
+        .exec();
+    InitError::Exec {
+        program: program.clone(),
+        source,
+    }
+}
+
+/// Waits for `child`, reaping any other child on the way (pid 1 adopts orphans). Returns its exit code in
+/// shell convention (128 + signal when killed).
+fn reap_until(child: i32) -> i32 {
+    loop {
+        match rustix::process::wait(WaitOptions::empty()) {
+            Ok(Some((pid, status))) if pid.as_raw_nonzero().get() == child => return exit_code(status),
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => return INIT_FAILED,
+        }
+    }
+}
+
+pub(super) fn wait_for(child: i32) -> i32 {
+    let Some(pid) = Pid::from_raw(child) else {
+        return INIT_FAILED;
+    };
+    loop {
+        match rustix::process::waitpid(Some(pid), WaitOptions::empty()) {
+            Ok(Some((_, status))) => return exit_code(status),
+            Err(rustix::io::Errno::INTR) => {}
+            _ => return INIT_FAILED,
+        }
+    }
+}
+
+fn exit_code(status: rustix::process::WaitStatus) -> i32 {
+    if let Some(code) = status.exit_status() {
+        return code;
+    }
+    status.terminating_signal().map_or(INIT_FAILED, |s| 128 + s)
+}

@@ -1,0 +1,9 @@
+//! The namespace backend: Linux user/mount/pid/net/ipc/uts(/cgroup) namespaces + seccomp + Landlock, no daemon.
+
+pub mod control;
+pub mod harden;
+pub mod init;
+pub mod join;
+pub mod launch;
+pub mod rootfs;
+pub mod spec;

@@ -1,0 +1,360 @@
+//! The plan of a namespace bottle: pure data, written by the launcher to the bottle's state dir (0600) and read
+//! by the re-executed init. Building it has no side effects, so every decision about what the bottle sees is
+//! unit-testable without root.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Port of the proxy listener inside the bottle's own network namespace (its `lo` is private to it).
+pub const IN_BOTTLE_PROXY_PORT: u16 = 3128;
+/// Where the bottle CA bundle (system roots + bottle CA) appears inside the bottle.
+pub const IN_BOTTLE_CA_BUNDLE: &str = "/etc/bot-bottle/ca-bundle.pem";
+/// Host paths that must never be visible in a bottle (checked by tests against every plan).
+pub const NEVER_VISIBLE: [&str; 6] = ["/run", "/var/run", "/root/.ssh", "/home", "/proc/1", "/sys"];
+
+/// Entries of the host's `/etc` bound read-only into the bottle when present: what dynamic linking, TLS roots,
+/// time zones and Debian alternatives need. Never `passwd`/`shadow`/`group` (the bottle gets its own).
+pub const ETC_READ_ONLY: [&str; 14] = [
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "alternatives",
+    "localtime",
+    "os-release",
+    "debian_version",
+    "ssl",
+    "ca-certificates",
+    "terminfo",
+    "protocols",
+    "services",
+    "mime.types",
+    "bash.bashrc",
+];
+
+/// Top-level host entries provided from the host's `/usr` (merged-/usr systems make these symlinks).
+pub const USR_LINKS: [&str; 6] = ["bin", "sbin", "lib", "lib32", "lib64", "libx32"];
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitSpec {
+    pub name: String,
+    /// Empty directory on the host that becomes the bottle's root (a tmpfs is mounted on it).
+    pub root: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+    /// Host directory bound read-write into the bottle at the same path.
+    pub workspace: PathBuf,
+    pub home: PathBuf,
+    /// Host file holding the system roots plus the bottle CA.
+    pub ca_bundle: PathBuf,
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub cgroup_ns: bool,
+    /// A host-side listener on the bottle's lease address that must be unreachable from inside (self-test).
+    pub canary: Option<std::net::SocketAddr>,
+    /// Test-only escape hatch for the escape suite's self-check: keep the host network namespace. Never set
+    /// by `run`; the launcher refuses it unless the self-check asks.
+    #[serde(default)]
+    pub unconfined_network_for_selfcheck: bool,
+}
+
+/// One step of the filesystem the init builds, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FsStep {
+    /// tmpfs at a path inside the new root.
+    Tmpfs { at: PathBuf, mode: u32 },
+    /// Bind a host path, read-only or read-write.
+    Bind {
+        from: PathBuf,
+        at: PathBuf,
+        read_only: bool,
+    },
+    /// A symlink inside the new root.
+    Symlink { target: PathBuf, at: PathBuf },
+    /// A file written into the new root.
+    File { at: PathBuf, contents: String },
+    /// Fresh procfs for the bottle's pid namespace.
+    Proc,
+    /// Fresh devpts instance.
+    DevPts,
+}
+
+/// What the host looks like, for planning (a seam: tests pass a fixed host).
+pub trait HostFs {
+    fn exists(&self, path: &Path) -> bool;
+    fn symlink_target(&self, path: &Path) -> Option<PathBuf>;
+}
+
+pub struct RealFs;
+
+impl HostFs for RealFs {
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+    fn symlink_target(&self, path: &Path) -> Option<PathBuf> {
+        std::fs::read_link(path).ok()
+    }
+}
+
+/// The ordered filesystem steps for a spec, as seen from inside the new root ("/x" means "<root>/x").
+pub fn fs_plan(spec: &InitSpec, host: &dyn HostFs) -> Vec<FsStep> {
+    let p = PathBuf::from;
+    let mut steps = vec![FsStep::Bind {
+        from: p("/usr"),
+        at: p("/usr"),
+        read_only: true,
+    }];
+    for name in USR_LINKS {
+        let host_path = Path::new("/").join(name);
+        match host.symlink_target(&host_path) {
+            Some(target) => steps.push(FsStep::Symlink { target, at: host_path }),
+            None if host.exists(&host_path) => steps.push(FsStep::Bind {
+                from: host_path.clone(),
+                at: host_path,
+                read_only: true,
+            }),
+            None => {}
+        }
+    }
+    for name in ETC_READ_ONLY {
+        let host_path = Path::new("/etc").join(name);
+        if host.exists(&host_path) {
+            steps.push(FsStep::Bind {
+                from: host_path.clone(),
+                at: host_path,
+                read_only: true,
+            });
+        }
+    }
+    let user = if spec.uid == 0 { "root" } else { "agent" };
+    let home = spec.home.display();
+    steps.extend([
+        FsStep::File {
+            at: p("/etc/passwd"),
+            contents: format!("{user}:x:{}:{}:{user}:{home}:/bin/sh\n", spec.uid, spec.gid),
+        },
+        FsStep::File {
+            at: p("/etc/group"),
+            contents: format!("{user}:x:{}:\n", spec.gid),
+        },
+        FsStep::File {
+            at: p("/etc/hostname"),
+            contents: format!("{}\n", spec.name),
+        },
+        FsStep::File {
+            at: p("/etc/hosts"),
+            contents: format!("127.0.0.1\tlocalhost {}\n::1\tlocalhost\n", spec.name),
+        },
+        // SECURITY: no resolver inside; names are resolved by the proxy, so DNS cannot carry data out.
+        FsStep::File {
+            at: p("/etc/resolv.conf"),
+            contents: "# no DNS in a bottle: the egress proxy resolves names\n".into(),
+        },
+        FsStep::File {
+            at: p("/etc/nsswitch.conf"),
+            contents: "passwd: files\ngroup: files\nhosts: files\n".into(),
+        },
+        FsStep::Bind {
+            from: spec.ca_bundle.clone(),
+            at: p(IN_BOTTLE_CA_BUNDLE),
+            read_only: true,
+        },
+        FsStep::Tmpfs {
+            at: p("/tmp"),
+            mode: 0o1777,
+        },
+        FsStep::Tmpfs {
+            at: spec.home.clone(),
+            mode: 0o700,
+        },
+        FsStep::Bind {
+            from: spec.workspace.clone(),
+            at: spec.workspace.clone(),
+            read_only: false,
+        },
+        FsStep::Proc,
+        FsStep::Tmpfs {
+            at: p("/dev"),
+            mode: 0o755,
+        },
+    ]);
+    for dev in ["null", "zero", "full", "random", "urandom", "tty"] {
+        steps.push(FsStep::Bind {
+            from: Path::new("/dev").join(dev),
+            at: Path::new("/dev").join(dev),
+            read_only: false,
+        });
+    }
+    steps.extend([
+        FsStep::DevPts,
+        FsStep::Symlink {
+            target: p("pts/ptmx"),
+            at: p("/dev/ptmx"),
+        },
+        FsStep::Tmpfs {
+            at: p("/dev/shm"),
+            mode: 0o1777,
+        },
+        FsStep::Symlink {
+            target: p("/proc/self/fd"),
+            at: p("/dev/fd"),
+        },
+        FsStep::Symlink {
+            target: p("/proc/self/fd/0"),
+            at: p("/dev/stdin"),
+        },
+        FsStep::Symlink {
+            target: p("/proc/self/fd/1"),
+            at: p("/dev/stdout"),
+        },
+        FsStep::Symlink {
+            target: p("/proc/self/fd/2"),
+            at: p("/dev/stderr"),
+        },
+    ]);
+    steps
+}
+
+/// The environment every bottle gets: proxy and CA settings (these names are reserved in the policy).
+pub fn bottle_env(home: &Path, extra: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let proxy = format!("http://127.0.0.1:{IN_BOTTLE_PROXY_PORT}");
+    let mut env: BTreeMap<String, String> = extra.clone();
+    env.insert(
+        "PATH".into(),
+        "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin".into(),
+    );
+    env.insert("HOME".into(), home.display().to_string());
+    env.entry("TERM".into()).or_insert_with(|| "xterm-256color".into());
+    for key in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ] {
+        env.insert(key.into(), proxy.clone());
+    }
+    env.insert("NO_PROXY".into(), String::new());
+    env.insert("no_proxy".into(), String::new());
+    for key in [
+        "SSL_CERT_FILE",
+        "NODE_EXTRA_CA_CERTS",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "GIT_SSL_CAINFO",
+        "PIP_CERT",
+        "CARGO_HTTP_CAINFO",
+    ] {
+        env.insert(key.into(), IN_BOTTLE_CA_BUNDLE.into());
+    }
+    env
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Debian;
+    impl HostFs for Debian {
+        fn exists(&self, path: &Path) -> bool {
+            !path.starts_with("/etc/terminfo")
+        }
+        fn symlink_target(&self, path: &Path) -> Option<PathBuf> {
+            match path.to_str()? {
+                "/bin" => Some("usr/bin".into()),
+                "/lib" => Some("usr/lib".into()),
+                _ => None,
+            }
+        }
+    }
+
+    fn spec() -> InitSpec {
+        InitSpec {
+            name: "b1".into(),
+            root: "/state/b1/root".into(),
+            uid: 1000,
+            gid: 1000,
+            workspace: "/home/u/project".into(),
+            home: "/home/agent".into(),
+            ca_bundle: "/state/b1/ca-bundle.pem".into(),
+            argv: vec!["true".into()],
+            env: BTreeMap::new(),
+            cgroup_ns: true,
+            canary: None,
+            unconfined_network_for_selfcheck: false,
+        }
+    }
+
+    #[test]
+    fn only_usr_etc_entries_devices_and_the_workspace_come_from_the_host() {
+        let steps = fs_plan(&spec(), &Debian);
+        let host_sources: Vec<&Path> = steps
+            .iter()
+            .filter_map(|s| match s {
+                FsStep::Bind { from, .. } => Some(from.as_path()),
+                _ => None,
+            })
+            .collect();
+        for src in &host_sources {
+            let ok = src.starts_with("/usr")
+                || src.starts_with("/etc")
+                || src.starts_with("/dev")
+                || src.starts_with("/lib")
+                || *src == Path::new("/home/u/project")
+                || *src == Path::new("/state/b1/ca-bundle.pem")
+                || USR_LINKS.iter().any(|l| *src == Path::new("/").join(l));
+            assert!(ok, "unexpected host path bound: {}", src.display());
+            for never in NEVER_VISIBLE {
+                let under_workspace = Path::new(never).starts_with("/home") && src.starts_with("/home/u/project");
+                assert!(
+                    under_workspace || !src.starts_with(never),
+                    "{never} is visible via {}",
+                    src.display()
+                );
+            }
+        }
+        for etc in ["passwd", "shadow", "group", "sudoers"] {
+            assert!(
+                !host_sources.contains(&Path::new("/etc").join(etc).as_path()),
+                "host /etc/{etc} bound"
+            );
+        }
+    }
+
+    #[test]
+    fn host_bindings_are_read_only_except_workspace_and_devices() {
+        for step in fs_plan(&spec(), &Debian) {
+            if let FsStep::Bind { from, read_only, .. } = step {
+                let writable = from == Path::new("/home/u/project") || from.starts_with("/dev");
+                assert_eq!(read_only, !writable, "{}", from.display());
+            }
+        }
+    }
+
+    #[test]
+    fn merged_usr_links_are_recreated_not_bound() {
+        let steps = fs_plan(&spec(), &Debian);
+        assert!(steps.contains(&FsStep::Symlink {
+            target: "usr/bin".into(),
+            at: "/bin".into()
+        }));
+        assert!(
+            !steps
+                .iter()
+                .any(|s| matches!(s, FsStep::Bind { at, .. } if at == Path::new("/etc/terminfo")))
+        );
+    }
+
+    #[test]
+    fn bottle_env_points_every_tool_at_the_proxy_and_the_ca() {
+        let env = bottle_env(Path::new("/home/agent"), &BTreeMap::from([("FOO".into(), "1".into())]));
+        assert_eq!(env["HTTPS_PROXY"], "http://127.0.0.1:3128");
+        assert_eq!(env["https_proxy"], env["HTTPS_PROXY"]);
+        assert_eq!(env["NO_PROXY"], "");
+        assert_eq!(env["NODE_EXTRA_CA_CERTS"], IN_BOTTLE_CA_BUNDLE);
+        assert_eq!(env["FOO"], "1");
+        assert_eq!(env["HOME"], "/home/agent");
+    }
+}

@@ -1,0 +1,264 @@
+//! Bottle state on the host: `$XDG_STATE_HOME/bot-bottle/<name>/` holds the policy snapshot, CA, audit log,
+//! urls, the plan, the agent's log (detached) and `state.json`. `ls`, `logs`, `stop`, `rm` and `exec` work from
+//! here. Trusts: the files are ours, but may be stale (launcher killed) or damaged; a damaged `state.json` is
+//! reported with its path, never guessed around.
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::lease::{pid_start_time, process_alive};
+
+pub const STATE_FILE: &str = "state.json";
+pub const URLS_FILE: &str = "urls.json";
+pub const SPEC_FILE: &str = "spec.json";
+pub const POLICY_FILE: &str = "policy.toml";
+pub const AUDIT_FILE: &str = "audit.jsonl";
+pub const AGENT_LOG: &str = "agent.log";
+pub const ROOT_DIR: &str = "root";
+pub const CA_BUNDLE: &str = "ca-bundle.pem";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot find a state directory: set XDG_STATE_HOME or HOME")]
+    NoHome,
+    #[error("cannot create {path}")]
+    Create { path: PathBuf, source: io::Error },
+    #[error("cannot read {path}")]
+    Read { path: PathBuf, source: io::Error },
+    #[error("{path} is damaged ({reason}); `bot-bottle rm -f NAME` removes it")]
+    Damaged { path: PathBuf, reason: String },
+    #[error("cannot write {path}")]
+    Write { path: PathBuf, source: io::Error },
+    #[error("no bottle named `{0}` (see `bot-bottle ls`)")]
+    NotFound(String),
+    #[error("bottle `{0}` is not running")]
+    NotRunning(String),
+    #[error("a bottle named `{0}` already exists; remove it with `bot-bottle rm {0}` or pick another --name")]
+    Exists(String),
+}
+
+/// What a bottle is doing, as recorded by its supervisor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Starting,
+    Running,
+    Exited,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BottleState {
+    pub name: String,
+    pub backend: String,
+    pub addr: String,
+    pub status: Status,
+    /// The supervising `bot-bottle` process and its start time (pid reuse guard).
+    pub supervisor_pid: u32,
+    pub supervisor_start: u64,
+    /// The bottle's init (host pid), once launched.
+    pub init_pid: Option<u32>,
+    pub started_at: u64,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+    pub proxy_url: Option<String>,
+    pub detached: bool,
+}
+
+impl BottleState {
+    /// `Running`/`Starting` whose supervisor is gone (killed with -9) reads as `Failed`.
+    pub fn effective_status(&self) -> Status {
+        match self.status {
+            Status::Starting | Status::Running if !process_alive(self.supervisor_pid, self.supervisor_start) => {
+                Status::Failed
+            }
+            s => s,
+        }
+    }
+
+    pub fn is_live(&self) -> bool {
+        matches!(self.effective_status(), Status::Starting | Status::Running)
+    }
+}
+
+/// The directory that holds every bottle's state (and the lease registry).
+pub fn state_root() -> Result<PathBuf, StateError> {
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(x).join("bot-bottle"));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|v| !v.is_empty())
+        .ok_or(StateError::NoHome)?;
+    Ok(PathBuf::from(home).join(".local/state/bot-bottle"))
+}
+
+pub struct StateDir {
+    pub path: PathBuf,
+}
+
+impl StateDir {
+    pub fn open(root: &Path, name: &str) -> Result<Self, StateError> {
+        let path = root.join(name);
+        if !path.join(STATE_FILE).is_file() {
+            return Err(StateError::NotFound(name.to_string()));
+        }
+        Ok(Self { path })
+    }
+
+    /// Creates a fresh directory for `name` (0700); an existing one is an error.
+    pub fn create(root: &Path, name: &str) -> Result<Self, StateError> {
+        let mkdir = |p: &Path, recursive: bool| {
+            fs::DirBuilder::new()
+                .recursive(recursive)
+                .mode(0o700)
+                .create(p)
+                .map_err(|source| {
+                    if source.kind() == io::ErrorKind::AlreadyExists {
+                        StateError::Exists(name.to_string())
+                    } else {
+                        StateError::Create {
+                            path: p.to_path_buf(),
+                            source,
+                        }
+                    }
+                })
+        };
+        mkdir(root, true)?;
+        let path = root.join(name);
+        mkdir(&path, false)?;
+        mkdir(&path.join(ROOT_DIR), false)?;
+        Ok(Self { path })
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    pub fn read(&self) -> Result<BottleState, StateError> {
+        let path = self.file(STATE_FILE);
+        let bytes = fs::read(&path).map_err(|source| StateError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_slice(&bytes).map_err(|e| StateError::Damaged {
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    /// Atomic replace (write + rename), 0600.
+    pub fn write(&self, state: &BottleState) -> Result<(), StateError> {
+        let bytes = serde_json::to_vec_pretty(state).map_err(|e| StateError::Damaged {
+            path: self.file(STATE_FILE),
+            reason: e.to_string(),
+        })?;
+        self.write_file(STATE_FILE, &bytes)
+    }
+
+    /// Writes a private file atomically (0600).
+    pub fn write_file(&self, name: &str, bytes: &[u8]) -> Result<(), StateError> {
+        let path = self.file(name);
+        let tmp = self.file(&format!(".{name}.tmp"));
+        let write = || -> io::Result<()> {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(bytes)?;
+            fs::rename(&tmp, &path)
+        };
+        write().map_err(|source| StateError::Write { path, source })
+    }
+
+    pub fn remove(self) -> Result<(), StateError> {
+        // The root mount point is empty unless a mount leaked; remove_dir_all never crosses into a mount's
+        // contents it cannot unlink, so a leaked mount shows up as an error here rather than data loss.
+        fs::remove_dir_all(&self.path).map_err(|source| StateError::Write {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+/// Every bottle with a state directory, sorted by name. Damaged entries are returned as errors in place.
+pub fn list(root: &Path) -> Result<Vec<Result<BottleState, StateError>>, StateError> {
+    let entries = match fs::read_dir(root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(StateError::Read {
+                path: root.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter(|e| e.path().join(STATE_FILE).is_file())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    Ok(names
+        .into_iter()
+        .map(|n| StateDir { path: root.join(&n) }.read())
+        .collect())
+}
+
+/// A state for a bottle supervised by this process, starting now.
+pub fn starting(name: &str, backend: &str, addr: &str, detached: bool) -> BottleState {
+    let pid = std::process::id();
+    BottleState {
+        name: name.to_string(),
+        backend: backend.to_string(),
+        addr: addr.to_string(),
+        status: Status::Starting,
+        supervisor_pid: pid,
+        supervisor_start: pid_start_time(pid).unwrap_or(0),
+        init_pid: None,
+        started_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        exit_code: None,
+        error: None,
+        proxy_url: None,
+        detached,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_write_read_list_remove() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::create(tmp.path(), "b1").unwrap();
+        assert!(matches!(StateDir::create(tmp.path(), "b1"), Err(StateError::Exists(_))));
+        let mut s = starting("b1", "namespace", "127.0.0.2", false);
+        dir.write(&s).unwrap();
+        assert_eq!(dir.read().unwrap(), s);
+        assert!(s.is_live());
+        s.supervisor_start += 1; // as if the supervisor's pid had been reused
+        assert_eq!(s.effective_status(), Status::Failed);
+        let all = list(tmp.path()).unwrap();
+        assert_eq!(all.len(), 1);
+        dir.remove().unwrap();
+        assert!(matches!(StateDir::open(tmp.path(), "b1"), Err(StateError::NotFound(_))));
+    }
+
+    #[test]
+    fn damaged_state_names_its_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::create(tmp.path(), "b2").unwrap();
+        fs::write(dir.file(STATE_FILE), b"{").unwrap();
+        let err = dir.read().unwrap_err();
+        assert!(err.to_string().contains("state.json is damaged"), "{err}");
+        assert!(list(tmp.path()).unwrap()[0].is_err());
+    }
+}
