@@ -43,8 +43,8 @@ pub enum Command {
     Logs(LogsArgs),
     /// Stop a running bottle: agent, proxy, lease.
     Stop(NameArg),
-    /// Remove a stopped bottle's state.
-    Rm(NameArg),
+    /// Remove a stopped bottle's state (its audit log, CA certificate, agent log).
+    Rm(RmArgs),
     /// Check whether this host can run each backend, with the exact remedy for anything missing.
     Doctor(DoctorArgs),
     /// Work with policy files.
@@ -52,6 +52,17 @@ pub enum Command {
     Policy(PolicyCommand),
     /// Run the egress proxy alone, in the foreground (benchmarks, containers, debugging).
     Proxy(ProxyArgs),
+    /// Internal: the bottle's init, re-executed by `run` inside new namespaces.
+    #[command(name = "__bottle-init", hide = true)]
+    BottleInit { spec: PathBuf, fd: i32 },
+    /// Internal: joins a running bottle for `exec`.
+    #[command(name = "__bottle-exec", hide = true)]
+    BottleExec {
+        spec: PathBuf,
+        init_pid: u32,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -61,6 +72,9 @@ pub struct RunArgs {
     /// Run in the background; manage it with ls, logs, exec, stop.
     #[arg(short, long)]
     pub detach: bool,
+    /// Remove the bottle's state (audit log included) when it exits, like `docker run --rm`.
+    #[arg(long)]
+    pub rm: bool,
     /// Extra trusted root for upstream TLS (PEM), e.g. an internal service's CA. Repeatable.
     #[arg(long = "upstream-ca", value_name = "FILE")]
     pub upstream_ca: Vec<PathBuf>,
@@ -97,6 +111,15 @@ pub struct LogsArgs {
 pub struct NameArg {
     /// The bottle's name.
     pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// The bottle's name.
+    pub name: String,
+    /// Stop the bottle first if it is running.
+    #[arg(short, long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]

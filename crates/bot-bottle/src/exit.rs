@@ -3,6 +3,9 @@
 
 use bottle_policy::PolicyError;
 use bottle_proxy::ProxyError;
+use bottle_sandbox::lease::LeaseError;
+use bottle_sandbox::namespace::launch::LaunchError;
+use bottle_sandbox::state::StateError;
 
 /// Bad command line (clap's convention).
 pub const USAGE: u8 = 2;
@@ -48,6 +51,9 @@ pub fn classify(err: &anyhow::Error) -> u8 {
         }
         if cause.is::<ProxyError>() {
             return PROXY;
+        }
+        if cause.is::<LaunchError>() || cause.is::<LeaseError>() || cause.is::<StateError>() {
+            return SANDBOX;
         }
     }
     INTERNAL

@@ -5,6 +5,7 @@ mod cmd;
 mod exit;
 mod output;
 mod policy_args;
+mod recipe;
 
 use std::process::ExitCode;
 

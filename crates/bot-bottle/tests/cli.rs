@@ -213,11 +213,9 @@ fn hostile_policy_files_get_one_error_and_write_nothing() {
 }
 
 #[test]
-fn lifecycle_verbs_say_not_available_yet() {
+fn lifecycle_verbs_on_unknown_bottles_say_so() {
     let tmp = tempfile::tempdir().unwrap();
     for args in [
-        &["run", "--", "true"][..],
-        &["ls"][..],
         &["exec", "b1", "--", "true"][..],
         &["logs", "b1"][..],
         &["stop", "b1"][..],
@@ -226,9 +224,27 @@ fn lifecycle_verbs_say_not_available_yet() {
         bb(tmp.path())
             .args(args)
             .assert()
-            .code(UNAVAILABLE)
-            .stderr(predicate::str::contains("not available yet"));
+            .code(123)
+            .stderr(predicate::str::contains("no bottle named `b1`"));
     }
+    bb(tmp.path()).args(["logs", "../etc"]).assert().code(125).stderr(predicate::str::contains("not valid"));
+    bb(tmp.path())
+        .arg("ls")
+        .assert()
+        .success()
+        .stdout(predicate::str::starts_with("NAME"));
+}
+
+#[test]
+fn run_without_a_command_or_agent_says_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir(tmp.path().join("w")).unwrap();
+    bb(&tmp.path().join("w"))
+        .env("HOME", tmp.path())
+        .arg("run")
+        .assert()
+        .code(125)
+        .stderr(predicate::str::contains("no command to run"));
 }
 
 #[test]

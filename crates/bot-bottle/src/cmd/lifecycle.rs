@@ -1,20 +1,269 @@
-//! `run`, `ls`, `exec`, `logs`, `stop`, `rm`: the bottle lifecycle. Until the launch recipe lands (issue #4) these
-//! say so plainly and exit 120; `run` still validates its policy first, so a bad policy is reported as such.
+//! `run` (foreground or `-d`), `ls`, `logs`, `stop`, `rm`: the bottle lifecycle, driven from the state dirs.
 
-use crate::cli::RunArgs;
-use crate::exit::Unavailable;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Seek, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-const REASON: &str = "the launch recipe and the namespace backend land with issue #4";
+use anyhow::{Context, bail};
+use bottle_policy::BottleName;
+use bottle_sandbox::lease::Registry;
+use bottle_sandbox::ready::{WaitError, poll};
+use bottle_sandbox::state::{self, BottleState, StateDir, Status};
+use serde::Serialize;
 
-pub fn run(args: &RunArgs) -> anyhow::Result<u8> {
-    let _ = args.policy.load(None)?;
-    Err(Unavailable {
-        verb: "run",
-        reason: REASON,
+use crate::cli::{LogsArgs, NameArg, RmArgs, RunArgs};
+use crate::output::Output;
+use crate::recipe::{self, Request};
+
+/// Marks the re-executed supervisor of a detached bottle.
+const SUPERVISOR_ENV: &str = "BOT_BOTTLE_SUPERVISOR";
+const DETACH_READY_TIMEOUT: Duration = Duration::from_secs(40);
+const SELFTEST_HOST: &str = bottle_sandbox::namespace::init::SELFTEST_HOST;
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<u8> {
+    let (policy, _) = args.policy.load(None)?;
+    let supervising = std::env::var_os(SUPERVISOR_ENV).is_some();
+    if args.detach && !supervising {
+        return detach(&policy, out);
     }
-    .into())
+    recipe::run(Request {
+        policy,
+        command: args.command.clone(),
+        upstream_ca: args.upstream_ca.clone(),
+        detached: supervising,
+        remove: args.rm,
+    })
 }
 
-pub fn unavailable(verb: &'static str) -> anyhow::Result<u8> {
-    Err(Unavailable { verb, reason: REASON }.into())
+/// `run -d`: re-executes this command as a supervisor in its own process group, waits until the bottle is
+/// running (or has failed), prints its name and returns.
+fn detach(policy: &bottle_policy::Policy, out: &Output) -> anyhow::Result<u8> {
+    let name = match &policy.bottle.name {
+        Some(n) => n.clone(),
+        None => recipe::generated_name()?,
+    };
+    let mut argv: Vec<String> = std::env::args().skip(1).filter(|a| a != "-d" && a != "--detach").collect();
+    if policy.bottle.name.is_none() {
+        argv.insert(argv.iter().position(|a| a == "run").map_or(0, |i| i + 1), format!("--name={name}"));
+    }
+    let mut child = Command::new("/proc/self/exe")
+        .args(&argv)
+        .env(SUPERVISOR_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .context("cannot start the bottle's supervisor")?;
+    let root = state::state_root()?;
+    let waited = poll("the detached bottle to start", DETACH_READY_TIMEOUT, || -> std::io::Result<_> {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(Err(status)));
+        }
+        Ok(match StateDir::open(&root, name.as_str()).and_then(|d| d.read()) {
+            Ok(s) if s.supervisor_pid == child.id() && s.status != Status::Starting => Some(Ok(s)),
+            _ => None,
+        })
+    });
+    match waited {
+        Ok(Ok(s)) if s.status == Status::Running => {
+            drop(child.stderr.take());
+            out.emit(&s, || format!("{}\n", s.name))?;
+            Ok(0)
+        }
+        Ok(Ok(s)) => bail!("bottle {} failed to start: {}", s.name, s.error.unwrap_or_default()),
+        Ok(Err(status)) => {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            let _ = std::io::stderr().write_all(err.as_bytes());
+            Ok(u8::try_from(status.code().unwrap_or(125)).unwrap_or(125))
+        }
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e).context("the detached bottle did not start")
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Row {
+    name: String,
+    backend: String,
+    address: String,
+    state: Status,
+    uptime_secs: Option<u64>,
+    allowed: usize,
+    denied: usize,
+    exit_code: Option<i32>,
+    error: Option<String>,
+}
+
+pub fn ls(out: &Output) -> anyhow::Result<u8> {
+    let root = state::state_root()?;
+    // Listing reaps leases of dead supervisors, so a bottle killed with -9 frees its address here.
+    if root.exists() {
+        Registry::new(&root).list()?;
+    }
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let mut rows = Vec::new();
+    for entry in state::list(&root)? {
+        let s = entry?;
+        let dir = StateDir::open(&root, &s.name)?;
+        let s = reap_if_dead(&dir, s)?;
+        let (allowed, denied) = count_decisions(&dir);
+        rows.push(Row {
+            uptime_secs: s.is_live().then(|| now.saturating_sub(s.started_at)),
+            state: s.effective_status(),
+            name: s.name,
+            backend: s.backend,
+            address: s.addr,
+            allowed,
+            denied,
+            exit_code: s.exit_code,
+            error: s.error,
+        });
+    }
+    out.emit(&rows, || {
+        let mut t = format!("{:<20} {:<13} {:<12} {:<12} {:>8} {:>8} {:>8}\n", "NAME", "BACKEND", "ADDRESS", "STATE", "UPTIME", "ALLOWED", "DENIED");
+        for r in &rows {
+            let state = match (r.state, r.exit_code) {
+                (Status::Exited, Some(c)) => format!("exited({c})"),
+                (s, _) => format!("{s:?}").to_lowercase(),
+            };
+            let uptime = r.uptime_secs.map_or_else(|| "-".to_string(), |u| format!("{u}s"));
+            let _ = writeln!(
+                t,
+                "{:<20} {:<13} {:<12} {:<12} {:>8} {:>8} {:>8}",
+                r.name, r.backend, r.address, state, uptime, r.allowed, r.denied
+            );
+        }
+        t
+    })?;
+    Ok(0)
+}
+
+/// A bottle whose supervisor vanished (kill -9) is recorded as failed, once.
+fn reap_if_dead(dir: &StateDir, mut s: BottleState) -> anyhow::Result<BottleState> {
+    if matches!(s.status, Status::Starting | Status::Running) && s.effective_status() == Status::Failed {
+        s.status = Status::Failed;
+        s.error = Some("its supervisor was killed; the bottle died with it".into());
+        dir.write(&s)?;
+    }
+    Ok(s)
+}
+
+fn count_decisions(dir: &StateDir) -> (usize, usize) {
+    let Ok(f) = std::fs::File::open(dir.file(state::AUDIT_FILE)) else { return (0, 0) };
+    let (mut allowed, mut denied) = (0, 0);
+    for line in BufReader::new(f).lines().map_while(Result::ok) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+        // The launch self-test's probe is bot-bottle's own request, not the agent's.
+        if v["host"] == SELFTEST_HOST {
+            continue;
+        }
+        match v["decision"].as_str() {
+            Some("allow") => allowed += 1,
+            Some("deny") => denied += 1,
+            _ => {}
+        }
+    }
+    (allowed, denied)
+}
+
+fn open(name: &str) -> anyhow::Result<(StateDir, BottleState)> {
+    BottleName::parse(name).map_err(anyhow::Error::msg)?;
+    let dir = StateDir::open(&state::state_root()?, name)?;
+    let s = dir.read()?;
+    let s = reap_if_dead(&dir, s)?;
+    Ok((dir, s))
+}
+
+pub fn logs(args: &LogsArgs) -> anyhow::Result<u8> {
+    let (dir, s) = open(&args.name)?;
+    let egress = args.egress || args.denied;
+    let path = dir.file(if egress { state::AUDIT_FILE } else { state::AGENT_LOG });
+    if !path.exists() {
+        if !egress && !s.detached {
+            bail!("bottle {} ran in the foreground, so its output went to the terminal; try --egress", s.name);
+        }
+        return Ok(0);
+    }
+    let mut file = std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    let keep = |line: &str| !args.denied || line.contains("\"decision\":\"deny\"");
+    let mut stdout = std::io::stdout().lock();
+    let mut reader = BufReader::new(&mut file);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = reader.read_line(&mut line)?;
+        if n > 0 {
+            if keep(&line) {
+                stdout.write_all(line.as_bytes())?;
+            }
+            continue;
+        }
+        stdout.flush()?;
+        if !args.follow || !open(&args.name).map(|(_, s)| s.is_live()).unwrap_or(false) {
+            return Ok(0);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let pos = reader.stream_position()?;
+        reader.seek(std::io::SeekFrom::Start(pos))?;
+    }
+}
+
+pub fn stop(args: &NameArg, out: &Output) -> anyhow::Result<u8> {
+    let (dir, s) = open(&args.name)?;
+    if !s.is_live() {
+        out.emit(&s, || format!("{} is not running\n", s.name))?;
+        return Ok(0);
+    }
+    let s = stop_bottle(&dir, s)?;
+    out.emit(&s, || format!("{}\n", s.name))?;
+    Ok(0)
+}
+
+/// SIGTERM to the supervisor (it reaches the agent through init and pid 1), then SIGKILL after a grace period.
+fn stop_bottle(dir: &StateDir, s: BottleState) -> anyhow::Result<BottleState> {
+    signal(s.supervisor_pid, rustix::process::Signal::TERM);
+    let stopped = poll("the bottle to stop", STOP_TIMEOUT, || -> std::io::Result<_> {
+        Ok(dir.read().ok().filter(|s| !s.is_live()))
+    });
+    let s = match stopped {
+        Ok(s) => s,
+        Err(WaitError::Timeout { .. }) | Err(WaitError::Failed { .. }) => {
+            // SECURITY: a bottle that ignores SIGTERM is killed; its init dies with the supervisor (PDEATHSIG).
+            signal(s.supervisor_pid, rustix::process::Signal::KILL);
+            let _ = poll("the supervisor to die", STOP_TIMEOUT, || -> std::io::Result<_> {
+                Ok((!dir.read().map(|s| s.is_live()).unwrap_or(false)).then_some(()))
+            });
+            reap_if_dead(dir, dir.read()?)?
+        }
+    };
+    Ok(s)
+}
+
+pub fn rm(args: &RmArgs, out: &Output) -> anyhow::Result<u8> {
+    let (dir, s) = open(&args.name)?;
+    if s.is_live() {
+        if !args.force {
+            bail!("bottle {} is running; stop it first or use `rm -f`", s.name);
+        }
+        stop_bottle(&dir, s.clone())?;
+    }
+    dir.remove()?;
+    out.emit(&serde_json::json!({ "removed": s.name }), || format!("{}\n", s.name))?;
+    Ok(0)
+}
+
+fn signal(pid: u32, sig: rustix::process::Signal) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(pid, sig);
+    }
 }

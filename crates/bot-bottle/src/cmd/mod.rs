@@ -1,6 +1,7 @@
 //! One module per verb; `dispatch` returns the process exit code on success.
 
 mod doctor;
+mod exec;
 mod lifecycle;
 mod policy;
 mod proxy;
@@ -10,14 +11,22 @@ use crate::output::Output;
 
 pub fn dispatch(command: Command, out: &Output) -> anyhow::Result<u8> {
     match command {
-        Command::Run(args) => lifecycle::run(&args),
-        Command::Ls => lifecycle::unavailable("ls"),
-        Command::Exec(_) => lifecycle::unavailable("exec"),
-        Command::Logs(_) => lifecycle::unavailable("logs"),
-        Command::Stop(_) => lifecycle::unavailable("stop"),
-        Command::Rm(_) => lifecycle::unavailable("rm"),
+        Command::Run(args) => lifecycle::run(&args, out),
+        Command::Ls => lifecycle::ls(out),
+        Command::Exec(args) => exec::run(&args),
+        Command::Logs(args) => lifecycle::logs(&args),
+        Command::Stop(args) => lifecycle::stop(&args, out),
+        Command::Rm(args) => lifecycle::rm(&args, out),
         Command::Doctor(args) => doctor::run(&args, out),
         Command::Policy(crate::cli::PolicyCommand::Check(args)) => policy::check(&args, out),
         Command::Proxy(args) => proxy::run(args, out),
+        Command::BottleInit { spec, fd } => {
+            let code = bottle_sandbox::namespace::init::main(&spec, fd);
+            Ok(u8::try_from(code).unwrap_or(crate::exit::SANDBOX))
+        }
+        Command::BottleExec { spec, init_pid, command } => {
+            let code = bottle_sandbox::namespace::join::main(&spec, init_pid, &command);
+            Ok(u8::try_from(code).unwrap_or(crate::exit::SANDBOX))
+        }
     }
 }

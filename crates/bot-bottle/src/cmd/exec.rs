@@ -1,0 +1,27 @@
+//! `exec NAME -- CMD`: run a command inside a running bottle, with the agent's hardening and environment.
+
+use std::os::unix::process::CommandExt;
+
+use bottle_policy::BottleName;
+use bottle_sandbox::namespace::join::EXEC_SUBCOMMAND;
+use bottle_sandbox::state::{self, SPEC_FILE, StateDir};
+
+use crate::cli::ExecArgs;
+
+pub fn run(args: &ExecArgs) -> anyhow::Result<u8> {
+    BottleName::parse(&args.name).map_err(anyhow::Error::msg)?;
+    let dir = StateDir::open(&state::state_root()?, &args.name)?;
+    let s = dir.read()?;
+    let (true, Some(init)) = (s.is_live(), s.init_pid) else {
+        return Err(state::StateError::NotRunning(s.name).into());
+    };
+    // Replace this process: the command's exit code becomes ours, and its stdio is the terminal's.
+    let err = std::process::Command::new("/proc/self/exe")
+        .arg(EXEC_SUBCOMMAND)
+        .arg(dir.file(SPEC_FILE))
+        .arg(init.to_string())
+        .arg("--")
+        .args(&args.command)
+        .exec();
+    Err(err).map_err(|e| anyhow::anyhow!("cannot re-execute bot-bottle: {e}"))
+}

@@ -1,0 +1,358 @@
+//! The launch recipe, one named step after another: load policy → preflight → lease → state → mint CA and start
+//! the bundle (proxy) → discover URLs → plan → launch → init → wait ready → run → teardown. Each step's error
+//! says which step failed; everything started so far is torn down by its owner's `Drop`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bottle_policy::{Backend, BottleName, Policy, preset::preset};
+use bottle_proxy::{Proxy, ProxyConfig};
+use bottle_sandbox::lease::{Lease, Registry};
+use bottle_sandbox::namespace::launch::{self, Stdio3};
+use bottle_sandbox::namespace::spec::{InitSpec, bottle_env};
+use bottle_sandbox::preflight::{self, RealHost};
+use bottle_sandbox::state::{self, BottleState, StateDir, Status};
+
+use crate::exit::{PreflightFailed, Unavailable};
+
+/// How long the init may take to hand over its proxy listener, and to pass its self-test.
+const LISTENER_TIMEOUT: Duration = Duration::from_secs(10);
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Where the host's trusted roots are read from for the bottle's CA bundle (Debian, Fedora, Arch, Alpine).
+const SYSTEM_ROOTS: [&str; 3] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
+
+/// Logs each named step with the time since launch began (`-vv` or BOT_BOTTLE_LOG=debug).
+struct Steps(std::time::Instant);
+
+impl Steps {
+    fn done(&self, step: &str) {
+        tracing::debug!(step, elapsed_us = self.0.elapsed().as_micros() as u64, "launch step done");
+    }
+}
+
+pub struct Request {
+    pub policy: Policy,
+    pub command: Vec<String>,
+    pub upstream_ca: Vec<PathBuf>,
+    pub detached: bool,
+    pub remove: bool,
+}
+
+/// A bottle being launched: what the recipe has started so far, torn down in reverse on drop.
+struct Launching {
+    dir: StateDir,
+    state: BottleState,
+    _lease: Lease,
+}
+
+impl Launching {
+    fn set(&mut self, f: impl FnOnce(&mut BottleState)) -> anyhow::Result<()> {
+        f(&mut self.state);
+        self.dir.write(&self.state).context("cannot record the bottle's state")
+    }
+}
+
+/// Runs the agent to completion in a new bottle; returns its exit code.
+pub fn run(req: Request) -> anyhow::Result<u8> {
+    let steps = Steps(std::time::Instant::now());
+    let policy = &req.policy;
+    // step: preflight
+    let backend = policy.bottle.backend;
+    if backend != Backend::Namespace {
+        return Err(Unavailable {
+            verb: "run",
+            reason: "only the namespace backend runs bottles so far (smolmachines: issue #5, container: later)",
+        }
+        .into());
+    }
+    // The full preflight forks probes; it runs when a launch fails, to turn the failure into a remedy. The
+    // launch itself fails closed on anything the probes would have found.
+    let cgroup_ns = Path::new("/proc/self/ns/cgroup").exists();
+    let argv = command(&req)?;
+    let workspace = workspace(policy)?;
+    steps.done("preflight");
+
+    // step: lease
+    let name = match &policy.bottle.name {
+        Some(n) => n.clone(),
+        None => generated_name()?,
+    };
+    let root = state::state_root()?;
+    let lease = Registry::new(&root).allocate(&name, std::process::id())?;
+    let addr = lease.addr();
+    steps.done("lease");
+
+    // step: state dir
+    let dir = StateDir::create(&root, name.as_str())?;
+    let mut bottle = Launching {
+        state: state::starting(name.as_str(), backend.as_str(), &addr.to_string(), req.detached),
+        dir,
+        _lease: lease,
+    };
+    bottle.set(|_| {})?;
+    let result = launch_and_run(&mut bottle, &req, argv, workspace, cgroup_ns, &steps).map_err(|e| {
+        if e.chain().any(|c| c.is::<bottle_sandbox::namespace::launch::LaunchError>())
+            && !preflight::report(backend, &RealHost).usable()
+        {
+            return anyhow::Error::new(PreflightFailed { backend }).context(format!("{e:#}"));
+        }
+        e
+    });
+    let (status, code, error) = match &result {
+        Ok(code) => (Status::Exited, Some(i32::from(*code)), None),
+        Err(e) => (Status::Failed, None, Some(format!("{e:#}"))),
+    };
+    bottle.set(|s| {
+        s.status = status;
+        s.exit_code = code;
+        s.error = error;
+    })?;
+    let _ = std::fs::remove_file(bottle.dir.file(bottle_proxy_ca_key()));
+    if req.remove {
+        let Launching { dir, _lease, .. } = bottle;
+        drop(_lease);
+        dir.remove()?;
+    }
+    result
+}
+
+fn launch_and_run(
+    bottle: &mut Launching,
+    req: &Request,
+    argv: Vec<String>,
+    workspace: PathBuf,
+    cgroup_ns: bool,
+    steps: &Steps,
+) -> anyhow::Result<u8> {
+    let policy = &req.policy;
+    let addr = bottle.state.addr.clone();
+    bottle.dir.write_file(
+        state::POLICY_FILE,
+        bottle_policy::Effective::of(policy)
+            .to_toml()
+            .context("cannot render the policy")?
+            .as_bytes(),
+    )?;
+
+    // step: mint CA + start bundle
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("bottle-proxy")
+        .build()
+        .context("cannot start the proxy runtime")?;
+    let mut config = ProxyConfig::new(policy.clone(), bottle.dir.path.clone());
+    config.bottle = bottle.state.name.clone();
+    config.upstream_ca = req.upstream_ca.clone();
+    let proxy = {
+        let _in_runtime = runtime.enter();
+        Proxy::new(config)?
+    };
+    let host_listener = std::net::TcpListener::bind((addr.as_str(), 0))
+        .with_context(|| format!("cannot listen on the bottle's address {addr}"))?;
+    let proxy_url = format!("http://{}", host_listener.local_addr().context("proxy address")?);
+    {
+        let proxy = proxy.clone();
+        runtime.spawn(async move { proxy.serve_std_tcp(host_listener).await });
+    }
+    bottle.dir.write_file(
+        state::URLS_FILE,
+        serde_json::json!({ "proxy": proxy_url }).to_string().as_bytes(),
+    )?;
+
+    steps.done("bundle");
+    // step: discover URLs (from the state dir, as `ls`/`exec` will)
+    let urls: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(bottle.dir.file(state::URLS_FILE)).context("cannot read back the bundle's URLs")?,
+    )
+    .context("the bundle's urls.json is damaged")?;
+    let canary = urls["proxy"]
+        .as_str()
+        .and_then(|u| u.strip_prefix("http://"))
+        .and_then(|a| a.parse().ok())
+        .context("the bundle's urls.json has no proxy address")?;
+    bottle.set(|s| s.proxy_url = Some(proxy_url.clone()))?;
+
+    steps.done("discover");
+    // step: plan
+    let ca_bundle = bottle.dir.file(state::CA_BUNDLE);
+    bottle
+        .dir
+        .write_file(state::CA_BUNDLE, ca_bundle_pem(proxy.ca_cert_pem()).as_bytes())?;
+    let uid = rustix::process::getuid().as_raw();
+    let gid = rustix::process::getgid().as_raw();
+    let home = PathBuf::from(if uid == 0 { "/root" } else { "/home/agent" });
+    let mut env: BTreeMap<String, String> = policy.bottle.env.clone();
+    for key in &policy.bottle.pass_env {
+        if let Ok(v) = std::env::var(key) {
+            env.insert(key.clone(), v);
+        }
+    }
+    env.extend(proxy.placeholders());
+    let spec = InitSpec {
+        name: bottle.state.name.clone(),
+        root: bottle.dir.file(state::ROOT_DIR),
+        uid,
+        gid,
+        workspace,
+        env: bottle_env(&home, &env),
+        home,
+        ca_bundle,
+        argv,
+        cgroup_ns,
+        canary: Some(canary),
+        unconfined_network_for_selfcheck: false,
+    };
+    let spec_path = bottle.dir.file(state::SPEC_FILE);
+    bottle.dir.write_file(
+        state::SPEC_FILE,
+        &serde_json::to_vec(&spec).context("cannot encode the plan")?,
+    )?;
+
+    steps.done("plan");
+    // step: launch
+    let stdio = if req.detached {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(bottle.dir.file(state::AGENT_LOG))
+            .context("cannot open the agent log")?;
+        Stdio3 {
+            stdin: std::process::Stdio::null(),
+            stdout: log.try_clone().context("cannot open the agent log")?.into(),
+            stderr: log.into(),
+        }
+    } else {
+        Stdio3::inherit()
+    };
+    let mut sandbox = launch::spawn(&spec_path, stdio)?;
+    bottle.set(|s| s.init_pid = Some(sandbox.pid()))?;
+    let listener = sandbox.proxy_listener(LISTENER_TIMEOUT)?;
+    {
+        let proxy = proxy.clone();
+        runtime.spawn(async move { proxy.serve_std_tcp(listener).await });
+    }
+
+    steps.done("launch");
+    // step: init + wait ready (the init proves from inside that the proxy answers and nothing else does)
+    sandbox.go_and_wait_ready(READY_TIMEOUT)?;
+    bottle.set(|s| s.status = Status::Running)?;
+    proxy.warm_upstream_roots()?;
+
+    steps.done("ready");
+    // step: run
+    let init_pid = sandbox.pid();
+    runtime.spawn(forward_termination(init_pid));
+    let status = sandbox.wait().context("cannot wait for the bottle")?;
+
+    steps.done("run");
+    // step: teardown (the runtime's drop stops the proxy; the lease and state follow in `run`)
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    Ok(exit_code(status))
+}
+
+/// SIGTERM/SIGHUP to the launcher reach the agent through the init; SIGINT is the terminal's, already
+/// delivered to the agent's process group, so the launcher only stays alive to tear down afterwards.
+async fn forward_termination(init_pid: u32) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut hup), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = hup.recv() => {}
+            _ = int.recv() => continue,
+        }
+        if let Some(pid) = rustix::process::Pid::from_raw(init_pid as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+    }
+}
+
+fn exit_code(status: std::process::ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => u8::try_from(c).unwrap_or(u8::MAX),
+        (None, Some(sig)) => u8::try_from(128 + sig).unwrap_or(u8::MAX),
+        _ => crate::exit::SANDBOX,
+    }
+}
+
+fn bottle_proxy_ca_key() -> &'static str {
+    "ca-key.pem"
+}
+
+fn command(req: &Request) -> anyhow::Result<Vec<String>> {
+    if !req.command.is_empty() {
+        return Ok(req.command.clone());
+    }
+    if let Some(c) = &req.policy.bottle.command {
+        return Ok(c.clone());
+    }
+    let from_preset: Vec<String> = preset(req.policy.bottle.agent)
+        .command
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if from_preset.is_empty() {
+        bail!("no command to run: give one after `--`, set bottle.command, or pick an agent with --agent");
+    }
+    Ok(from_preset)
+}
+
+/// The workspace: the policy's (relative to the policy file), else the current directory. Never `/` or the
+/// user's home itself, which would hand the agent `~/.ssh` and every other secret there.
+fn workspace(policy: &Policy) -> anyhow::Result<PathBuf> {
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    let raw = match (&policy.bottle.workspace, &policy.bottle.base_dir) {
+        (Some(w), Some(base)) => base.join(w),
+        (Some(w), None) => cwd.join(w),
+        (None, _) => cwd,
+    };
+    let path = raw
+        .canonicalize()
+        .with_context(|| format!("workspace {} does not exist", raw.display()))?;
+    if !path.is_dir() {
+        bail!("workspace {} is not a directory", path.display());
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .and_then(|h| h.canonicalize().ok());
+    if path == Path::new("/") || home.as_ref().is_some_and(|h| h.starts_with(&path)) {
+        bail!(
+            "refusing workspace {}: it contains your home directory; run from a project directory or set bottle.workspace",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+pub fn generated_name() -> anyhow::Result<BottleName> {
+    let mut bytes = [0u8; 3];
+    rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()).context("no randomness")?;
+    let name = format!("bottle-{:02x}{:02x}{:02x}", bytes[0], bytes[1], bytes[2]);
+    BottleName::parse(&name).map_err(anyhow::Error::msg)
+}
+
+fn ca_bundle_pem(bottle_ca: &str) -> String {
+    let mut pem = SYSTEM_ROOTS
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .unwrap_or_default();
+    if !pem.ends_with('\n') && !pem.is_empty() {
+        pem.push('\n');
+    }
+    pem.push_str(bottle_ca);
+    pem
+}

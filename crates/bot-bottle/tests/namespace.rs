@@ -1,0 +1,359 @@
+//! Real bottles on the namespace backend: `bot-bottle run` in real kernel namespaces, a real proxy, a real local
+//! upstream, as root and as an unprivileged user. Skips (saying why) where user namespaces are unavailable;
+//! `BOTTLE_TEST_REQUIRE=namespace` turns a skip into a failure.
+
+#![allow(clippy::unwrap_used, clippy::disallowed_methods)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+fn required(backend: &str) -> bool {
+    std::env::var("BOTTLE_TEST_REQUIRE").is_ok_and(|v| v.split(',').any(|b| b.trim() == backend))
+}
+
+/// Whether this host can run namespace bottles; `None` means yes.
+fn skip_reason() -> Option<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_bot-bottle"))
+        .args(["doctor", "--backend", "namespace"])
+        .output()
+        .unwrap();
+    if out.status.success() {
+        return None;
+    }
+    Some(format!(
+        "namespace backend unavailable here:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    ))
+}
+
+macro_rules! need_namespace {
+    () => {
+        if let Some(why) = skip_reason() {
+            assert!(!required("namespace"), "BOTTLE_TEST_REQUIRE=namespace but: {why}");
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+}
+
+/// A plain HTTP upstream on 127.0.0.1 that answers every request with `hello from upstream` and counts them.
+struct Upstream {
+    port: u16,
+    hits: Arc<AtomicUsize>,
+}
+
+fn upstream() -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            counter.fetch_add(1, Ordering::SeqCst);
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let body = "hello from upstream\n";
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    Upstream { port, hits }
+}
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("work")).unwrap();
+        std::fs::create_dir(dir.path().join("state")).unwrap();
+        Self { dir }
+    }
+
+    fn work(&self) -> PathBuf {
+        self.dir.path().join("work")
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// `bot-bottle ARGS` in the workspace, optionally as another user (`setpriv`), with a private state home.
+    fn bb(&self, as_user: Option<u32>, args: &[&str]) -> Output {
+        let bin = env!("CARGO_BIN_EXE_bot-bottle");
+        let mut cmd = match as_user {
+            None => Command::new(bin),
+            Some(uid) => {
+                let mut c = Command::new("setpriv");
+                c.args([
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={uid}"),
+                    "--clear-groups",
+                    "--",
+                    bin,
+                ]);
+                c
+            }
+        };
+        cmd.args(args)
+            .current_dir(self.work())
+            .env("XDG_STATE_HOME", self.state())
+            .env("HOME", self.dir.path())
+            .env_remove("BOT_BOTTLE_LOG")
+            .output()
+            .unwrap()
+    }
+
+    fn open_to(&self, uid: u32) {
+        for p in [self.dir.path(), &self.work(), &self.state()] {
+            std::os::unix::fs::chown(p, Some(uid), Some(uid)).unwrap();
+        }
+    }
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn allow_upstream(port: u16) -> Vec<String> {
+    vec![
+        "--allow".into(),
+        format!("upstream.test:{port}"),
+        "--allow-cidr".into(),
+        "127.0.0.1/32".into(),
+        "--resolve".into(),
+        "upstream.test=127.0.0.1".into(),
+    ]
+}
+
+fn run_in_bottle(env: &Env, user: Option<u32>, name: &str, port: u16, script: &str) -> Output {
+    let mut args: Vec<String> = vec!["run".into(), "--name".into(), name.into()];
+    args.extend(allow_upstream(port));
+    args.extend(["--".into(), "bash".into(), "-c".into(), script.into()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    env.bb(user, &args)
+}
+
+/// What an attacker tries from inside; each line prints `NAME escaped|held`.
+const ESCAPES: &str = r#"
+t() { if eval "$2" >/dev/null 2>&1; then echo "$1 escaped"; else echo "$1 held"; fi; }
+t noproxy "curl -sS --noproxy '*' --max-time 3 http://127.0.0.1:$PORT/"
+t devtcp "exec 3<>/dev/tcp/192.0.2.1/80"
+t host-loopback "exec 3<>/dev/tcp/127.0.0.1/$PORT"
+t udp "echo x > /dev/udp/192.0.2.1/53"
+t ssh-key "cat $REAL_HOME/.ssh/id_ed25519"
+t host-etc-shadow "cat /etc/shadow"
+t write-usr "touch /usr/bot-bottle-escape"
+t host-run "ls /run/docker.sock"
+grep -E '^(Seccomp|NoNewPrivs|CapEff|CapBnd):' /proc/self/status
+echo done
+"#;
+
+fn check_bottle(env: &Env, user: Option<u32>, name: &str) {
+    let up = upstream();
+    let home = env.dir.path().to_path_buf();
+    std::fs::create_dir_all(home.join(".ssh")).unwrap();
+    std::fs::write(home.join(".ssh/id_ed25519"), "decoy-secret").unwrap();
+    let script = format!(
+        "PORT={}; REAL_HOME={}; curl -sS --max-time 10 http://upstream.test:{}/; \
+         curl -sS -o /dev/null -w 'denied=%{{http_code}}\\n' http://not-allowed.test/; {ESCAPES}",
+        up.port,
+        home.display(),
+        up.port
+    );
+    let out = run_in_bottle(env, user, name, up.port, &script);
+    let all = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{all}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("hello from upstream"),
+        "allowed request did not arrive: {all}"
+    );
+    assert!(stdout.contains("denied=403"), "{all}");
+    assert!(stdout.contains("done"), "{all}");
+    for line in stdout
+        .lines()
+        .filter(|l| l.ends_with(" escaped") || l.ends_with(" held"))
+    {
+        assert!(line.ends_with(" held"), "ESCAPE: {line}\n{all}");
+    }
+    assert_eq!(stdout.lines().filter(|l| l.ends_with(" held")).count(), 8, "{all}");
+    assert_eq!(
+        up.hits.load(Ordering::SeqCst),
+        1,
+        "only the proxied request may reach the upstream"
+    );
+    for want in ["Seccomp:\t2", "NoNewPrivs:\t1", "CapEff:\t0000000000000000", "CapBnd:\t0000000000000000"] {
+        assert!(stdout.lines().any(|l| l == want), "agent is not hardened: missing {want:?}\n{all}");
+    }
+    let audit = std::fs::read_to_string(env.state().join("bot-bottle").join(name).join("audit.jsonl")).unwrap();
+    assert!(
+        audit.contains("\"decision\":\"allow\"") && audit.contains("\"decision\":\"deny\""),
+        "{audit}"
+    );
+}
+
+#[test]
+fn bottle_reaches_only_its_proxy_as_root() {
+    need_namespace!();
+    let env = Env::new();
+    check_bottle(&env, None, "as-root");
+}
+
+#[test]
+fn bottle_reaches_only_its_proxy_as_an_unprivileged_user() {
+    need_namespace!();
+    if !rustix::process::geteuid().is_root() {
+        eprintln!("skipped: switching to an unprivileged user needs root (already unprivileged: covered above)");
+        return;
+    }
+    let env = Env::new();
+    env.open_to(65534);
+    check_bottle(&env, Some(65534), "as-nobody");
+}
+
+#[test]
+fn agent_exit_code_passes_through_and_state_is_recorded() {
+    need_namespace!();
+    let env = Env::new();
+    let out = env.bb(None, &["run", "--name", "exit7", "--", "sh", "-c", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.state().join("bot-bottle/exit7/state.json")).unwrap()).unwrap();
+    assert_eq!(state["status"], "exited");
+    assert_eq!(state["exit_code"], 7);
+    assert!(
+        !env.state().join("bot-bottle/exit7/ca-key.pem").exists(),
+        "the CA key outlived the bottle"
+    );
+    let leases = std::fs::read_dir(env.state().join("bot-bottle/leases"))
+        .unwrap()
+        .count();
+    assert_eq!(leases, 0, "lease not released");
+}
+
+#[test]
+fn two_bottles_cannot_share_a_name() {
+    need_namespace!();
+    let env = Env::new();
+    let first = env.bb(None, &["run", "--name", "same", "--", "true"]);
+    assert!(first.status.success(), "{}", text(&first));
+    let second = env.bb(None, &["run", "--name", "same", "--", "true"]);
+    assert_eq!(second.status.code(), Some(123), "{}", text(&second));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("already exists"),
+        "{}",
+        text(&second)
+    );
+}
+
+#[test]
+fn home_directory_is_refused_as_workspace() {
+    let env = Env::new();
+    let out = Command::new(env!("CARGO_BIN_EXE_bot-bottle"))
+        .args(["run", "--", "true"])
+        .current_dir(env.dir.path())
+        .env("HOME", env.dir.path())
+        .env("XDG_STATE_HOME", env.state())
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("contains your home directory"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        !Path::new(&env.state().join("bot-bottle/leases")).exists() || {
+            std::fs::read_dir(env.state().join("bot-bottle/leases"))
+                .unwrap()
+                .count()
+                == 0
+        }
+    );
+}
+
+fn state_of(env: &Env, name: &str) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(env.state().join("bot-bottle").join(name).join("state.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn detached_bottle_lifecycle_ls_exec_logs_stop_rm() {
+    need_namespace!();
+    let env = Env::new();
+    let out = env.bb(None, &["run", "-d", "--name", "life", "--", "sh", "-c", "echo started; exec sleep 600"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "life");
+
+    let out = env.bb(None, &["--json", "ls"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["name"], "life", "{rows}");
+    assert_eq!(rows[0]["state"], "running");
+    assert!(rows[0]["address"].as_str().unwrap().starts_with("127.0.0."));
+
+    let out = env.bb(None, &["exec", "life", "--", "sh", "-c", "grep -c . /proc/1/cmdline >/dev/null && hostname && grep Seccomp: /proc/self/status; exit 4"]);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("life"), "exec did not run in the bottle's uts namespace: {}", text(&out));
+    assert!(stdout.contains("Seccomp:\t2"), "exec'd command is not hardened: {}", text(&out));
+
+    let out = env.bb(None, &["logs", "life"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("started"), "{}", text(&out));
+
+    let out = env.bb(None, &["stop", "life"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(state_of(&env, "life")["status"], "exited");
+    let out = env.bb(None, &["exec", "life", "--", "true"]);
+    assert_eq!(out.status.code(), Some(123), "exec into a stopped bottle: {}", text(&out));
+
+    let out = env.bb(None, &["rm", "life"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!env.state().join("bot-bottle/life").exists());
+}
+
+#[test]
+fn kill_9_of_the_launcher_leaves_nothing_running_and_ls_reaps_the_lease() {
+    need_namespace!();
+    let env = Env::new();
+    let marker = format!("sleep 7{}", std::process::id() % 1000);
+    let out = env.bb(None, &["run", "-d", "--name", "killed", "--", "sh", "-c", &format!("exec {marker}")]);
+    assert!(out.status.success(), "{}", text(&out));
+    let supervisor = state_of(&env, "killed")["supervisor_pid"].as_u64().unwrap();
+    let agent_running = || {
+        Command::new("pgrep").args(["-f", &format!("^{marker}$")]).output().unwrap().status.success()
+    };
+    assert!(agent_running(), "the agent should be running before the kill");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(supervisor as i32).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        !agent_running()
+    });
+    assert!(gone, "the agent outlived its launcher");
+    let out = env.bb(None, &["--json", "ls"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["state"], "failed", "{rows}");
+    assert_eq!(std::fs::read_dir(env.state().join("bot-bottle/leases")).unwrap().count(), 0, "lease not reaped");
+    assert!(env.bb(None, &["rm", "killed"]).status.success());
+}
