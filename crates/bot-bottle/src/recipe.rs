@@ -32,7 +32,11 @@ struct Steps(std::time::Instant);
 
 impl Steps {
     fn done(&self, step: &str) {
-        tracing::debug!(step, elapsed_us = self.0.elapsed().as_micros() as u64, "launch step done");
+        tracing::debug!(
+            step,
+            elapsed_us = self.0.elapsed().as_micros() as u64,
+            "launch step done"
+        );
     }
 }
 
@@ -84,7 +88,9 @@ pub fn run(req: Request) -> anyhow::Result<u8> {
         None => generated_name()?,
     };
     let root = state::state_root()?;
-    let lease = Registry::new(&root).allocate(&name, std::process::id())?;
+    let lease = Registry::new(&root)
+        .with_pool(lease_pool()?)
+        .allocate(&name, std::process::id())?;
     let addr = lease.addr();
     steps.done("lease");
 
@@ -97,7 +103,8 @@ pub fn run(req: Request) -> anyhow::Result<u8> {
     };
     bottle.set(|_| {})?;
     let result = launch_and_run(&mut bottle, &req, argv, workspace, cgroup_ns, &steps).map_err(|e| {
-        if e.chain().any(|c| c.is::<bottle_sandbox::namespace::launch::LaunchError>())
+        if e.chain()
+            .any(|c| c.is::<bottle_sandbox::namespace::launch::LaunchError>())
             && !preflight::report(backend, &RealHost).usable()
         {
             return anyhow::Error::new(PreflightFailed { backend }).context(format!("{e:#}"));
@@ -336,6 +343,20 @@ fn workspace(policy: &Policy) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+/// `BOT_BOTTLE_POOL=FIRST-LAST` narrows the last octets bottles may lease (default 2-254).
+fn lease_pool() -> anyhow::Result<std::ops::RangeInclusive<u8>> {
+    let Ok(raw) = std::env::var("BOT_BOTTLE_POOL") else {
+        return Ok(bottle_sandbox::lease::DEFAULT_POOL);
+    };
+    let parsed = raw
+        .split_once('-')
+        .and_then(|(a, b)| Some((a.trim().parse::<u8>().ok()?, b.trim().parse::<u8>().ok()?)));
+    match parsed {
+        Some((first, last)) if (2..=254).contains(&first) && (first..=254).contains(&last) => Ok(first..=last),
+        _ => bail!("BOT_BOTTLE_POOL={raw:?} is not valid: write FIRST-LAST with 2 <= FIRST <= LAST <= 254"),
+    }
 }
 
 pub fn generated_name() -> anyhow::Result<BottleName> {

@@ -33,6 +33,9 @@ pub const ETC_READ_ONLY: [&str; 14] = [
     "bash.bashrc",
 ];
 
+/// Distribution CA bundles replaced inside the bottle by the bottle's bundle (Debian/Ubuntu, Fedora/RHEL).
+pub const SYSTEM_CA_BUNDLES: [&str; 2] = ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"];
+
 /// Top-level host entries provided from the host's `/usr` (merged-/usr systems make these symlinks).
 pub const USR_LINKS: [&str; 6] = ["bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 
@@ -123,6 +126,17 @@ pub fn fs_plan(spec: &InitSpec, host: &dyn HostFs) -> Vec<FsStep> {
             steps.push(FsStep::Bind {
                 from: host_path.clone(),
                 at: host_path,
+                read_only: true,
+            });
+        }
+    }
+    // Tools that ignore SSL_CERT_FILE and friends read the distribution bundle: show them ours (system roots +
+    // the bottle CA) at the same path.
+    for bundle in SYSTEM_CA_BUNDLES {
+        if host.exists(Path::new(bundle)) {
+            steps.push(FsStep::Bind {
+                from: spec.ca_bundle.clone(),
+                at: PathBuf::from(bundle),
                 read_only: true,
             });
         }
@@ -331,6 +345,23 @@ mod tests {
                 assert_eq!(read_only, !writable, "{}", from.display());
             }
         }
+    }
+
+    #[test]
+    fn the_distribution_bundle_is_the_bottle_bundle() {
+        let steps = fs_plan(&spec(), &Debian);
+        let ssl = steps
+            .iter()
+            .position(|s| matches!(s, FsStep::Bind { at, .. } if at == Path::new("/etc/ssl")))
+            .unwrap();
+        let overlay = steps
+            .iter()
+            .position(|s| matches!(s, FsStep::Bind { from, at, .. } if from == Path::new("/state/b1/ca-bundle.pem") && at == Path::new("/etc/ssl/certs/ca-certificates.crt")))
+            .unwrap();
+        assert!(
+            overlay > ssl,
+            "the overlay must be mounted over the /etc/ssl bind, not under it"
+        );
     }
 
     #[test]
