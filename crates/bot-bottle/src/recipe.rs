@@ -79,7 +79,8 @@ pub fn run(req: Request) -> anyhow::Result<u8> {
     // launch itself fails closed on anything the probes would have found.
     let cgroup_ns = Path::new("/proc/self/ns/cgroup").exists();
     let argv = command(&req)?;
-    let workspace = workspace(policy)?;
+    let root = state::state_root()?;
+    let workspace = workspace(policy, &root)?;
     steps.done("preflight");
 
     // step: lease
@@ -87,7 +88,6 @@ pub fn run(req: Request) -> anyhow::Result<u8> {
         Some(n) => n.clone(),
         None => generated_name()?,
     };
-    let root = state::state_root()?;
     let lease = Registry::new(&root)
         .with_pool(lease_pool()?)
         .allocate(&name, std::process::id())?;
@@ -320,7 +320,7 @@ fn command(req: &Request) -> anyhow::Result<Vec<String>> {
 
 /// The workspace: the policy's (relative to the policy file), else the current directory. Never `/` or the
 /// user's home itself, which would hand the agent `~/.ssh` and every other secret there.
-fn workspace(policy: &Policy) -> anyhow::Result<PathBuf> {
+fn workspace(policy: &Policy, state_root: &Path) -> anyhow::Result<PathBuf> {
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
     let raw = match (&policy.bottle.workspace, &policy.bottle.base_dir) {
         (Some(w), Some(base)) => base.join(w),
@@ -341,6 +341,11 @@ fn workspace(policy: &Policy) -> anyhow::Result<PathBuf> {
             "refusing workspace {}: it contains your home directory; run from a project directory or set bottle.workspace",
             path.display()
         );
+    }
+    // SECURITY: the state root holds every bottle's CA key and audit log; a workspace over it would hand them over.
+    let state_root = state_root.canonicalize().unwrap_or_else(|_| state_root.to_path_buf());
+    if state_root.starts_with(&path) || path.starts_with(&state_root) {
+        bail!("refusing workspace {}: it overlaps bot-bottle's state directory {}", path.display(), state_root.display());
     }
     Ok(path)
 }

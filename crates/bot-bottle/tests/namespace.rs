@@ -201,8 +201,16 @@ fn check_bottle(env: &Env, user: Option<u32>, name: &str) {
         1,
         "only the proxied request may reach the upstream"
     );
-    for want in ["Seccomp:\t2", "NoNewPrivs:\t1", "CapEff:\t0000000000000000", "CapBnd:\t0000000000000000"] {
-        assert!(stdout.lines().any(|l| l == want), "agent is not hardened: missing {want:?}\n{all}");
+    for want in [
+        "Seccomp:\t2",
+        "NoNewPrivs:\t1",
+        "CapEff:\t0000000000000000",
+        "CapBnd:\t0000000000000000",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l == want),
+            "agent is not hardened: missing {want:?}\n{all}"
+        );
     }
     let audit = std::fs::read_to_string(env.state().join("bot-bottle").join(name).join("audit.jsonl")).unwrap();
     assert!(
@@ -292,14 +300,27 @@ fn home_directory_is_refused_as_workspace() {
 }
 
 fn state_of(env: &Env, name: &str) -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(env.state().join("bot-bottle").join(name).join("state.json")).unwrap()).unwrap()
+    serde_json::from_slice(&std::fs::read(env.state().join("bot-bottle").join(name).join("state.json")).unwrap())
+        .unwrap()
 }
 
 #[test]
 fn detached_bottle_lifecycle_ls_exec_logs_stop_rm() {
     need_namespace!();
     let env = Env::new();
-    let out = env.bb(None, &["run", "-d", "--name", "life", "--", "sh", "-c", "echo started; exec sleep 600"]);
+    let out = env.bb(
+        None,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "life",
+            "--",
+            "sh",
+            "-c",
+            "echo started; exec sleep 600",
+        ],
+    );
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "life");
 
@@ -309,20 +330,47 @@ fn detached_bottle_lifecycle_ls_exec_logs_stop_rm() {
     assert_eq!(rows[0]["state"], "running");
     assert!(rows[0]["address"].as_str().unwrap().starts_with("127.0.0."));
 
-    let out = env.bb(None, &["exec", "life", "--", "sh", "-c", "grep -c . /proc/1/cmdline >/dev/null && hostname && grep Seccomp: /proc/self/status; exit 4"]);
+    let out = env.bb(
+        None,
+        &[
+            "exec",
+            "life",
+            "--",
+            "sh",
+            "-c",
+            "grep -c . /proc/1/cmdline >/dev/null && hostname && grep Seccomp: /proc/self/status; exit 4",
+        ],
+    );
     assert_eq!(out.status.code(), Some(4), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("life"), "exec did not run in the bottle's uts namespace: {}", text(&out));
-    assert!(stdout.contains("Seccomp:\t2"), "exec'd command is not hardened: {}", text(&out));
+    assert!(
+        stdout.contains("life"),
+        "exec did not run in the bottle's uts namespace: {}",
+        text(&out)
+    );
+    assert!(
+        stdout.contains("Seccomp:\t2"),
+        "exec'd command is not hardened: {}",
+        text(&out)
+    );
 
     let out = env.bb(None, &["logs", "life"]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains("started"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("started"),
+        "{}",
+        text(&out)
+    );
 
     let out = env.bb(None, &["stop", "life"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(state_of(&env, "life")["status"], "exited");
     let out = env.bb(None, &["exec", "life", "--", "true"]);
-    assert_eq!(out.status.code(), Some(123), "exec into a stopped bottle: {}", text(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(123),
+        "exec into a stopped bottle: {}",
+        text(&out)
+    );
 
     let out = env.bb(None, &["rm", "life"]);
     assert!(out.status.success(), "{}", text(&out));
@@ -334,11 +382,28 @@ fn kill_9_of_the_launcher_leaves_nothing_running_and_ls_reaps_the_lease() {
     need_namespace!();
     let env = Env::new();
     let marker = format!("sleep 7{}", std::process::id() % 1000);
-    let out = env.bb(None, &["run", "-d", "--name", "killed", "--", "sh", "-c", &format!("exec {marker}")]);
+    let out = env.bb(
+        None,
+        &[
+            "run",
+            "-d",
+            "--name",
+            "killed",
+            "--",
+            "sh",
+            "-c",
+            &format!("exec {marker}"),
+        ],
+    );
     assert!(out.status.success(), "{}", text(&out));
     let supervisor = state_of(&env, "killed")["supervisor_pid"].as_u64().unwrap();
     let agent_running = || {
-        Command::new("pgrep").args(["-f", &format!("^{marker}$")]).output().unwrap().status.success()
+        Command::new("pgrep")
+            .args(["-f", &format!("^{marker}$")])
+            .output()
+            .unwrap()
+            .status
+            .success()
     };
     assert!(agent_running(), "the agent should be running before the kill");
     rustix::process::kill_process(
@@ -354,6 +419,27 @@ fn kill_9_of_the_launcher_leaves_nothing_running_and_ls_reaps_the_lease() {
     let out = env.bb(None, &["--json", "ls"]);
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rows[0]["state"], "failed", "{rows}");
-    assert_eq!(std::fs::read_dir(env.state().join("bot-bottle/leases")).unwrap().count(), 0, "lease not reaped");
+    assert_eq!(
+        std::fs::read_dir(env.state().join("bot-bottle/leases"))
+            .unwrap()
+            .count(),
+        0,
+        "lease not reaped"
+    );
     assert!(env.bb(None, &["rm", "killed"]).status.success());
+}
+
+#[test]
+fn workspace_over_the_state_directory_is_refused() {
+    let env = Env::new();
+    let out = Command::new(env!("CARGO_BIN_EXE_bot-bottle"))
+        .args(["run", "--", "true"])
+        .current_dir(env.state())
+        .env("HOME", env.dir.path().join("work"))
+        .env("XDG_STATE_HOME", env.state())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("overlaps bot-bottle's state directory"), "{}", text(&out));
+    assert!(!env.state().join("bot-bottle").exists(), "a refused run created state");
 }
