@@ -7,3 +7,4 @@ mod sys;
 pub mod namespace;
 pub mod ready;
 pub mod state;
+pub mod smolmachines;
