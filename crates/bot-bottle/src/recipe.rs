@@ -52,7 +52,7 @@ pub struct Request {
 struct Launching {
     dir: StateDir,
     state: BottleState,
-    _lease: Lease,
+    lease: Lease,
 }
 
 impl Launching {
@@ -99,7 +99,7 @@ pub fn run(req: Request) -> anyhow::Result<u8> {
     let mut bottle = Launching {
         state: state::starting(name.as_str(), backend.as_str(), &addr.to_string(), req.detached),
         dir,
-        _lease: lease,
+        lease,
     };
     bottle.set(|_| {})?;
     let result = launch_and_run(&mut bottle, &req, argv, workspace, cgroup_ns, &steps).map_err(|e| {
@@ -122,8 +122,8 @@ pub fn run(req: Request) -> anyhow::Result<u8> {
     })?;
     let _ = std::fs::remove_file(bottle.dir.file(bottle_proxy_ca_key()));
     if req.remove {
-        let Launching { dir, _lease, .. } = bottle;
-        drop(_lease);
+        let Launching { dir, lease, .. } = bottle;
+        drop(lease);
         dir.remove()?;
     }
     result
@@ -138,7 +138,6 @@ fn launch_and_run(
     steps: &Steps,
 ) -> anyhow::Result<u8> {
     let policy = &req.policy;
-    let addr = bottle.state.addr.clone();
     bottle.dir.write_file(
         state::POLICY_FILE,
         bottle_policy::Effective::of(policy)
@@ -161,8 +160,9 @@ fn launch_and_run(
         let _in_runtime = runtime.enter();
         Proxy::new(config)?
     };
-    let host_listener = std::net::TcpListener::bind((addr.as_str(), 0))
-        .with_context(|| format!("cannot listen on the bottle's address {addr}"))?;
+    let bind_addr = std::net::SocketAddr::new(std::net::IpAddr::V4(bottle.lease.addr()), 0);
+    let host_listener = std::net::TcpListener::bind(bind_addr)
+        .map_err(|source| bottle_proxy::ProxyError::Bind { addr: bind_addr.to_string(), source })?;
     let proxy_url = format!("http://{}", host_listener.local_addr().context("proxy address")?);
     {
         let proxy = proxy.clone();
@@ -214,7 +214,6 @@ fn launch_and_run(
         argv,
         cgroup_ns,
         canary: Some(canary),
-        unconfined_network_for_selfcheck: false,
     };
     let spec_path = bottle.dir.file(state::SPEC_FILE);
     bottle.dir.write_file(
@@ -300,7 +299,7 @@ fn bottle_proxy_ca_key() -> &'static str {
     "ca-key.pem"
 }
 
-fn command(req: &Request) -> anyhow::Result<Vec<String>> {
+pub(crate) fn command(req: &Request) -> anyhow::Result<Vec<String>> {
     if !req.command.is_empty() {
         return Ok(req.command.clone());
     }
@@ -320,7 +319,7 @@ fn command(req: &Request) -> anyhow::Result<Vec<String>> {
 
 /// The workspace: the policy's (relative to the policy file), else the current directory. Never `/` or the
 /// user's home itself, which would hand the agent `~/.ssh` and every other secret there.
-fn workspace(policy: &Policy, state_root: &Path) -> anyhow::Result<PathBuf> {
+pub(crate) fn workspace(policy: &Policy, state_root: &Path) -> anyhow::Result<PathBuf> {
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
     let raw = match (&policy.bottle.workspace, &policy.bottle.base_dir) {
         (Some(w), Some(base)) => base.join(w),
@@ -351,7 +350,7 @@ fn workspace(policy: &Policy, state_root: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// `BOT_BOTTLE_POOL=FIRST-LAST` narrows the last octets bottles may lease (default 2-254).
-fn lease_pool() -> anyhow::Result<std::ops::RangeInclusive<u8>> {
+pub(crate) fn lease_pool() -> anyhow::Result<std::ops::RangeInclusive<u8>> {
     let Ok(raw) = std::env::var("BOT_BOTTLE_POOL") else {
         return Ok(bottle_sandbox::lease::DEFAULT_POOL);
     };

@@ -173,6 +173,12 @@ impl HostPattern {
             None if host.contains('*') => return Err(HostError::MisplacedWildcard(raw.to_string())),
             None => NamePattern::Exact(HostName::parse(host)?),
         };
+        // SECURITY: "deny wins" must hold on every port: a deny entry without a port denies them all, rather than
+        // only the default ports an allow entry without a port admits.
+        let port = match (usage, port) {
+            (PatternUse::Deny, PortSpec::Default) => PortSpec::Any,
+            (_, port) => port,
+        };
         Ok(Self { name, port })
     }
 
@@ -320,6 +326,16 @@ mod tests {
         for bad in ["example.com:0", "example.com:65536", "example.com:+1", "example.com:"] {
             assert!(HostPattern::parse(bad, PatternUse::Allow).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn deny_without_a_port_denies_every_port() {
+        let deny = HostPattern::parse("secret.example.com", PatternUse::Deny).unwrap();
+        for port in [80, 443, 8443, 22] {
+            assert!(deny.matches(&name("secret.example.com"), port), "{port}");
+        }
+        let deny = HostPattern::parse("secret.example.com:8443", PatternUse::Deny).unwrap();
+        assert!(!deny.matches(&name("secret.example.com"), 443));
     }
 
     #[test]

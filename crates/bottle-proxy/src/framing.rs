@@ -14,6 +14,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// A head longer than this is hyper's to refuse (431); the guard stops following.
 const MAX_TRACKED_HEAD: usize = 80 * 1024;
+/// Longest chunk-size line followed (hyper accepts 16 KiB of chunk extensions in all); longer is refused.
+const MAX_CHUNK_LINE: usize = 64 * 1024;
 
 /// The error a guarded read fails with.
 #[derive(Debug, thiserror::Error)]
@@ -78,8 +80,10 @@ impl Tracker {
                     line.push(data[0]);
                     if line.ends_with(b"\n") {
                         (chunk_size(&line), 1)
-                    } else if line.len() > 4096 {
-                        (State::Opaque, 1)
+                    } else if line.len() > MAX_CHUNK_LINE {
+                        // SECURITY: never stop following on input hyper still accepts (it allows 16 KiB of chunk
+                        // extensions); a line longer than anything hyper takes is refused, not waved through.
+                        return Err(FramingViolation("chunk-size line too long"));
                     } else {
                         (State::ChunkSize(line), 1)
                     }
@@ -117,6 +121,22 @@ impl Tracker {
             data = &data[used..];
         }
         Ok(())
+    }
+}
+
+/// Whether an HTTP/1.x request carries an `Upgrade` header: the guard stops following the stream at such a head
+/// (after a 101 the bytes are no longer HTTP), so the connection must not carry another request unless it
+/// really switched protocols.
+pub fn stops_the_guard<B>(req: &hyper::Request<B>) -> bool {
+    req.version() <= hyper::Version::HTTP_11 && req.headers().contains_key(hyper::header::UPGRADE)
+}
+
+/// SECURITY: after a request the guard stopped following, any answer but a 101 closes the connection, so no later
+/// request (say, a pipelined CL+TE one) is read unguarded.
+pub fn close_unless_switched<B>(guard_stopped: bool, resp: &mut hyper::Response<B>) {
+    if guard_stopped && resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+        resp.headers_mut()
+            .insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
     }
 }
 

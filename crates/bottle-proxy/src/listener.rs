@@ -103,7 +103,7 @@ impl Proxy {
     }
 }
 
-async fn accept_failed(e: std::io::Error) -> Result<(), ProxyError> {
+pub(crate) async fn accept_failed(e: std::io::Error) -> Result<(), ProxyError> {
     if e.kind() == std::io::ErrorKind::InvalidInput {
         return Err(ProxyError::Accept(e));
     }
@@ -112,7 +112,7 @@ async fn accept_failed(e: std::io::Error) -> Result<(), ProxyError> {
     Ok(())
 }
 
-async fn serve_explicit<S>(proxy: Proxy, stream: S, peer: Peer)
+pub(crate) async fn serve_explicit<S>(proxy: Proxy, stream: S, peer: Peer)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -125,7 +125,12 @@ where
     let session = Arc::new(Session::new(proxy.clone(), peer.clone(), Scope::Explicit));
     let service = service_fn(move |req| {
         let session = Arc::clone(&session);
-        async move { Ok::<_, Infallible>(explicit_request(session, req).await) }
+        let guard_stopped = crate::framing::stops_the_guard(&req);
+        async move {
+            let mut resp = explicit_request(session, req).await;
+            crate::framing::close_unless_switched(guard_stopped, &mut resp);
+            Ok::<_, Infallible>(resp)
+        }
     });
     let conn = h1_builder(&limits).serve_connection(io, service).with_upgrades();
     match idle::watch(conn, &activity, limits.idle_timeout).await {

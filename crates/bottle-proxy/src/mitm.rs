@@ -59,7 +59,12 @@ where
     let session = Arc::new(Session::tunnel(proxy, peer, scope, h2, tunnel.checked, predialed));
     let service = service_fn(move |req| {
         let session = Arc::clone(&session);
-        async move { Ok::<_, Infallible>(exchange::handle(session, req).await) }
+        let guard_stopped = crate::framing::stops_the_guard(&req);
+        async move {
+            let mut resp = exchange::handle(session, req).await;
+            crate::framing::close_unless_switched(guard_stopped, &mut resp);
+            Ok::<_, Infallible>(resp)
+        }
     });
     let ended = if h2 {
         let conn = h2_builder(&limits).serve_connection(TokioIo::new(tls), service);

@@ -120,7 +120,12 @@ impl Proxy {
         let session = Arc::new(Session::new(self.clone(), peer.clone(), Scope::Transparent { port }));
         let service = service_fn(move |req| {
             let session = Arc::clone(&session);
-            async move { Ok::<_, Infallible>(exchange::handle(session, req).await) }
+            let guard_stopped = crate::framing::stops_the_guard(&req);
+            async move {
+                let mut resp = exchange::handle(session, req).await;
+                crate::framing::close_unless_switched(guard_stopped, &mut resp);
+                Ok::<_, Infallible>(resp)
+            }
         });
         let conn =
             h1_builder(&limits).serve_connection(TokioIo::new(Guarded::new(io, framing_report(self, &peer))), service);

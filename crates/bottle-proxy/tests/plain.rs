@@ -73,6 +73,26 @@ async fn content_length_with_transfer_encoding_is_rejected_and_nothing_is_smuggl
     assert_eq!(line["rule"], "framing");
 }
 
+/// Regression: the smuggling guard stops following the stream at a head with an `Upgrade` header; an upstream
+/// that answered without 101 left the connection open, and a pipelined CL+TE request then reached it unguarded.
+#[tokio::test]
+async fn an_upgrade_request_that_was_not_switched_closes_the_connection() {
+    let w = World::start().await;
+    let host = w.http_at("upstream.test");
+    let mut s = TcpStream::connect(w.lab.addr).await.unwrap();
+    let attack = format!(
+        "GET http://{host}/first HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n\r\n\
+         POST http://{host}/smuggled HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n\
+         0\r\n\r\n"
+    );
+    s.write_all(attack.as_bytes()).await.unwrap();
+    let reply = read_to_close(&mut s).await.expect("the connection must close after the first answer");
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.contains("connection: close") || reply.contains("Connection: close"), "{reply}");
+    let paths: Vec<String> = w.http_rec.requests().iter().map(|r| r.uri.clone()).collect();
+    assert!(!paths.iter().any(|p| p.contains("smuggled")), "the pipelined CL+TE request reached the upstream: {paths:?}");
+}
+
 #[tokio::test]
 async fn get_with_a_body_is_refused() {
     let w = World::start().await;

@@ -16,7 +16,9 @@ pub fn run(args: &ExecArgs) -> anyhow::Result<u8> {
         return Err(state::StateError::NotRunning(s.name).into());
     };
     // Replace this process: the command's exit code becomes ours, and its stdio is the terminal's.
+    // SECURITY: no host environment crosses into the bottle; the command gets the bottle's from the spec.
     let err = std::process::Command::new("/proc/self/exe")
+        .env_clear()
         .arg(EXEC_SUBCOMMAND)
         .arg(dir.file(SPEC_FILE))
         .arg(init.to_string())

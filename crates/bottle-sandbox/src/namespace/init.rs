@@ -100,10 +100,9 @@ fn outer(spec_path: &Path, control: &OwnedFd) -> Result<i32, InitError> {
             source,
         })?;
     enter_user_namespace(&spec)?;
-    let mut flags = UnshareFlags::NEWNS | UnshareFlags::NEWPID | UnshareFlags::NEWIPC | UnshareFlags::NEWUTS;
-    if !spec.unconfined_network_for_selfcheck {
-        flags |= UnshareFlags::NEWNET;
-    }
+    // SECURITY: there is deliberately no way to keep the host's network namespace.
+    let mut flags =
+        UnshareFlags::NEWNS | UnshareFlags::NEWPID | UnshareFlags::NEWIPC | UnshareFlags::NEWUTS | UnshareFlags::NEWNET;
     if spec.cgroup_ns {
         flags |= UnshareFlags::NEWCGROUP;
     }
@@ -150,12 +149,9 @@ fn enter_user_namespace(spec: &InitSpec) -> Result<(), InitError> {
 fn pid_one(spec: &InitSpec, control: &OwnedFd) -> Result<i32, InitError> {
     die_with_parent(false)?;
     rustix::system::sethostname(spec.name.as_bytes()).map_err(|e| InitError::Network { source: e.into() })?;
-    let listener = if spec.unconfined_network_for_selfcheck {
-        TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-    } else {
-        sys::loopback_up().and_then(|()| TcpListener::bind((Ipv4Addr::LOCALHOST, IN_BOTTLE_PROXY_PORT)))
-    }
-    .map_err(|source| InitError::Network { source })?;
+    let listener = sys::loopback_up()
+        .and_then(|()| TcpListener::bind((Ipv4Addr::LOCALHOST, IN_BOTTLE_PROXY_PORT)))
+        .map_err(|source| InitError::Network { source })?;
     let proxy_addr = listener.local_addr().map_err(|source| InitError::Network { source })?;
     control::send(control, &Message::Listener, Some(listener.as_fd()))
         .map_err(|source| InitError::Control { source })?;

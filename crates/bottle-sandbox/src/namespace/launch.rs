@@ -60,7 +60,10 @@ pub fn spawn(spec_path: &Path, stdio: Stdio3) -> Result<Bottle, LaunchError> {
     // Only the child's end crosses exec; ours stays close-on-exec.
     rustix::io::fcntl_setfd(&theirs, rustix::io::FdFlags::empty())
         .map_err(|e| LaunchError::Control { source: e.into() })?;
+    // SECURITY: the init gets no environment: the launcher's holds real credential secrets, and the bottle's pid 1
+    // must not carry them (the agent's environment comes from the spec alone).
     let child = Command::new(SELF_EXE)
+        .env_clear()
         .arg(INIT_SUBCOMMAND)
         .arg(spec_path)
         .arg(theirs.as_raw_fd().to_string())

@@ -56,10 +56,6 @@ pub struct InitSpec {
     pub cgroup_ns: bool,
     /// A host-side listener on the bottle's lease address that must be unreachable from inside (self-test).
     pub canary: Option<std::net::SocketAddr>,
-    /// Test-only escape hatch for the escape suite's self-check: keep the host network namespace. Never set
-    /// by `run`; the launcher refuses it unless the self-check asks.
-    #[serde(default)]
-    pub unconfined_network_for_selfcheck: bool,
 }
 
 /// One step of the filesystem the init builds, in order.
@@ -297,7 +293,6 @@ mod tests {
             env: BTreeMap::new(),
             cgroup_ns: true,
             canary: None,
-            unconfined_network_for_selfcheck: false,
         }
     }
 
