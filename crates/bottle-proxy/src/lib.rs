@@ -39,8 +39,23 @@ pub use upstream::RootsError;
 #[doc(hidden)]
 pub mod fuzzing {
     pub use crate::decide::{DenyReason, Target, check_path, check_same_host, decide_target, parse_authority};
-    pub use crate::framing::{FramingViolation, Tracker};
+    pub use crate::framing::FramingViolation;
     pub use crate::hello::{Hello, HelloError, read as read_client_hello};
+
+    /// The smuggling guard's framing tracker, fed the client's bytes in order.
+    pub struct Tracker(crate::framing::Tracker);
+
+    impl Default for Tracker {
+        fn default() -> Self {
+            Self(crate::framing::Tracker::new())
+        }
+    }
+
+    impl Tracker {
+        pub fn feed(&mut self, data: &[u8]) -> Result<(), FramingViolation> {
+            self.0.feed(data)
+        }
+    }
 }
 
 /// What `bot-bottle proxy` hands the library.

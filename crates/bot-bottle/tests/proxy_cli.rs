@@ -1,0 +1,588 @@
+//! `bot-bottle proxy` as a user runs it (issue #3's acceptance): the real binary, the real `curl`, and local
+//! upstreams on 127.0.0.1 (TLS with a CA minted here, and plain HTTP). Nothing leaves loopback: the upstream's
+//! name resolves through `--resolve`, and every denied name is refused before any lookup.
+//!
+//! Skips, saying why, when /usr/bin/curl is missing; any non-empty `BOTTLE_TEST_REQUIRE` turns that skip into a
+//! failure.
+
+#![allow(clippy::unwrap_used, clippy::disallowed_methods)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+const CURL: &str = "/usr/bin/curl";
+/// Exit code for an invalid policy (src/exit.rs, README).
+const EXIT_POLICY: i32 = 121;
+/// A debug build on a shared 2-core machine can be slow to start; the wait returns as soon as the line appears.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
+const AUDIT_TIMEOUT: Duration = Duration::from_secs(15);
+const CURL_MAX_TIME_SECS: &str = "30";
+const UPSTREAM_NAME: &str = "upstream.test";
+
+// ---------------------------------------------------------------------------------------------------------------
+// Skips
+
+/// `Some(reason)` when curl is not there to drive the proxy.
+fn curl_missing() -> Option<String> {
+    if Path::new(CURL).is_file() {
+        return None;
+    }
+    Some(format!("{CURL} is not installed (apt-get install curl)"))
+}
+
+macro_rules! need_curl {
+    () => {
+        if let Some(why) = curl_missing() {
+            let required = std::env::var("BOTTLE_TEST_REQUIRE").unwrap_or_default();
+            assert!(required.trim().is_empty(), "BOTTLE_TEST_REQUIRE={required} but: {why}");
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Certificates
+
+/// A CA minted for the test, written to `<dir>/<stem>.pem` (and `<stem>-key.pem`, PKCS#8).
+struct TestCa {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+fn mint_ca(dir: &Path, stem: &str, common_name: &str) -> TestCa {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, common_name);
+    let cert = params.self_signed(&key).unwrap();
+    let cert_path = dir.join(format!("{stem}.pem"));
+    let key_path = dir.join(format!("{stem}-key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    TestCa {
+        cert_path,
+        key_path,
+        issuer: Issuer::new(params, key),
+    }
+}
+
+/// A leaf for `names`, signed by `ca`, ready for rustls.
+fn leaf(ca: &TestCa, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let key = KeyPair::generate().unwrap();
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let cert = CertificateParams::new(names)
+        .unwrap()
+        .signed_by(&key, &ca.issuer)
+        .unwrap();
+    (
+        vec![cert.der().clone()],
+        PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap(),
+    )
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Upstreams: a tiny HTTP/1.1 keep-alive server on std threads, over TLS or plain TCP
+
+/// Answers every GET with `hello from <label> upstream: <method> <target>` until the client closes.
+fn serve_http<S: Read + Write>(stream: &mut S, label: &str) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end + 4);
+        let mut words = head.lines().next().unwrap_or("").split(' ');
+        let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+        let body = format!("hello from {label} upstream: {method} {target}\n");
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nx-upstream: {label}\r\n\r\n{body}",
+            body.len()
+        );
+        if stream
+            .write_all(response.as_bytes())
+            .and_then(|()| stream.flush())
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// A TLS upstream on 127.0.0.1 presenting a leaf for `upstream.test` signed by `ca`. Returns its port.
+fn tls_upstream(ca: &TestCa) -> u16 {
+    let (chain, key) = leaf(ca, &[UPSTREAM_NAME]);
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let config = Arc::new(config);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let config = Arc::clone(&config);
+            std::thread::spawn(move || {
+                let Ok(conn) = rustls::ServerConnection::new(config) else {
+                    return;
+                };
+                serve_http(&mut rustls::StreamOwned::new(conn, stream), "tls");
+            });
+        }
+    });
+    port
+}
+
+/// A plain HTTP upstream on 127.0.0.1. Returns its port.
+fn http_upstream() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || serve_http(&mut stream, "plain"));
+        }
+    });
+    port
+}
+
+/// A port nothing listens on right now (bound, then released).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The proxy process
+
+struct RunningProxy {
+    child: Child,
+    addr: SocketAddr,
+    stderr_path: PathBuf,
+}
+
+impl RunningProxy {
+    /// Starts `bot-bottle proxy <args>` in `dir` (so no stray ./bottle.toml is read) and waits for its one line
+    /// of output, `listening on <addr>`. `args` is split on whitespace (temporary paths hold none).
+    fn start(dir: &Path, args: &str) -> Self {
+        let stderr_path = dir.join("proxy.stderr");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bot-bottle"))
+            .arg("proxy")
+            .args(args.split_whitespace())
+            .current_dir(dir)
+            .env_remove("BOT_BOTTLE_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut proxy = Self {
+            child,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            stderr_path,
+        };
+        let start = Instant::now();
+        let mut wait = Duration::from_millis(10);
+        loop {
+            match rx.recv_timeout(wait) {
+                Ok(line) => {
+                    if let Some(addr) = line.strip_prefix("listening on ") {
+                        proxy.addr = addr.trim().parse().unwrap();
+                        return proxy;
+                    }
+                    panic!("unexpected output before `listening on`: {line}");
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Some(status) = proxy.child.try_wait().unwrap() {
+                        panic!("the proxy exited with {status} before listening:\n{}", proxy.stderr());
+                    }
+                    assert!(
+                        start.elapsed() < READY_TIMEOUT,
+                        "no `listening on` within {READY_TIMEOUT:?}:\n{}",
+                        proxy.stderr()
+                    );
+                    wait = (wait * 2).min(Duration::from_millis(250));
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = proxy.child.wait().unwrap();
+                    panic!(
+                        "the proxy closed stdout ({status}) before listening:\n{}",
+                        proxy.stderr()
+                    );
+                }
+            }
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit status.
+    fn terminate(mut self) -> ExitStatus {
+        let pid = rustix::process::Pid::from_raw(i32::try_from(self.child.id()).unwrap()).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+        let start = Instant::now();
+        let mut wait = Duration::from_millis(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < EXIT_TIMEOUT,
+                "the proxy did not exit within {EXIT_TIMEOUT:?} of SIGTERM:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for RunningProxy {
+    /// A failed assertion must not leave the proxy running.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// curl
+
+struct Curl {
+    /// curl's own exit code (0, or e.g. 56 for a refused CONNECT, 60 for an untrusted certificate).
+    exit: i32,
+    body: String,
+    /// `%{http_code}`: the final response's status (0 when none).
+    status: u16,
+    /// `%{http_connect}`: the proxy's answer to CONNECT (0 when no CONNECT was sent).
+    connect: u16,
+    /// `-v` output: request and response headers, TLS details.
+    verbose: String,
+}
+
+impl Curl {
+    /// The value of a response header seen in the verbose output (`< name: value`), CONNECT responses included.
+    fn header(&self, name: &str) -> Option<&str> {
+        self.verbose.lines().find_map(|l| {
+            let (n, v) = l.strip_prefix("< ")?.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// `curl -v --proxy http://<proxy> [--cacert <ca>] <url>` with no environment (no proxy or CA variables leak in),
+/// no ~/.curlrc, and an empty CA directory: `ca` is the only certificate curl trusts.
+fn curl(proxy: SocketAddr, ca: Option<&Path>, url: &str) -> Curl {
+    let empty = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(CURL);
+    cmd.env_clear()
+        .arg("-q")
+        .args(["-sS", "-v", "--max-time", CURL_MAX_TIME_SECS])
+        .args(["--proxy", &format!("http://{proxy}")])
+        .arg("--capath")
+        .arg(empty.path());
+    if let Some(ca) = ca {
+        cmd.arg("--cacert").arg(ca);
+    }
+    let out = cmd
+        .args(["-w", "\n%{http_code} %{http_connect}", url])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, codes) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+    let mut codes = codes.split(' ').map(|c| c.trim().parse::<u16>().unwrap_or(0));
+    Curl {
+        exit: out.status.code().unwrap_or(-1),
+        body: body.to_string(),
+        status: codes.next().unwrap_or(0),
+        connect: codes.next().unwrap_or(0),
+        verbose: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The audit log
+
+fn audit_lines(state: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(state.join("audit.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// Waits (bounded, with backoff) for an audit line with these field values: request records are written when the
+/// exchange ends, which may be just after curl returns.
+fn wait_audit(state: &Path, want: &[(&str, &str)]) -> serde_json::Value {
+    let start = Instant::now();
+    let mut wait = Duration::from_millis(10);
+    loop {
+        let lines = audit_lines(state);
+        if let Some(hit) = lines
+            .iter()
+            .find(|v| want.iter().all(|(k, val)| v[*k].as_str() == Some(*val)))
+        {
+            return hit.clone();
+        }
+        assert!(
+            start.elapsed() < AUDIT_TIMEOUT,
+            "no audit line with {want:?} in:\n{}",
+            lines.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+        );
+        std::thread::sleep(wait);
+        wait = (wait * 2).min(Duration::from_millis(200));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tests
+
+#[test]
+fn intercepts_allowed_https_refuses_denied_hosts_naming_the_rule_and_audits_both() {
+    need_curl!();
+    let dir = tempfile::tempdir().unwrap();
+    let upstream_ca = mint_ca(dir.path(), "upstream-ca", "bot-bottle test upstream CA");
+    let (tls_port, http_port) = (tls_upstream(&upstream_ca), http_upstream());
+    let state = dir.path().join("state");
+    let port = free_port();
+    let proxy = RunningProxy::start(
+        dir.path(),
+        &format!(
+            "--listen 127.0.0.1:{port} --state-dir {state} \
+             --allow {UPSTREAM_NAME}:{tls_port} --allow {UPSTREAM_NAME}:{http_port} --deny evil.test \
+             --allow-cidr 127.0.0.1/32 --resolve {UPSTREAM_NAME}=127.0.0.1 --upstream-ca {upstream_ca}",
+            state = state.display(),
+            upstream_ca = upstream_ca.cert_path.display(),
+        ),
+    );
+    assert_eq!(proxy.addr, SocketAddr::from(([127, 0, 0, 1], port)));
+    let bottle_ca = state.join("ca.pem");
+    assert!(bottle_ca.is_file(), "the proxy minted no CA in {}", state.display());
+
+    // Allowed HTTPS: intercepted (curl trusts only the proxy's CA) and relayed to the TLS upstream.
+    let ok = curl(
+        proxy.addr,
+        Some(&bottle_ca),
+        &format!("https://{UPSTREAM_NAME}:{tls_port}/hello?q=1"),
+    );
+    assert_eq!((ok.exit, ok.connect, ok.status), (0, 200, 200), "{}", ok.verbose);
+    assert_eq!(ok.body, "hello from tls upstream: GET /hello?q=1\n", "{}", ok.verbose);
+    assert_eq!(ok.header("x-upstream"), Some("tls"));
+
+    // Trusting only the upstream's own CA fails: the certificate curl sees is the proxy's, not the upstream's.
+    let not_trusted = curl(
+        proxy.addr,
+        Some(&upstream_ca.cert_path),
+        &format!("https://{UPSTREAM_NAME}:{tls_port}/"),
+    );
+    assert_eq!(not_trusted.exit, 60, "{}", not_trusted.verbose);
+
+    // A host outside the allow list: 403 at CONNECT, the header names the rule and the fix.
+    let denied = curl(proxy.addr, Some(&bottle_ca), "https://denied.test:443/");
+    assert_eq!(denied.connect, 403, "{}", denied.verbose);
+    assert_ne!(denied.exit, 0);
+    assert_eq!(
+        denied.header("x-bottle-denied"),
+        Some("host=denied.test; rule=not-allowed; allow with: bot-bottle run --allow denied.test:443"),
+        "{}",
+        denied.verbose
+    );
+    // A deny-listed host.
+    let evil = curl(proxy.addr, Some(&bottle_ca), "https://evil.test/");
+    assert_eq!(evil.connect, 403, "{}", evil.verbose);
+    let why = evil.header("x-bottle-denied").unwrap_or_default();
+    assert!(why.contains("host=evil.test; rule=deny-list"), "{}", evil.verbose);
+
+    // Plain HTTP, absolute-form: allowed and relayed; denied with the same header.
+    let plain = curl(proxy.addr, None, &format!("http://{UPSTREAM_NAME}:{http_port}/plain"));
+    assert_eq!((plain.exit, plain.status), (0, 200), "{}", plain.verbose);
+    assert_eq!(plain.body, "hello from plain upstream: GET /plain\n");
+    let plain_denied = curl(proxy.addr, None, &format!("http://other.test:{http_port}/x"));
+    assert_eq!(
+        (plain_denied.exit, plain_denied.status),
+        (0, 403),
+        "{}",
+        plain_denied.verbose
+    );
+    let why = plain_denied.header("x-bottle-denied").unwrap_or_default();
+    assert!(
+        why.starts_with("host=other.test; rule=not-allowed"),
+        "{}",
+        plain_denied.verbose
+    );
+    assert!(plain_denied.body.contains("denied"), "{}", plain_denied.body);
+
+    // The audit log has both verdicts, with the rule.
+    wait_audit(
+        &state,
+        &[("decision", "allow"), ("host", UPSTREAM_NAME), ("scheme", "https")],
+    );
+    wait_audit(
+        &state,
+        &[("decision", "allow"), ("host", UPSTREAM_NAME), ("scheme", "http")],
+    );
+    wait_audit(
+        &state,
+        &[("decision", "deny"), ("host", "denied.test"), ("rule", "not-allowed")],
+    );
+    wait_audit(
+        &state,
+        &[("decision", "deny"), ("host", "evil.test"), ("rule", "deny-list")],
+    );
+    wait_audit(
+        &state,
+        &[("decision", "deny"), ("host", "other.test"), ("rule", "not-allowed")],
+    );
+
+    let stderr_path = proxy.stderr_path.clone();
+    let status = proxy.terminate();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM should stop the proxy cleanly ({status}):\n{}",
+        std::fs::read_to_string(stderr_path).unwrap_or_default()
+    );
+}
+
+#[test]
+fn signs_leaves_with_the_ca_it_is_given() {
+    need_curl!();
+    let dir = tempfile::tempdir().unwrap();
+    let upstream_ca = mint_ca(dir.path(), "upstream-ca", "bot-bottle test upstream CA");
+    let given = mint_ca(dir.path(), "given-ca", "bot-bottle test given CA");
+    let tls_port = tls_upstream(&upstream_ca);
+    let state = dir.path().join("state");
+    let proxy = RunningProxy::start(
+        dir.path(),
+        &format!(
+            "--listen 127.0.0.1:{port} --state-dir {state} --ca-cert {cert} --ca-key {key} \
+             --allow {UPSTREAM_NAME}:{tls_port} --allow-cidr 127.0.0.1/32 --resolve {UPSTREAM_NAME}=127.0.0.1 \
+             --upstream-ca {upstream_ca}",
+            port = free_port(),
+            state = state.display(),
+            cert = given.cert_path.display(),
+            key = given.key_path.display(),
+            upstream_ca = upstream_ca.cert_path.display(),
+        ),
+    );
+    let url = format!("https://{UPSTREAM_NAME}:{tls_port}/signed");
+    let ok = curl(proxy.addr, Some(&given.cert_path), &url);
+    assert_eq!((ok.exit, ok.status), (0, 200), "{}", ok.verbose);
+    assert_eq!(ok.body, "hello from tls upstream: GET /signed\n");
+    assert!(
+        ok.verbose.contains("issuer: CN=bot-bottle test given CA"),
+        "the leaf was not issued by the given CA:\n{}",
+        ok.verbose
+    );
+    let other = curl(proxy.addr, Some(&upstream_ca.cert_path), &url);
+    assert_eq!(other.exit, 60, "{}", other.verbose);
+    // Given a CA, the proxy mints none of its own.
+    assert!(!state.join("ca.pem").exists() && !state.join("ca-key.pem").exists());
+
+    let status = proxy.terminate();
+    assert_eq!(status.code(), Some(0), "{status}");
+}
+
+#[test]
+fn a_bad_flag_value_exits_121_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let fresh = dir.path().join("fresh-state");
+    let existing = dir.path().join("existing-state");
+    std::fs::create_dir(&existing).unwrap();
+    for state in [&fresh, &existing] {
+        let out = Command::new(env!("CARGO_BIN_EXE_bot-bottle"))
+            .args(["proxy", "--listen"])
+            .arg(format!("127.0.0.1:{}", free_port()))
+            .arg("--state-dir")
+            .arg(state)
+            .args(["--allow", "*.com"])
+            .current_dir(dir.path())
+            .env_remove("BOT_BOTTLE_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(EXIT_POLICY), "{stderr}");
+        assert!(
+            stderr.contains("*.com"),
+            "the error should name the bad value: {stderr}"
+        );
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("listening on"));
+    }
+    assert!(!fresh.exists(), "a refused policy created the state directory");
+    assert_eq!(
+        std::fs::read_dir(&existing).unwrap().count(),
+        0,
+        "a refused policy wrote state"
+    );
+}
+
+/// `--deny HOST` takes no port, and "deny wins over allow" (README): a deny entry refuses its host on every port.
+/// Regression: a port-less deny pattern once meant the default ports (80, 443) only, as for allow entries, so
+/// `--allow '*.upstream.test:*' --deny secret.upstream.test` let `secret.upstream.test:<other port>` through.
+#[test]
+fn a_deny_entry_without_a_port_wins_on_every_port() {
+    need_curl!();
+    let dir = tempfile::tempdir().unwrap();
+    let upstream_ca = mint_ca(dir.path(), "upstream-ca", "bot-bottle test upstream CA");
+    let tls_port = tls_upstream(&upstream_ca);
+    let state = dir.path().join("state");
+    let proxy = RunningProxy::start(
+        dir.path(),
+        &format!(
+            "--listen 127.0.0.1:{port} --state-dir {state} --allow *.upstream.test:* --deny secret.upstream.test \
+             --allow-cidr 127.0.0.1/32 --resolve secret.upstream.test=127.0.0.1 --upstream-ca {upstream_ca}",
+            port = free_port(),
+            state = state.display(),
+            upstream_ca = upstream_ca.cert_path.display(),
+        ),
+    );
+    let bottle_ca = state.join("ca.pem");
+    let on_443 = curl(proxy.addr, Some(&bottle_ca), "https://secret.upstream.test/");
+    assert_eq!(on_443.connect, 403, "{}", on_443.verbose);
+    let other_port = curl(
+        proxy.addr,
+        Some(&bottle_ca),
+        &format!("https://secret.upstream.test:{tls_port}/"),
+    );
+    assert_eq!(
+        other_port.connect, 403,
+        "deny did not win on port {tls_port}:\n{}",
+        other_port.verbose
+    );
+    assert_eq!(proxy.terminate().code(), Some(0));
+}
