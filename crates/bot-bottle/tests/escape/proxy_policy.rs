@@ -1,0 +1,605 @@
+//! Escape cases 18–30, proxy policy: what the proxy must refuse when the bottle speaks to it directly (raw HTTP/1.1
+//! from the probe) and through real clients (curl over HTTP/1.1 and HTTP/2, git, openssl s_client). The upstreams are
+//! local (TLS with a CA minted here, trusted via `--upstream-ca`, and plain HTTP) and record every request that
+//! reaches them: "refused" means both a refusal in the bottle and nothing at the upstream.
+
+use std::process::Output;
+use std::sync::OnceLock;
+
+use crate::decoys::{self, Upstream};
+use crate::lab::Lab;
+use crate::scenario::{self, Env, Launch, Ran, Script};
+
+struct Policy {
+    lab: Lab,
+    ran: Ran,
+    tls: Upstream,
+    plain: Upstream,
+}
+
+static FAMILY: OnceLock<Result<Policy, String>> = OnceLock::new();
+
+fn family() -> Option<&'static Policy> {
+    if scenario::skip() {
+        return None;
+    }
+    let f = scenario::shared(&FAMILY, setup);
+    f.ran.tools_present();
+    Some(f)
+}
+
+const NAMES: [&str; 10] = [
+    "upstream.test",
+    "other.test",
+    "plain.test",
+    "rules.test",
+    "git.test",
+    "wild.test",
+    "api.wild.test",
+    "pass.test",
+    "smuggle.test",
+    "denied.test",
+];
+
+fn policy_toml() -> String {
+    let resolve: String = NAMES.iter().map(|n| format!("\"{n}\" = \"127.0.0.1\"\n")).collect();
+    format!(
+        r#"[network]
+allow = ["upstream.test:*", "other.test:*", "plain.test:*", "*.wild.test:*"]
+deny = ["denied.test:*"]
+allow_cidr = ["127.0.0.1/32"]
+
+[network.resolve]
+{resolve}
+[[host]]
+name = "rules.test:*"
+[[host.rule]]
+methods = ["GET"]
+paths = ["/allowed/**", "/ws/ok"]
+
+[[host]]
+name = "git.test:*"
+[[host.rule]]
+methods = ["GET"]
+paths = ["/*/info/refs"]
+query = {{ service = "git-upload-pack" }}
+[[host.rule]]
+methods = ["POST"]
+paths = ["/*/git-upload-pack"]
+
+[[host]]
+name = "smuggle.test:*"
+[[host.rule]]
+methods = ["GET", "POST"]
+paths = ["/allowed/**"]
+
+[[host]]
+name = "pass.test:*"
+tls = "passthrough"
+"#
+    )
+}
+
+/// curl through the bottle's proxy (HTTPS_PROXY is set in every bottle); `--fail` so a 403 is a failed step.
+fn curl(args: &str) -> String {
+    format!("curl -sS --fail --max-time 20 {args}")
+}
+
+fn setup() -> Policy {
+    let lab = Lab::new();
+    let env = Env::new();
+    let ca = decoys::mint_ca(&env.host());
+    let tls = lab.enter(|| decoys::https("127.0.0.1:0", "tls", &ca, &NAMES));
+    let plain = lab.enter(|| decoys::http("127.0.0.1:0", "plain"));
+    let policy = env.host().join("policy.toml");
+    std::fs::write(&policy, policy_toml()).unwrap();
+    let (t, p) = (tls.port, plain.port);
+
+    let mut sc = Script::default();
+    sc.tools(&["curl", "git", "openssl", "head", "sha256sum", "timeout", "grep"]);
+    // Controls: the allowed paths work, so every refusal below is the policy's doing.
+    sc.shell("ctl-tls", &curl(&format!("https://upstream.test:{t}/ok")))
+        .probe("ctl-plain", &["proxy-get", &format!("http://plain.test:{p}/ok")])
+        .probe(
+            "ctl-sni-match",
+            &["proxy-sni", &format!("upstream.test:{t}"), "upstream.test"],
+        );
+    // 30 (slow part first, in the background): slowloris while everything else runs.
+    sc.background(
+        "c30-slowloris",
+        &["proxy-slowloris", &format!("http://plain.test:{p}/c30-slow"), "40"],
+    );
+    // 18, 19
+    sc.probe("c18-connect-deny-list", &["proxy-connect", &format!("denied.test:{t}")])
+        .probe("c18-connect-not-allowed", &["proxy-connect", "notallowed.test:443"])
+        .shell("c18-curl-not-allowed", &curl("https://notallowed.test/c18"))
+        .probe(
+            "c19-get-deny-list",
+            &["proxy-get", &format!("http://denied.test:{p}/c19")],
+        )
+        .probe("c19-get-not-allowed", &["proxy-get", "http://notallowed.test/c19"]);
+    // 20: SNI other than the CONNECT target
+    sc.probe(
+        "c20-sni-allowed-other",
+        &["proxy-sni", &format!("upstream.test:{t}"), "other.test"],
+    )
+    .probe(
+        "c20-sni-denied",
+        &["proxy-sni", &format!("upstream.test:{t}"), "denied.test"],
+    )
+    .probe(
+        "c20-passthrough-sni-other",
+        &["proxy-sni", &format!("pass.test:{t}"), "upstream.test"],
+    )
+    .probe(
+        "c20-passthrough-sni-match",
+        &["proxy-sni", &format!("pass.test:{t}"), "pass.test"],
+    );
+    // 21: Host / :authority other than the SNI
+    // The status of the request, and of the CONNECT before it (curl reports a refused CONNECT as code 000).
+    let code = "-o /dev/null -w '%{http_code} %{http_connect}'";
+    sc.shell(
+        "c21-host-h1",
+        &curl(&format!(
+            "{code} -H 'Host: denied.test' https://upstream.test:{t}/c21-h1"
+        )),
+    )
+    .shell(
+        "c21-authority-h2",
+        &curl(&format!(
+            "--http2 {code} -H 'Host: other.test:{t}' https://upstream.test:{t}/c21-h2"
+        )),
+    )
+    .shell(
+        "c21-host-plain",
+        &curl(&format!(
+            "{code} -H 'Host: denied.test' http://plain.test:{p}/c21-plain"
+        )),
+    )
+    .shell(
+        "c21-request-target-in-tunnel",
+        &curl(&format!(
+            "{code} --http1.1 --request-target http://denied.test/c21-target https://upstream.test:{t}/"
+        )),
+    );
+    // 22: HTTP/2 through interception
+    sc.shell(
+        "c22-h2-two-requests",
+        &curl(&format!(
+            "--http2 -w '%{{http_version}}\\n' https://upstream.test:{t}/c22-one https://upstream.test:{t}/c22-two"
+        )),
+    )
+    .shell(
+        "c22-h2-allowed-path",
+        &curl(&format!("--http2 https://rules.test:{t}/allowed/c22")),
+    )
+    .shell(
+        "c22-h2-forbidden-path",
+        &curl(&format!("--http2 {code} https://rules.test:{t}/c22-forbidden")),
+    )
+    .shell(
+        "c22-h2-upload",
+        &format!(
+            "head -c 1048576 /dev/urandom > /tmp/c22.bin && sha256sum /tmp/c22.bin && {}",
+            curl(&format!(
+                "--http2 --data-binary @/tmp/c22.bin https://upstream.test:{t}/c22-upload"
+            ))
+        ),
+    );
+    // 23: WebSocket
+    let ws_headers = "-H 'Connection: Upgrade' -H 'Upgrade: websocket' -H 'Sec-WebSocket-Version: 13' \
+                      -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=='";
+    sc.probe("c23-ws-allowed", &["proxy-ws", &format!("http://rules.test:{p}/ws/ok")])
+        .probe(
+            "c23-ws-bad-path",
+            &["proxy-ws", &format!("http://rules.test:{p}/ws/bad")],
+        )
+        .probe(
+            "c23-ws-denied-host",
+            &["proxy-ws", &format!("http://denied.test:{p}/ws/ok")],
+        )
+        .shell(
+            "c23-ws-tls-bad-path",
+            &format!("curl --http1.1 -sS -i --max-time 3 {ws_headers} https://rules.test:{t}/ws/bad | grep -q '^HTTP/1.1 101'"),
+        )
+        .shell(
+            "c23-ws-tls-allowed",
+            &format!("curl --http1.1 -sS -i --max-time 3 {ws_headers} https://rules.test:{t}/ws/ok | grep -q '^HTTP/1.1 101'"),
+        );
+    // 24: smuggling
+    for mode in ["cl-te", "te-cl", "double-cl", "te-space", "get-body"] {
+        sc.probe(
+            &format!("c24-smuggle-{mode}"),
+            &[
+                "proxy-smuggle",
+                mode,
+                &format!("http://smuggle.test:{p}/allowed/c24"),
+                &format!("/smuggled-{mode}"),
+            ],
+        );
+    }
+    // The same inside an intercepted tunnel, with raw bytes from openssl s_client; first a benign request as the
+    // control that the tunnel itself works.
+    let s_client = |raw: &str, expect: &str| {
+        let printf = raw.replace('\r', "\\r").replace('\n', "\\n");
+        format!(
+            "printf '{printf}' | timeout 10 openssl s_client -quiet -proxy 127.0.0.1:3128 -connect smuggle.test:{t} \
+             -servername smuggle.test -CAfile /etc/bot-bottle/ca-bundle.pem 2>/dev/null | grep -q '{expect}'"
+        )
+    };
+    let benign = format!("GET /allowed/c24-tls-ok HTTP/1.1\r\nHost: smuggle.test:{t}\r\nConnection: close\r\n\r\n");
+    sc.shell("ctl-openssl-tunnel", &s_client(&benign, "GET /allowed/c24-tls-ok"));
+    let inner = format!("GET /smuggled-tls HTTP/1.1\r\nHost: smuggle.test:{t}\r\n\r\n");
+    let body = format!("0\r\n\r\n{inner}");
+    let raw = format!(
+        "POST /allowed/c24 HTTP/1.1\r\nHost: smuggle.test:{t}\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{body}",
+        body.len()
+    );
+    sc.shell("c24-smuggle-in-tunnel", &s_client(&raw, "GET /smuggled-tls"));
+    // 25: POST to a GET-only rule
+    sc.shell(
+        "c25-post-tls",
+        &format!(
+            "head -c 2097152 /dev/urandom > /tmp/c25.bin && {}",
+            curl(&format!(
+                "--data-binary @/tmp/c25.bin https://rules.test:{t}/allowed/c25-post"
+            ))
+        ),
+    )
+    .shell(
+        "c25-post-plain",
+        &curl(&format!(
+            "--data-binary @/tmp/c25.bin http://rules.test:{p}/allowed/c25-post"
+        )),
+    );
+    // 26: git push where only fetch is allowed
+    let git = format!("https://git.test:{t}/repo.git");
+    sc.shell(
+        "c26-fetch-refs",
+        &curl(&format!("'{git}/info/refs?service=git-upload-pack'")),
+    )
+    .shell(
+        "c26-fetch-pack",
+        &curl(&format!("--data-binary x {git}/git-upload-pack")),
+    )
+    .shell(
+        "c26-push-refs",
+        &curl(&format!("'{git}/info/refs?service=git-receive-pack'")),
+    )
+    .shell(
+        "c26-push-pack",
+        &curl(&format!("--data-binary x {git}/git-receive-pack")),
+    )
+    .shell(
+        "c26-git-push",
+        &format!(
+            "cd /tmp && git init -q c26 && cd c26 && git -c user.email=a@b.test -c user.name=a commit -q \
+                 --allow-empty -m x && timeout 20 git push {git} HEAD:refs/heads/main"
+        ),
+    );
+    // 27: wildcards
+    sc.shell(
+        "c27-wildcard-subdomain",
+        &curl(&format!("https://api.wild.test:{t}/c27")),
+    )
+    .shell("c27-wildcard-apex", &curl(&format!("{code} https://wild.test:{t}/c27")));
+    // 28: case and trailing dot
+    sc.probe(
+        "c28-connect-upper-dot",
+        &["proxy-connect", &format!("UPSTREAM.TEST.:{t}")],
+    )
+    .probe("c28-connect-dot", &["proxy-connect", &format!("upstream.test.:{t}")])
+    .probe(
+        "c28-get-upper-dot",
+        &["proxy-get", &format!("http://PLAIN.TEST.:{p}/c28")],
+    )
+    .probe(
+        "c28-connect-denied-upper-dot",
+        &["proxy-connect", &format!("DENIED.TEST.:{t}")],
+    )
+    .probe(
+        "c28-get-denied-mixed-dot",
+        &["proxy-get", &format!("http://Denied.Test.:{p}/c28")],
+    );
+    // 30: malformed heads; the proxy keeps serving
+    for kind in [
+        "garbage",
+        "no-version",
+        "bad-header",
+        "nul-header",
+        "obs-fold",
+        "oversized",
+        "many-headers",
+        "huge-chunk",
+    ] {
+        sc.probe(
+            &format!("c30-{kind}"),
+            &["proxy-malformed", kind, &format!("http://plain.test:{p}/c30-{kind}")],
+        );
+    }
+    sc.probe(
+        "c30-still-serving",
+        &["proxy-get", &format!("http://plain.test:{p}/c30-after")],
+    );
+    // Our own
+    sc.shell(
+        "x-connect-then-plaintext",
+        &curl(&format!("-p -H 'Host: denied.test' http://upstream.test:{p}/x-plain")),
+    );
+
+    let flags = [
+        "--policy".to_string(),
+        policy.display().to_string(),
+        "--upstream-ca".into(),
+        ca.cert_path.display().to_string(),
+    ];
+    let ran = Launch::new(&lab, &env, "policy").flags(&flags).run(&sc);
+    Policy { ran, tls, plain, lab }
+}
+
+/// Neither upstream saw a request whose line or headers contain `needle`.
+fn never_seen(f: &Policy, needle: &str) {
+    for (what, up) in [("tls", &f.tls), ("plain", &f.plain)] {
+        let hits: Vec<String> = up
+            .seen()
+            .iter()
+            .map(|s| s.text())
+            .filter(|t| t.contains(needle))
+            .collect();
+        assert!(hits.is_empty(), "the {what} upstream received {needle}: {hits:#?}");
+    }
+}
+
+fn seen(up: &Upstream, target: &str) -> bool {
+    up.seen().iter().any(|s| s.target.contains(target))
+}
+
+/// `bot-bottle run` with a policy that must not load; the agent would create `marker`.
+fn refused_launch(f: &Policy, name: &str, flags: &[String]) -> Output {
+    let env = Env::new();
+    let marker = env.work().join(format!("{name}.marker"));
+    let out = scenario::output_within(
+        Launch::new(&f.lab, &env, name)
+            .flags(flags)
+            .command(&["touch", &marker.display().to_string()]),
+        scenario::RUN_TIMEOUT,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(121),
+        "the policy loaded: {}",
+        scenario::text(&out)
+    );
+    assert!(!marker.exists(), "the agent ran despite the refused policy");
+    out
+}
+
+#[test]
+fn case_18_connect_to_a_non_allowed_host_is_403_with_no_tunnel() {
+    let Some(f) = family() else { return };
+    f.ran.reached("ctl-tls");
+    let v = f.ran.refused("c18-connect-deny-list");
+    assert!(v.detail["denied"].as_str().unwrap().contains("deny-list"), "{v:#?}");
+    let v = f.ran.refused("c18-connect-not-allowed");
+    assert!(v.detail["denied"].as_str().unwrap().contains("not-allowed"), "{v:#?}");
+    f.ran.held("c18-curl-not-allowed");
+    never_seen(f, "c18");
+}
+
+#[test]
+fn case_19_plain_http_get_to_a_non_allowed_host_is_403() {
+    let Some(f) = family() else { return };
+    f.ran.reached("ctl-plain");
+    f.ran.refused("c19-get-deny-list");
+    f.ran.refused("c19-get-not-allowed");
+    never_seen(f, "c19");
+}
+
+#[test]
+fn case_20_connect_to_a_with_sni_b_is_denied() {
+    let Some(f) = family() else { return };
+    // The probe's ClientHello is answered when the SNI matches: a held verdict below is the proxy's doing.
+    f.ran.reached("ctl-sni-match");
+    f.ran.reached("c20-passthrough-sni-match");
+    for id in ["c20-sni-allowed-other", "c20-sni-denied", "c20-passthrough-sni-other"] {
+        let v = f.ran.held(id);
+        assert_eq!(
+            v.detail["connect_status"], 200,
+            "{id} should fail at the ClientHello, not before: {v:#?}"
+        );
+    }
+}
+
+#[test]
+fn case_21_host_or_authority_other_than_the_sni_is_denied() {
+    let Some(f) = family() else { return };
+    for id in ["c21-host-h1", "c21-authority-h2", "c21-request-target-in-tunnel"] {
+        let v = f.ran.held(id);
+        assert!(
+            v.stdout().starts_with("403 200"),
+            "{id}: not refused with a 403 inside the tunnel: {v:#?}"
+        );
+    }
+    // Plain HTTP: the proxy may refuse, or forward with `Host` rewritten to the URL's authority (RFC 9112 §3.2.2);
+    // never with the other name.
+    if f.ran.verdict("c21-host-plain").escaped {
+        let got = f
+            .plain
+            .seen()
+            .into_iter()
+            .find(|s| s.target == "/c21-plain")
+            .expect("forwarded, not received");
+        let want = format!("plain.test:{}", f.plain.port);
+        assert_eq!(got.header("host"), Some(want.as_str()), "{got:?}");
+    }
+    for id in ["c21-h1", "c21-h2", "c21-target"] {
+        never_seen(f, id);
+    }
+    never_seen(f, "denied.test");
+}
+
+#[test]
+fn case_22_h2_through_interception_is_policed_per_request_and_intact() {
+    let Some(f) = family() else { return };
+    let v = f.ran.reached("c22-h2-two-requests");
+    let out = v.stdout();
+    assert!(out.contains("GET /c22-one") && out.contains("GET /c22-two"), "{v:#?}");
+    assert!(
+        out.lines().filter(|l| l.trim() == "2").count() == 2,
+        "not HTTP/2 to the proxy: {v:#?}"
+    );
+    f.ran.reached("c22-h2-allowed-path");
+    let v = f.ran.held("c22-h2-forbidden-path");
+    assert!(v.stdout().starts_with("403"), "{v:#?}");
+    assert!(seen(&f.tls, "/allowed/c22") && !seen(&f.tls, "c22-forbidden"));
+    let v = f.ran.reached("c22-h2-upload");
+    let sent = v.stdout().split_whitespace().next().unwrap().to_string();
+    let got = f
+        .tls
+        .seen()
+        .into_iter()
+        .find(|s| s.target == "/c22-upload")
+        .expect("the upload never arrived");
+    assert_eq!(got.body_len, 1_048_576, "{got:?}");
+    assert_eq!(got.body_sha256, sent, "the body was corrupted on the way");
+}
+
+#[test]
+fn case_23_websocket_upgrades_are_policed_and_stay_on_their_host() {
+    let Some(f) = family() else { return };
+    let v = f.ran.reached("c23-ws-allowed");
+    assert_eq!(v.status(), Some(101), "{v:#?}");
+    f.ran.refused("c23-ws-bad-path");
+    f.ran.refused("c23-ws-denied-host");
+    f.ran.held("c23-ws-tls-bad-path");
+    f.ran.reached("c23-ws-tls-allowed");
+    for up in [&f.tls, &f.plain] {
+        let upgrades: Vec<String> = up
+            .seen()
+            .iter()
+            .filter(|s| s.header("upgrade").is_some())
+            .map(|s| s.target.clone())
+            .collect();
+        assert!(
+            upgrades.iter().all(|t| t == "/ws/ok"),
+            "a refused upgrade reached an upstream: {upgrades:?}"
+        );
+    }
+    assert!(seen(&f.plain, "/ws/ok") && seen(&f.tls, "/ws/ok"));
+}
+
+#[test]
+fn case_24_request_smuggling_never_reaches_upstream() {
+    let Some(f) = family() else { return };
+    for mode in ["cl-te", "te-cl", "double-cl", "te-space", "get-body"] {
+        f.ran.held(&format!("c24-smuggle-{mode}"));
+    }
+    f.ran.reached("ctl-openssl-tunnel");
+    f.ran.held("c24-smuggle-in-tunnel");
+    never_seen(f, "/smuggled");
+}
+
+#[test]
+fn case_25_post_to_a_get_only_rule_is_403_before_any_body_byte() {
+    let Some(f) = family() else { return };
+    f.ran.held("c25-post-tls");
+    f.ran.held("c25-post-plain");
+    never_seen(f, "c25-post");
+}
+
+#[test]
+fn case_26_git_push_is_403_where_only_fetch_is_allowed() {
+    let Some(f) = family() else { return };
+    f.ran.reached("c26-fetch-refs");
+    f.ran.reached("c26-fetch-pack");
+    f.ran.held("c26-push-refs");
+    f.ran.held("c26-push-pack");
+    f.ran.held("c26-git-push");
+    never_seen(f, "git-receive-pack");
+}
+
+#[test]
+fn case_27_wildcards_do_not_match_the_apex_and_too_broad_ones_are_rejected() {
+    let Some(f) = family() else { return };
+    f.ran.reached("c27-wildcard-subdomain");
+    let v = f.ran.held("c27-wildcard-apex");
+    assert_eq!(v.stdout(), "000 403", "refused at CONNECT: {v:#?}");
+    for (name, pattern) in [
+        ("c27-star", "*"),
+        ("c27-star-com", "*.com"),
+        ("c27-star-co-uk", "*.co.uk"),
+    ] {
+        refused_launch(f, name, &["--allow".to_string(), pattern.to_string()]);
+    }
+}
+
+#[test]
+fn case_28_case_and_trailing_dot_get_the_same_decision() {
+    let Some(f) = family() else { return };
+    f.ran.reached("c28-connect-upper-dot");
+    f.ran.reached("c28-connect-dot");
+    f.ran.reached("c28-get-upper-dot");
+    f.ran.refused("c28-connect-denied-upper-dot");
+    f.ran.refused("c28-get-denied-mixed-dot");
+}
+
+#[test]
+fn case_29_l7_rules_or_credentials_on_a_passthrough_host_refuse_to_load() {
+    let Some(f) = family() else { return };
+    let rules = "[[host]]\nname = \"pass.test\"\ntls = \"passthrough\"\n[[host.rule]]\nmethods = [\"GET\"]\n";
+    let creds = "[[host]]\nname = \"pass.test\"\ntls = \"passthrough\"\n\n[[credential]]\nhost = \"pass.test\"\n\
+                 header = \"authorization\"\nfrom_env = \"HOME\"\n";
+    for (name, toml) in [("c29-rules", rules), ("c29-credential", creds)] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        let out = refused_launch(f, name, &["--policy".to_string(), path.display().to_string()]);
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("passthrough"),
+            "{}",
+            scenario::text(&out)
+        );
+    }
+}
+
+#[test]
+fn case_30_malformed_oversized_and_slow_requests_close_and_the_proxy_keeps_serving() {
+    let Some(f) = family() else { return };
+    for kind in [
+        "garbage",
+        "no-version",
+        "bad-header",
+        "nul-header",
+        "obs-fold",
+        "oversized",
+        "many-headers",
+        "huge-chunk",
+    ] {
+        f.ran.held(&format!("c30-{kind}"));
+    }
+    let v = f.ran.held("c30-slowloris");
+    let ms = v.detail["closed_after_ms"].as_u64().unwrap();
+    assert!(ms <= 20_000, "the proxy waited {ms} ms for a request head");
+    f.ran.reached("c30-still-serving");
+    for kind in [
+        "garbage",
+        "no-version",
+        "bad-header",
+        "nul-header",
+        "obs-fold",
+        "oversized",
+        "many-headers",
+        "huge-chunk",
+    ] {
+        never_seen(f, &format!("/c30-{kind}"));
+    }
+    never_seen(f, "/c30-slow");
+    assert!(seen(&f.plain, "/c30-after"));
+}
+
+#[test]
+fn extra_a_tunnel_to_an_intercepted_host_carries_only_tls() {
+    let Some(f) = family() else { return };
+    f.ran.held("x-connect-then-plaintext");
+    never_seen(f, "x-plain");
+}

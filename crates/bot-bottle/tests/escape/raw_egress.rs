@@ -1,0 +1,517 @@
+//! Escape cases 1–13, raw egress: every way out that is not the proxy, and the proxy asked for what it must not reach.
+//! One bottle runs every attempt; the lab around it owns every address the attempts aim at, so an attempt that gets
+//! out lands on a decoy that counts it. A second, detached bottle stands in for "another bottle" (case 10).
+
+use std::net::IpAddr;
+use std::sync::OnceLock;
+
+use crate::decoys::{self, Decoy, Upstream};
+use crate::lab::Lab;
+use crate::scenario::{self, Env, Launch, Ran, Script, s};
+
+/// The other bottle: its lease address, its host-side proxy port, and a service on its address.
+struct Other {
+    addr: String,
+    proxy_port: u16,
+    service: Decoy,
+    audit_lines: usize,
+}
+
+struct Raw {
+    _lab: Lab,
+    ran: Ran,
+    /// The host's own HTTP service on loopback.
+    lo_http: Upstream,
+    lo_v6: Decoy,
+    lo_udp: Decoy,
+    /// Dual-stack listeners on every lab address: "the internet".
+    web80: Decoy,
+    web443: Decoy,
+    udp_any: Decoy,
+    ssh: Decoy,
+    dns: Decoy,
+    agent: Decoy,
+    other: Other,
+}
+
+static FAMILY: OnceLock<Result<Raw, String>> = OnceLock::new();
+
+fn family() -> Option<&'static Raw> {
+    if scenario::skip() {
+        return None;
+    }
+    let f = scenario::shared(&FAMILY, setup);
+    f.ran.tools_present();
+    Some(f)
+}
+
+/// Names the lab's DNS server answers: allowed names that resolve into private space (cases 11, 12).
+fn answers() -> Vec<(String, IpAddr)> {
+    [
+        ("internal.test", "10.0.0.1"),
+        ("metadata.test", "169.254.169.254"),
+        ("ula.test", "fd00::1"),
+        ("rebind.test", "127.0.0.1"),
+        ("rebind6.test", "::1"),
+    ]
+    .iter()
+    .map(|(n, ip)| (n.to_string(), ip.parse().unwrap()))
+    .collect()
+}
+
+fn setup() -> Raw {
+    let lab = Lab::new();
+    let env = Env::new();
+    let lo_http = lab.enter(|| decoys::http("127.0.0.1:0", "host-loopback"));
+    let lo_v6 = lab.enter(|| decoys::tcp("[::1]:0", b""));
+    let lo_udp = lab.enter(|| decoys::udp("127.0.0.1:0"));
+    let web80 = lab.enter(|| decoys::tcp("[::]:80", b"HTTP/1.1 200 OK\r\n\r\nthe internet\n"));
+    let web443 = lab.enter(|| decoys::tcp("[::]:443", b""));
+    let udp_any = lab.enter(|| decoys::udp("[::]:443"));
+    let ssh = lab.enter(|| decoys::tcp("[::]:22", b"SSH-2.0-OpenSSH_9.2 decoy\r\n"));
+    let dns = lab.enter(|| decoys::dns("[::]:53", answers()));
+    let agent_path = env.host().join("agent.sock");
+    let agent = decoys::unix(&agent_path);
+
+    // Another bottle, running, with a service on its lease address.
+    let out = scenario::output_within(
+        Launch::new(&lab, &env, "raw-other")
+            .flags(&["-d"])
+            .command(&["sleep", "600"]),
+        scenario::RUN_TIMEOUT,
+    );
+    assert!(
+        out.status.success(),
+        "the other bottle did not start: {}",
+        scenario::text(&out)
+    );
+    let st = env.state_json("raw-other");
+    let addr = st["addr"].as_str().unwrap().to_string();
+    let proxy_port: u16 = st["proxy_url"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let service = lab.enter(|| decoys::tcp(&format!("{addr}:0"), b"other bottle's service\n"));
+
+    let (lo, v6, udp) = (lo_http.port, lo_v6.port, lo_udp.port);
+    let (oa, op, os) = (addr.as_str(), proxy_port, service.port);
+    let mut sc = Script::default();
+    sc.tools(&["curl", "bash", "ssh", "env"]);
+    // 1: no proxy
+    sc.probe("c01-direct-host-loopback", &["tcp-connect", &format!("127.0.0.1:{lo}")])
+        .probe("c01-direct-internet", &["tcp-connect", "8.8.8.8:443"])
+        .shell(
+            "c01-curl-noproxy-loopback",
+            &format!("env -u HTTP_PROXY -u http_proxy curl -sS --max-time 5 --noproxy '*' http://127.0.0.1:{lo}/"),
+        )
+        .shell(
+            "c01-curl-noproxy-internet",
+            "env -u HTTPS_PROXY -u https_proxy curl -sS --max-time 5 --noproxy '*' https://8.8.8.8/",
+        );
+    // 2: bash /dev/tcp
+    sc.shell("c02-bash-dev-tcp", "exec bash -c 'exec 3<>/dev/tcp/192.0.2.1/80'")
+        .probe("c02-tcp-ip-literal", &["tcp-connect", "192.0.2.1:80"]);
+    // 3: ICMP
+    sc.probe("c03-ping-raw-v4", &["ping-raw", "8.8.8.8"])
+        .probe("c03-ping-dgram-v4", &["ping-dgram", "8.8.8.8"])
+        .probe("c03-ping-raw-v6", &["ping-raw", "2001:4860:4860::8888"])
+        .probe("c03-ping-dgram-v6", &["ping-dgram", "2001:4860:4860::8888"]);
+    // 4: UDP
+    sc.probe("c04-udp-internet", &["udp-send", "8.8.4.4:443"])
+        .probe("c04-udp-host-loopback", &["udp-send", &format!("127.0.0.1:{udp}")]);
+    // 5: QUIC
+    sc.probe("c05-quic-v4", &["quic", "1.1.1.1:443"])
+        .probe("c05-quic-v6", &["quic", "[2001:4860:4860::8888]:443"]);
+    // 6: IPv6
+    sc.probe("c06-tcp-v6-literal", &["tcp-connect", "[2001:db8::1]:80"])
+        .probe("c06-tcp-v6-host-loopback", &["tcp-connect", &format!("[::1]:{v6}")])
+        .probe("c06-udp-v6-literal", &["udp-send", "[2001:db8::1]:443"])
+        .probe("c06-proxy-v6-literal", &["proxy-connect", "[2001:db8::1]:443"])
+        .probe("c06-proxy-v6-name", &["proxy-get", "http://rebind6.test/"]);
+    // 7: ssh on 22
+    sc.probe("c07-ssh-literal", &["ssh", "192.0.2.10:22"])
+        .probe("c07-ssh-name", &["ssh", "github.com:22"])
+        .shell(
+            "c07-ssh-client",
+            "ssh -o BatchMode=yes -o ConnectTimeout=5 -o StrictHostKeyChecking=no git@github.com true",
+        )
+        .shell(
+            "c07-ssh-client-literal",
+            "ssh -o BatchMode=yes -o ConnectTimeout=5 -o StrictHostKeyChecking=no git@192.0.2.10 true",
+        )
+        .probe("c07-proxy-connect-22", &["proxy-connect", "github.com:22"]);
+    // 8: ssh over CONNECT 443, and no agent
+    let agent_arg = agent_path.display().to_string();
+    sc.probe("c08-proxy-connect-ssh-443", &["proxy-connect", "ssh.github.com:443"])
+        .probe("c08-ssh-agent", &["ssh-agent", &agent_arg]);
+    // 9: port scan of loopback
+    let extra_ports = format!("{lo}");
+    sc.probe(
+        "c09-port-scan",
+        &[
+            "port-scan",
+            "127.0.0.1",
+            "3128",
+            "1-4096",
+            &extra_ports,
+            &format!("{v6}"),
+            "8080",
+            "8443",
+            "9090",
+        ],
+    )
+    .probe(
+        "c09-port-scan-v6",
+        &["port-scan", "::1", "3128", "1-1024", &format!("{v6}")],
+    );
+    // 10: another bottle
+    sc.probe("c10-other-proxy-direct", &["tcp-connect", &format!("{oa}:{op}")])
+        .probe("c10-other-service-direct", &["tcp-connect", &format!("{oa}:{os}")])
+        .probe("c10-other-proxy-via-proxy", &["proxy-connect", &format!("{oa}:{op}")])
+        .probe(
+            "c10-other-service-via-proxy",
+            &["proxy-get", &format!("http://{oa}:{os}/")],
+        );
+    // 11: private targets through the proxy, by literal and by name
+    for (id, target) in [
+        ("c11-connect-loopback", format!("127.0.0.1:{lo}")),
+        ("c11-connect-rfc1918-10", s("10.0.0.1:80")),
+        ("c11-connect-rfc1918-172", s("172.16.0.1:80")),
+        ("c11-connect-rfc1918-192", s("192.168.0.1:80")),
+        ("c11-connect-metadata", s("169.254.169.254:80")),
+        ("c11-connect-ula", s("[fd00::1]:80")),
+        ("c11-connect-v6-loopback", format!("[::1]:{v6}")),
+    ] {
+        sc.probe(id, &["proxy-connect", &target]);
+    }
+    for (id, url) in [
+        ("c11-get-loopback", format!("http://127.0.0.1:{lo}/")),
+        ("c11-get-metadata", s("http://169.254.169.254/latest/meta-data/")),
+        ("c11-get-localhost-name", format!("http://localhost:{lo}/")),
+        ("c11-get-name-rfc1918", s("http://internal.test/")),
+        ("c11-get-name-metadata", s("http://metadata.test/latest/meta-data/")),
+        ("c11-get-name-ula", s("http://ula.test/")),
+    ] {
+        sc.probe(id, &["proxy-get", &url]);
+    }
+    // 12: an allowed name whose DNS answer is private
+    sc.probe("c12-rebind-get", &["proxy-get", &format!("http://rebind.test:{lo}/")])
+        .probe("c12-rebind-connect", &["proxy-connect", &format!("rebind.test:{lo}")]);
+    // 13: a non-allowed host fails fast
+    sc.probe("c13-not-allowed-connect", &["proxy-connect", "nothere.example:443"])
+        .probe("c13-not-allowed-get", &["proxy-get", "http://nothere.example/"]);
+    // Our own: spellings of loopback and private addresses that parsers disagree on.
+    for (id, url) in [
+        ("x-decimal-ip", format!("http://2130706433:{lo}/")),
+        ("x-hex-ip", format!("http://0x7f000001:{lo}/")),
+        ("x-short-ip", format!("http://127.1:{lo}/")),
+        ("x-octal-ip", format!("http://0177.0.0.1:{lo}/")),
+        ("x-unspecified-v4", format!("http://0.0.0.0:{lo}/")),
+        ("x-unspecified-v6", format!("http://[::]:{v6}/")),
+        ("x-mapped-v6-loopback", format!("http://[::ffff:127.0.0.1]:{lo}/")),
+        ("x-mapped-v6-rfc1918", s("http://[::ffff:10.0.0.1]/")),
+        ("x-trailing-dot-ip", format!("http://127.0.0.1.:{lo}/")),
+        ("x-userinfo-host", format!("http://rebind.test:{lo}@127.0.0.1:{lo}/")),
+    ] {
+        sc.probe(id, &["proxy-get", &url]);
+    }
+    sc.probe(
+        "x-connect-mapped-v6",
+        &["proxy-connect", &format!("[::ffff:127.0.0.1]:{lo}")],
+    )
+    .probe("x-connect-unspecified", &["proxy-connect", &format!("0.0.0.0:{lo}")]);
+
+    let flags = [
+        "--allow",
+        "internal.test:80",
+        "--allow",
+        "metadata.test:80",
+        "--allow",
+        "ula.test:80",
+        "--allow",
+        "rebind6.test:80",
+        "--allow",
+        &format!("rebind.test:{lo}"),
+    ];
+    let ran = Launch::new(&lab, &env, "raw")
+        .flags(&flags)
+        .var("SSH_AUTH_SOCK", agent_path.display())
+        .run(&sc);
+    let audit_lines = env.audit("raw-other").len();
+    let stop = scenario::output_within(
+        env.bb(&lab, None, &["stop".into(), "raw-other".into()]),
+        scenario::RUN_TIMEOUT,
+    );
+    assert!(stop.status.success(), "{}", scenario::text(&stop));
+    Raw {
+        ran,
+        lo_http,
+        lo_v6,
+        lo_udp,
+        web80,
+        web443,
+        udp_any,
+        ssh,
+        dns,
+        agent,
+        other: Other {
+            addr,
+            proxy_port,
+            service,
+            audit_lines,
+        },
+        _lab: lab,
+    }
+}
+
+/// Nothing reached the host's loopback services or the internet decoys.
+fn nothing_landed(f: &Raw) {
+    assert!(
+        f.lo_http.seen().is_empty(),
+        "the host's loopback service was reached: {:?}",
+        f.lo_http.seen()
+    );
+    assert!(
+        f.lo_http.connections.lines().is_empty(),
+        "{:?}",
+        f.lo_http.connections.lines()
+    );
+    for (what, d) in [
+        ("[::1] service", &f.lo_v6),
+        ("loopback UDP service", &f.lo_udp),
+        ("port 80", &f.web80),
+        ("port 443", &f.web443),
+        ("UDP 443", &f.udp_any),
+        ("ssh", &f.ssh),
+    ] {
+        assert_eq!(d.log.count(), 0, "a decoy ({what}) was reached: {:?}", d.log.lines());
+    }
+}
+
+#[test]
+fn case_01_noproxy_direct_connect_fails() {
+    let Some(f) = family() else { return };
+    for id in [
+        "c01-direct-host-loopback",
+        "c01-direct-internet",
+        "c01-curl-noproxy-loopback",
+        "c01-curl-noproxy-internet",
+    ] {
+        f.ran.held(id);
+    }
+    nothing_landed(f);
+}
+
+#[test]
+fn case_02_dev_tcp_to_an_ip_literal_fails() {
+    let Some(f) = family() else { return };
+    f.ran.held("c02-bash-dev-tcp");
+    f.ran.held("c02-tcp-ip-literal");
+    assert_eq!(f.web80.log.count(), 0, "{:?}", f.web80.log.lines());
+}
+
+#[test]
+fn case_03_icmp_ping_is_denied_or_dropped() {
+    let Some(f) = family() else { return };
+    for id in [
+        "c03-ping-raw-v4",
+        "c03-ping-dgram-v4",
+        "c03-ping-raw-v6",
+        "c03-ping-dgram-v6",
+    ] {
+        f.ran.held(id);
+    }
+}
+
+#[test]
+fn case_04_udp_sendto_is_dropped() {
+    let Some(f) = family() else { return };
+    f.ran.held("c04-udp-internet");
+    f.ran.held("c04-udp-host-loopback");
+    assert_eq!(f.lo_udp.log.count(), 0, "{:?}", f.lo_udp.log.lines());
+    assert_eq!(f.udp_any.log.count(), 0, "{:?}", f.udp_any.log.lines());
+}
+
+#[test]
+fn case_05_quic_on_udp_443_is_dropped() {
+    let Some(f) = family() else { return };
+    f.ran.held("c05-quic-v4");
+    f.ran.held("c05-quic-v6");
+    assert_eq!(f.udp_any.log.count(), 0, "{:?}", f.udp_any.log.lines());
+}
+
+#[test]
+fn case_06_ipv6_literals_and_aaaa_are_dropped() {
+    let Some(f) = family() else { return };
+    f.ran.held("c06-tcp-v6-literal");
+    f.ran.held("c06-tcp-v6-host-loopback");
+    f.ran.held("c06-udp-v6-literal");
+    f.ran.refused("c06-proxy-v6-literal");
+    let v = f.ran.refused("c06-proxy-v6-name");
+    assert!(
+        v.detail["denied"].as_str().unwrap().contains("private-address"),
+        "{v:#?}"
+    );
+    assert_eq!(f.lo_v6.log.count(), 0, "{:?}", f.lo_v6.log.lines());
+    nothing_landed(f);
+}
+
+#[test]
+fn case_07_ssh_on_port_22_is_blocked() {
+    let Some(f) = family() else { return };
+    for id in [
+        "c07-ssh-literal",
+        "c07-ssh-name",
+        "c07-ssh-client",
+        "c07-ssh-client-literal",
+    ] {
+        f.ran.held(id);
+    }
+    f.ran.refused("c07-proxy-connect-22");
+    assert_eq!(f.ssh.log.count(), 0, "{:?}", f.ssh.log.lines());
+}
+
+#[test]
+fn case_08_ssh_over_connect_443_is_blocked_and_no_agent_socket_exists() {
+    let Some(f) = family() else { return };
+    f.ran.refused("c08-proxy-connect-ssh-443");
+    let v = f.ran.held("c08-ssh-agent");
+    assert!(v.evidence.contains("nothing reachable"), "{v:#?}");
+    assert_eq!(
+        f.agent.log.count(),
+        0,
+        "the host's ssh-agent was reached: {:?}",
+        f.agent.log.lines()
+    );
+}
+
+#[test]
+fn case_09_port_scan_of_loopback_finds_only_the_proxy() {
+    let Some(f) = family() else { return };
+    let v = f.ran.held("c09-port-scan");
+    assert_eq!(
+        v.detail["open"],
+        serde_json::json!([3128]),
+        "the proxy must be the one open port: {v:#?}"
+    );
+    assert!(v.detail["scanned"].as_u64().unwrap() >= 4096, "{v:#?}");
+    let v = f.ran.held("c09-port-scan-v6");
+    assert_eq!(v.detail["open"], serde_json::json!([]), "{v:#?}");
+    nothing_landed(f);
+}
+
+#[test]
+fn case_10_another_bottles_address_and_proxy_are_refused() {
+    let Some(f) = family() else { return };
+    f.ran.held("c10-other-proxy-direct");
+    f.ran.held("c10-other-service-direct");
+    f.ran.refused("c10-other-proxy-via-proxy");
+    f.ran.refused("c10-other-service-via-proxy");
+    let o = &f.other;
+    assert_eq!(
+        o.service.log.count(),
+        0,
+        "{}'s service was reached: {:?}",
+        o.addr,
+        o.service.log.lines()
+    );
+    assert!(o.proxy_port > 0);
+    // The other bottle's audit holds its own self-test and nothing from us.
+    assert!(
+        o.audit_lines <= 1,
+        "the other bottle's proxy saw {} requests",
+        o.audit_lines
+    );
+}
+
+#[test]
+fn case_11_proxy_refuses_loopback_private_metadata_and_ula_targets() {
+    let Some(f) = family() else { return };
+    for id in [
+        "c11-connect-loopback",
+        "c11-connect-rfc1918-10",
+        "c11-connect-rfc1918-172",
+        "c11-connect-rfc1918-192",
+        "c11-connect-metadata",
+        "c11-connect-ula",
+        "c11-connect-v6-loopback",
+        "c11-get-loopback",
+        "c11-get-metadata",
+        "c11-get-localhost-name",
+    ] {
+        f.ran.refused(id);
+    }
+    for id in ["c11-get-name-rfc1918", "c11-get-name-metadata", "c11-get-name-ula"] {
+        let v = f.ran.refused(id);
+        assert!(
+            v.detail["denied"].as_str().unwrap().contains("private-address"),
+            "{id}: {v:#?}"
+        );
+    }
+    nothing_landed(f);
+}
+
+#[test]
+fn case_12_dns_rebinding_to_a_private_address_is_refused() {
+    let Some(f) = family() else { return };
+    for id in ["c12-rebind-get", "c12-rebind-connect"] {
+        let v = f.ran.refused(id);
+        assert!(
+            v.detail["denied"].as_str().unwrap().contains("private-address"),
+            "{id}: {v:#?}"
+        );
+    }
+    // The proxy really asked DNS (this is rebinding, not a not-allowed name), then refused the answer.
+    assert!(
+        f.dns.log.lines().iter().any(|l| l.contains("rebind.test")),
+        "the proxy never resolved rebind.test through the lab's DNS (a host whose nsswitch uses `resolve` \
+         bypasses it): {:?}",
+        f.dns.log.lines()
+    );
+    nothing_landed(f);
+}
+
+#[test]
+fn case_13_a_non_allowed_host_fails_fast_with_a_policy_error() {
+    let Some(f) = family() else { return };
+    for id in ["c13-not-allowed-connect", "c13-not-allowed-get"] {
+        let v = f.ran.refused(id);
+        assert!(
+            v.detail["denied"].as_str().unwrap().contains("rule=not-allowed"),
+            "{v:#?}"
+        );
+        let ms = v.detail["elapsed_ms"].as_u64().unwrap();
+        assert!(ms < 2000, "{id}: a refusal that takes {ms} ms looks like a hang");
+    }
+    assert!(
+        !f.dns.log.lines().iter().any(|l| l.contains("nothere")),
+        "a non-allowed name was resolved: {:?}",
+        f.dns.log.lines()
+    );
+}
+
+#[test]
+fn extra_numeric_mapped_and_unspecified_spellings_of_loopback_are_refused() {
+    let Some(f) = family() else { return };
+    for id in [
+        "x-decimal-ip",
+        "x-hex-ip",
+        "x-short-ip",
+        "x-octal-ip",
+        "x-unspecified-v4",
+        "x-unspecified-v6",
+        "x-mapped-v6-loopback",
+        "x-mapped-v6-rfc1918",
+        "x-trailing-dot-ip",
+        "x-userinfo-host",
+        "x-connect-mapped-v6",
+        "x-connect-unspecified",
+    ] {
+        f.ran.held(id);
+    }
+    nothing_landed(f);
+}
