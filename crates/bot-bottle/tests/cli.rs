@@ -240,6 +240,17 @@ fn lifecycle_verbs_on_unknown_bottles_say_so() {
 }
 
 #[test]
+fn backends_not_wired_into_run_say_not_available_yet() {
+    let tmp = tempfile::tempdir().unwrap();
+    bb(tmp.path())
+        .args(["run", "--backend", "container", "--", "true"])
+        .assert()
+        .code(UNAVAILABLE)
+        .stderr(predicate::str::contains("not available yet"));
+    assert!(!tmp.path().join("state").exists(), "an unavailable backend wrote state");
+}
+
+#[test]
 fn run_without_a_command_or_agent_says_what_to_do() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::create_dir(tmp.path().join("w")).unwrap();
