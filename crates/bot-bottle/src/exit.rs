@@ -40,6 +40,9 @@ pub struct PreflightFailed {
 /// Maps the typed root cause of an error chain to its exit code.
 pub fn classify(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
+        if let Some(step) = cause.downcast_ref::<crate::recipe_smolmachines::StepError>() {
+            return step.exit_code();
+        }
         if cause.is::<PolicyError>() {
             return POLICY;
         }

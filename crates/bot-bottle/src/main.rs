@@ -6,6 +6,7 @@ mod exit;
 mod output;
 mod policy_args;
 mod recipe;
+mod recipe_smolmachines;
 
 use std::process::ExitCode;
 

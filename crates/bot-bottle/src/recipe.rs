@@ -64,6 +64,9 @@ impl Launching {
 
 /// Runs the agent to completion in a new bottle; returns its exit code.
 pub fn run(req: Request) -> anyhow::Result<u8> {
+    if req.policy.bottle.backend == Backend::Smolmachines {
+        return crate::recipe_smolmachines::run(req);
+    }
     let steps = Steps(std::time::Instant::now());
     let policy = &req.policy;
     // step: preflight
@@ -161,8 +164,10 @@ fn launch_and_run(
         Proxy::new(config)?
     };
     let bind_addr = std::net::SocketAddr::new(std::net::IpAddr::V4(bottle.lease.addr()), 0);
-    let host_listener = std::net::TcpListener::bind(bind_addr)
-        .map_err(|source| bottle_proxy::ProxyError::Bind { addr: bind_addr.to_string(), source })?;
+    let host_listener = std::net::TcpListener::bind(bind_addr).map_err(|source| bottle_proxy::ProxyError::Bind {
+        addr: bind_addr.to_string(),
+        source,
+    })?;
     let proxy_url = format!("http://{}", host_listener.local_addr().context("proxy address")?);
     {
         let proxy = proxy.clone();
@@ -344,7 +349,11 @@ pub(crate) fn workspace(policy: &Policy, state_root: &Path) -> anyhow::Result<Pa
     // SECURITY: the state root holds every bottle's CA key and audit log; a workspace over it would hand them over.
     let state_root = state_root.canonicalize().unwrap_or_else(|_| state_root.to_path_buf());
     if state_root.starts_with(&path) || path.starts_with(&state_root) {
-        bail!("refusing workspace {}: it overlaps bot-bottle's state directory {}", path.display(), state_root.display());
+        bail!(
+            "refusing workspace {}: it overlaps bot-bottle's state directory {}",
+            path.display(),
+            state_root.display()
+        );
     }
     Ok(path)
 }

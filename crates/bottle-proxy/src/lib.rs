@@ -15,6 +15,7 @@ mod exchange;
 mod framing;
 mod hello;
 mod idle;
+mod interceptor;
 mod listener;
 mod mitm;
 mod proxy;
@@ -31,6 +32,7 @@ pub use audit::AuditError;
 pub use ca::CaError;
 pub use credentials::{CredentialError, PLACEHOLDER_PREFIX};
 pub use deny::DENIED_HEADER;
+pub use interceptor::{Interceptor, Refusal, Route};
 pub use proxy::{Limits, Proxy, ProxyConfig, ProxyError};
 pub use upstream::RootsError;
 
