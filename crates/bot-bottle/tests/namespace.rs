@@ -440,6 +440,10 @@ fn workspace_over_the_state_directory_is_refused() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(125), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("overlaps bot-bottle's state directory"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("overlaps bot-bottle's state directory"),
+        "{}",
+        text(&out)
+    );
     assert!(!env.state().join("bot-bottle").exists(), "a refused run created state");
 }

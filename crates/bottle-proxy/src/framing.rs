@@ -135,8 +135,10 @@ pub fn stops_the_guard<B>(req: &hyper::Request<B>) -> bool {
 /// request (say, a pipelined CL+TE one) is read unguarded.
 pub fn close_unless_switched<B>(guard_stopped: bool, resp: &mut hyper::Response<B>) {
     if guard_stopped && resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
-        resp.headers_mut()
-            .insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+        resp.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
     }
 }
 

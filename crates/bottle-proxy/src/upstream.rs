@@ -187,7 +187,10 @@ pub async fn dial(checked: &Checked, timeout: Duration) -> Result<(TcpStream, So
 }
 
 /// Connects to exactly this address (a `TcpSocket` takes a `SocketAddr`, so no name can sneak in).
-fn build_connectors(extra: Vec<CertificateDer<'static>>, provider: &Arc<CryptoProvider>) -> Result<Connectors, RootsError> {
+fn build_connectors(
+    extra: Vec<CertificateDer<'static>>,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Connectors, RootsError> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for e in &native.errors {

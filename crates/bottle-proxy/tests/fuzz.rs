@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, Waker};
 
-use bottle_policy::host::{PortSpec, HostName, HostPattern, NamePattern, PatternUse};
+use bottle_policy::host::{HostName, HostPattern, NamePattern, PatternUse, PortSpec};
 use bottle_policy::{HostRule, HostVerdict, Network, Origin, TlsMode};
 use bottle_proxy::fuzzing::{
     DenyReason, Hello, HelloError, Target as Dest, Tracker, check_same_host, decide_target, parse_authority,
@@ -552,9 +552,15 @@ fn check_pattern(s: &str, rng: &mut Rng) -> Option<HostPattern> {
     let deny = HostPattern::parse(s, PatternUse::Deny);
     if let Ok(p) = &allow {
         // Deny accepts everything allow does; a port-less deny entry covers every port (deny wins everywhere).
-        let d = deny.as_ref().unwrap_or_else(|e| panic!("{s:?}: allowed as an allow pattern, refused as a deny pattern: {e}"));
+        let d = deny
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{s:?}: allowed as an allow pattern, refused as a deny pattern: {e}"));
         assert_eq!(d.name, p.name, "{s:?}");
-        let want = if p.port == PortSpec::Default { PortSpec::Any } else { p.port };
+        let want = if p.port == PortSpec::Default {
+            PortSpec::Any
+        } else {
+            p.port
+        };
         assert_eq!(d.port, want, "{s:?}");
     }
     if let Ok(p) = &deny {

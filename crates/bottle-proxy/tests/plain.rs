@@ -86,11 +86,19 @@ async fn an_upgrade_request_that_was_not_switched_closes_the_connection() {
          0\r\n\r\n"
     );
     s.write_all(attack.as_bytes()).await.unwrap();
-    let reply = read_to_close(&mut s).await.expect("the connection must close after the first answer");
+    let reply = read_to_close(&mut s)
+        .await
+        .expect("the connection must close after the first answer");
     let reply = String::from_utf8_lossy(&reply);
-    assert!(reply.contains("connection: close") || reply.contains("Connection: close"), "{reply}");
+    assert!(
+        reply.contains("connection: close") || reply.contains("Connection: close"),
+        "{reply}"
+    );
     let paths: Vec<String> = w.http_rec.requests().iter().map(|r| r.uri.clone()).collect();
-    assert!(!paths.iter().any(|p| p.contains("smuggled")), "the pipelined CL+TE request reached the upstream: {paths:?}");
+    assert!(
+        !paths.iter().any(|p| p.contains("smuggled")),
+        "the pipelined CL+TE request reached the upstream: {paths:?}"
+    );
 }
 
 #[tokio::test]

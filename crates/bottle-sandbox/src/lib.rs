@@ -2,9 +2,9 @@
 
 pub mod engine;
 pub mod lease;
-pub mod preflight;
-mod sys;
 pub mod namespace;
+pub mod preflight;
 pub mod ready;
-pub mod state;
 pub mod smolmachines;
+pub mod state;
+mod sys;

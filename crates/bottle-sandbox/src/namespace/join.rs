@@ -79,6 +79,8 @@ fn bottle_pid_one(init_pid: u32) -> Result<u32, String> {
     let mut pids = children.split_whitespace().filter_map(|p| p.parse::<u32>().ok());
     match (pids.next(), pids.next()) {
         (Some(p), None) => Ok(p),
-        _ => Err(format!("the bottle's init {init_pid} does not have exactly one child: {children:?}")),
+        _ => Err(format!(
+            "the bottle's init {init_pid} does not have exactly one child: {children:?}"
+        )),
     }
 }
