@@ -268,9 +268,10 @@ fn launch_and_run(
     Ok(exit_code(status))
 }
 
-/// SIGTERM/SIGHUP to the launcher reach the agent through the init; SIGINT is the terminal's, already
-/// delivered to the agent's process group, so the launcher only stays alive to tear down afterwards.
-async fn forward_termination(init_pid: u32) {
+/// SIGTERM/SIGHUP to the launcher go to `pid` (the namespace init, or smolmachines' `machine exec`), which passes
+/// them on to the agent; SIGINT is the terminal's, already delivered to the agent's process group, so the launcher
+/// only stays alive to tear down afterwards.
+pub(crate) async fn forward_termination(init_pid: u32) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut hup), Ok(mut int)) = (
         signal(SignalKind::terminate()),

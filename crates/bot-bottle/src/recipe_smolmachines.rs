@@ -516,7 +516,7 @@ impl Bottle {
         let (args, host_env) = guest::agent_args(machine, GUEST_WORKSPACE, terminal, &env, argv);
         let runtime = self.runtime.as_ref().context("the proxy runtime is gone")?;
         let code = guest::run_agent(&self.smolvm, &args, &host_env, stdio, |pid| {
-            runtime.spawn(forward_termination(pid));
+            runtime.spawn(crate::recipe::forward_termination(pid));
         })
         .map_err(|source| StepError::Agent {
             machine: machine.clone(),
@@ -670,27 +670,4 @@ fn sweep(smolvm: &Smolvm, root: &Path, keep: &str) -> Result<Vec<String>, CliErr
         swept.push(machine.name);
     }
     Ok(swept)
-}
-
-/// SIGTERM/SIGHUP to the launcher reach `machine exec`, which ends the guest command; SIGINT is the terminal's and
-/// already reached it (same process group), so the launcher only stays alive to tear down afterwards.
-async fn forward_termination(pid: u32) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut hup), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = hup.recv() => {}
-            _ = int.recv() => continue,
-        }
-        if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-    }
 }

@@ -21,7 +21,10 @@ pub use model::{
     Policy, Resources, SecretSource, TlsMode,
 };
 pub use render::Effective;
-pub use validate::{MAX_POLICY_BYTES, Overrides, RESERVED_ENV, Source, from_bytes, from_flags, from_str};
+pub use validate::{
+    CA_ENV, MAX_POLICY_BYTES, NO_PROXY_ENV, Overrides, PROXY_ENV, Source, from_bytes, from_flags, from_str,
+    is_reserved_env, proxy_and_ca_env,
+};
 
 /// Reads and validates a policy file. The read is bounded: a file over `MAX_POLICY_BYTES` is refused unread.
 pub fn load_file(path: &Path, overrides: &Overrides) -> Result<Policy, PolicyError> {

@@ -22,16 +22,19 @@ use crate::rules::{OtherQuery, PathGlob, RequestRule, ValueGlob, parse_method};
 /// A policy file larger than this is refused before parsing.
 pub const MAX_POLICY_BYTES: usize = 1024 * 1024;
 
-/// Variables bot-bottle sets inside every bottle; a policy may not override them.
-pub const RESERVED_ENV: [&str; 15] = [
+/// Variables that point every tool at the bottle's proxy.
+pub const PROXY_ENV: [&str; 6] = [
     "HTTP_PROXY",
     "HTTPS_PROXY",
     "ALL_PROXY",
-    "NO_PROXY",
     "http_proxy",
     "https_proxy",
     "all_proxy",
-    "no_proxy",
+];
+/// Variables that must stay empty, so no tool bypasses the proxy.
+pub const NO_PROXY_ENV: [&str; 2] = ["NO_PROXY", "no_proxy"];
+/// Variables that point every tool at the bottle's CA bundle.
+pub const CA_ENV: [&str; 7] = [
     "SSL_CERT_FILE",
     "NODE_EXTRA_CA_CERTS",
     "REQUESTS_CA_BUNDLE",
@@ -40,6 +43,20 @@ pub const RESERVED_ENV: [&str; 15] = [
     "PIP_CERT",
     "CARGO_HTTP_CAINFO",
 ];
+
+/// Whether bot-bottle sets this variable inside every bottle (a policy may not override it).
+pub fn is_reserved_env(name: &str) -> bool {
+    PROXY_ENV.contains(&name) || NO_PROXY_ENV.contains(&name) || CA_ENV.contains(&name)
+}
+
+/// The proxy and CA settings of every process in a bottle, whatever the backend: one source for the names the
+/// policy reserves and the values the bottle gets.
+pub fn proxy_and_ca_env(proxy_url: &str, ca_bundle: &str) -> std::collections::BTreeMap<String, String> {
+    let proxy = PROXY_ENV.iter().map(|k| (k.to_string(), proxy_url.to_string()));
+    let none = NO_PROXY_ENV.iter().map(|k| (k.to_string(), String::new()));
+    let ca = CA_ENV.iter().map(|k| (k.to_string(), ca_bundle.to_string()));
+    proxy.chain(none).chain(ca).collect()
+}
 
 /// Command-line additions that mirror the policy file. Flag values win over the file where both set one value.
 #[derive(Debug, Clone, Default)]
@@ -520,7 +537,7 @@ fn env_name(s: &str) -> Result<String, String> {
             "`{s}` is not a valid environment variable name ([A-Za-z_][A-Za-z0-9_]*)"
         ));
     }
-    if RESERVED_ENV.contains(&s) {
+    if is_reserved_env(s) {
         return Err(format!(
             "`{s}` is set by bot-bottle itself (proxy and CA settings) and cannot be overridden"
         ));

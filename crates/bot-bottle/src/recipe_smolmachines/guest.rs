@@ -188,33 +188,9 @@ fn profile(settings: &BTreeMap<String, String>) -> String {
         .join("\n")
 }
 
-/// The proxy and CA settings every process in the guest gets (the names `bottle_policy::RESERVED_ENV` keeps free).
+/// The proxy and CA settings every process in the guest gets (the names the policy reserves).
 pub fn proxy_settings(guest_proxy_url: &str) -> BTreeMap<String, String> {
-    let mut env = BTreeMap::new();
-    for key in [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-    ] {
-        env.insert(key.to_owned(), guest_proxy_url.to_owned());
-    }
-    env.insert("NO_PROXY".into(), String::new());
-    env.insert("no_proxy".into(), String::new());
-    for key in [
-        "SSL_CERT_FILE",
-        "NODE_EXTRA_CA_CERTS",
-        "REQUESTS_CA_BUNDLE",
-        "CURL_CA_BUNDLE",
-        "GIT_SSL_CAINFO",
-        "PIP_CERT",
-        "CARGO_HTTP_CAINFO",
-    ] {
-        env.insert(key.to_owned(), GUEST_CA_BUNDLE.to_owned());
-    }
-    env
+    bottle_policy::proxy_and_ca_env(guest_proxy_url, GUEST_CA_BUNDLE)
 }
 
 /// The agent's environment: `plain` goes in `-e` arguments (policy values, placeholders, proxy settings); `passed`
@@ -418,8 +394,12 @@ mod tests {
         let settings = BTreeMap::from([("A".to_owned(), "x'y".to_owned()), ("B".to_owned(), "/p".to_owned())]);
         assert_eq!(profile(&settings), "export A='x'\\''y'\nexport B='/p'");
         let proxy = proxy_settings("http://100.96.0.1:4000");
-        for key in bottle_policy::RESERVED_ENV {
-            assert!(proxy.contains_key(key), "{key}");
+        for key in bottle_policy::PROXY_ENV
+            .iter()
+            .chain(&bottle_policy::NO_PROXY_ENV)
+            .chain(&bottle_policy::CA_ENV)
+        {
+            assert!(proxy.contains_key(*key), "{key}");
         }
         assert_eq!(proxy["SSL_CERT_FILE"], GUEST_CA_BUNDLE);
         assert!(INIT_SCRIPT.contains(&format!("> {GUEST_CA_BUNDLE}")));

@@ -236,29 +236,7 @@ pub fn bottle_env(home: &Path, extra: &BTreeMap<String, String>) -> BTreeMap<Str
     );
     env.insert("HOME".into(), home.display().to_string());
     env.entry("TERM".into()).or_insert_with(|| "xterm-256color".into());
-    for key in [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-    ] {
-        env.insert(key.into(), proxy.clone());
-    }
-    env.insert("NO_PROXY".into(), String::new());
-    env.insert("no_proxy".into(), String::new());
-    for key in [
-        "SSL_CERT_FILE",
-        "NODE_EXTRA_CA_CERTS",
-        "REQUESTS_CA_BUNDLE",
-        "CURL_CA_BUNDLE",
-        "GIT_SSL_CAINFO",
-        "PIP_CERT",
-        "CARGO_HTTP_CAINFO",
-    ] {
-        env.insert(key.into(), IN_BOTTLE_CA_BUNDLE.into());
-    }
+    env.extend(bottle_policy::proxy_and_ca_env(&proxy, IN_BOTTLE_CA_BUNDLE));
     env
 }
 
