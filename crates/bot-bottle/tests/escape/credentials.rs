@@ -6,19 +6,26 @@ use std::sync::OnceLock;
 
 use crate::decoys::{self, Upstream};
 use crate::lab::Lab;
-use crate::scenario::{self, Env, Launch, Ran, Script, hex};
+use crate::scenario::{self, Env, LAUNCHERS, Launch, Runs, Script, hex};
 
 /// The launcher-side variable holding the real secret; inside, the same name holds the placeholder.
 const TOKEN_VAR: &str = "BOTTLE_TEST_TOKEN";
 
-struct Creds {
-    lab: Lab,
+/// What one launcher's run planted and left behind.
+struct Launched {
+    who: &'static str,
     /// The bottle's audit log, read before its state directory went away.
     audit: Vec<serde_json::Value>,
-    ran: Ran,
     secret: String,
     /// Decoys in the fake home and the host environment: (where, value).
     decoys: Vec<(String, String)>,
+}
+
+struct Creds {
+    lab: Lab,
+    /// The same attempts, in a bottle launched by root and one launched by `nobody`.
+    runs: Runs,
+    launched: Vec<Launched>,
     tls: Upstream,
     plain: Upstream,
 }
@@ -30,7 +37,7 @@ fn family() -> Option<&'static Creds> {
         return None;
     }
     let f = scenario::shared(&FAMILY, setup);
-    f.ran.tools_present();
+    f.runs.tools_present();
     Some(f)
 }
 
@@ -53,34 +60,7 @@ from_env = "{TOKEN_VAR}"
     )
 }
 
-fn setup() -> Creds {
-    let lab = Lab::new();
-    let env = Env::new();
-    let ca = decoys::mint_ca(&env.host());
-    let tls = lab.enter(|| decoys::https("127.0.0.1:0", "tls", &ca, &["upstream.test", "other.test"]));
-    let plain = lab.enter(|| decoys::http("127.0.0.1:0", "plain"));
-    let secret = scenario::token("ghp_real_");
-    let mut decoys = Vec::new();
-    for (path, prefix) in [
-        (".ssh/id_ed25519", "ssh-key-"),
-        (".aws/credentials", "aws-secret-"),
-        (".config/gh/hosts.yml", "gh-token-"),
-        (".netrc", "netrc-password-"),
-        (".docker/config.json", "docker-auth-"),
-    ] {
-        let value = scenario::token(prefix);
-        env.home_file(path, &format!("secret = {value}\n"));
-        decoys.push((format!("~/{path}"), value));
-    }
-    let host_env = scenario::token("host-env-");
-    decoys.push(("the launcher's environment".into(), host_env.clone()));
-    let host_file = scenario::token("host-file-");
-    std::fs::write(env.host().join("secret.txt"), &host_file).unwrap();
-    decoys.push(("a host file outside the workspace".into(), host_file));
-    let policy = env.host().join("policy.toml");
-    std::fs::write(&policy, policy_toml()).unwrap();
-    let (t, p) = (tls.port, plain.port);
-
+fn script(secret: &str, decoys: &[(String, String)], t: u16, p: u16) -> Script {
     let mut sc = Script::default();
     sc.tools(&["curl"]);
     let auth = format!("-H \"authorization: Bearer ${TOKEN_VAR}\"");
@@ -91,8 +71,8 @@ fn setup() -> Creds {
     )
     .shell("ctl-inject", &curl(format!("{auth} https://upstream.test:{t}/inject")));
     // 31: search for the real values
-    sc.probe("c31-real-secret", &["find-secret", &hex(&secret)])
-        .probe("c31-init-environ", &["read-file", "/proc/1/environ", &hex(&secret)]);
+    sc.probe("c31-real-secret", &["find-secret", &hex(secret)])
+        .probe("c31-init-environ", &["read-file", "/proc/1/environ", &hex(secret)]);
     for (i, (_, value)) in decoys.iter().enumerate() {
         sc.probe(&format!("c31-decoy-{i}"), &["find-secret", &hex(value)]);
     }
@@ -120,26 +100,77 @@ fn setup() -> Creds {
         "c33-plain-bound-name",
         &curl(format!("{auth} http://upstream.test:{p}/c33-bound")),
     );
+    sc
+}
 
-    let flags = [
-        "--policy".to_string(),
-        policy.display().to_string(),
-        "--upstream-ca".into(),
-        ca.cert_path.display().to_string(),
-    ];
-    let ran = Launch::new(&lab, &env, "creds")
-        .flags(&flags)
-        .var(TOKEN_VAR, &secret)
-        .var("BOTTLE_TEST_HOST_ONLY", &host_env)
-        .run(&sc);
+fn setup() -> Creds {
+    let lab = Lab::new();
+    let ca_dir = tempfile::Builder::new().prefix("bb-escape-ca-").tempdir().unwrap();
+    let ca = decoys::mint_ca(ca_dir.path());
+    let tls = lab.enter(|| decoys::https("127.0.0.1:0", "tls", &ca, &["upstream.test", "other.test"]));
+    let plain = lab.enter(|| decoys::http("127.0.0.1:0", "plain"));
+    let (t, p) = (tls.port, plain.port);
+    let mut runs = Vec::new();
+    let mut launched = Vec::new();
+    for (who, user) in LAUNCHERS {
+        let env = Env::new();
+        let secret = scenario::token("ghp_real_");
+        let mut decoys = Vec::new();
+        for (path, prefix) in [
+            (".ssh/id_ed25519", "ssh-key-"),
+            (".aws/credentials", "aws-secret-"),
+            (".config/gh/hosts.yml", "gh-token-"),
+            (".netrc", "netrc-password-"),
+            (".docker/config.json", "docker-auth-"),
+        ] {
+            let value = scenario::token(prefix);
+            env.home_file(path, &format!("secret = {value}\n"));
+            decoys.push((format!("~/{path}"), value));
+        }
+        let host_env = scenario::token("host-env-");
+        decoys.push(("the launcher's environment".into(), host_env.clone()));
+        let host_file = scenario::token("host-file-");
+        std::fs::write(env.host().join("secret.txt"), &host_file).unwrap();
+        decoys.push(("a host file outside the workspace".into(), host_file));
+        let policy = env.host().join("policy.toml");
+        std::fs::write(&policy, policy_toml()).unwrap();
+        let ca_cert = env.host().join("upstream-ca.pem");
+        std::fs::copy(&ca.cert_path, &ca_cert).unwrap();
+        if let Some(uid) = user {
+            // The decoy secret in `host/` becomes the launcher's to read, never the bottle's.
+            scenario::readable(&[&env.host(), &policy, &ca_cert]);
+            env.open_to(uid);
+        }
+        let sc = script(&secret, &decoys, t, p);
+        let flags = [
+            "--policy".to_string(),
+            policy.display().to_string(),
+            "--upstream-ca".into(),
+            ca_cert.display().to_string(),
+        ];
+        let name = format!("creds-{who}");
+        let ran = Launch::new(&lab, &env, &name)
+            .user(user)
+            .flags(&flags)
+            .var(TOKEN_VAR, &secret)
+            .var("BOTTLE_TEST_HOST_ONLY", &host_env)
+            .run(&sc);
+        runs.push((who, ran));
+        launched.push(Launched {
+            who,
+            audit: env.audit(&name),
+            secret,
+            decoys,
+        });
+    }
+    // Nothing of a family may stay on disk: its statics are never dropped. The upstreams keep the minted CA.
+    drop(ca_dir);
     Creds {
-        ran,
-        secret,
-        decoys,
+        runs: Runs(runs),
+        launched,
         tls,
         plain,
         lab,
-        audit: env.audit("creds"),
     }
 }
 
@@ -152,54 +183,77 @@ fn received(f: &Creds) -> Vec<String> {
         .collect()
 }
 
-/// `bot-bottle run` with a policy file that must be refused; the agent would create a marker.
-fn refused_launch(f: &Creds, name: &str, toml: &str) -> String {
-    let env = Env::new();
-    let path = env.host().join(format!("{name}.toml"));
-    std::fs::write(&path, toml).unwrap();
-    let marker = env.work().join(format!("{name}.marker"));
-    let out = scenario::output_within(
-        Launch::new(&f.lab, &env, name)
-            .flags(&["--policy", &path.display().to_string()])
-            .var(TOKEN_VAR, &f.secret)
-            .command(&["touch", &marker.display().to_string()]),
-        scenario::RUN_TIMEOUT,
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(121),
-        "the launch was not refused: {}",
-        scenario::text(&out)
-    );
-    assert!(!marker.exists(), "the agent ran");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+/// `bot-bottle run` with a policy file that must be refused, by each launcher; the agent would create a marker.
+/// Returns each launcher's stderr.
+fn refused_launch(f: &Creds, name: &str, toml: &str) -> Vec<(&'static str, String)> {
+    let mut errs = Vec::new();
+    for ((who, user), l) in LAUNCHERS.into_iter().zip(&f.launched) {
+        let env = Env::new();
+        let path = env.host().join(format!("{name}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        if let Some(uid) = user {
+            scenario::readable(&[&env.host(), &path]);
+            env.open_to(uid);
+        }
+        let marker = env.work().join(format!("{name}.marker"));
+        let out = scenario::output_within(
+            Launch::new(&f.lab, &env, name)
+                .user(user)
+                .flags(&["--policy", &path.display().to_string()])
+                .var(TOKEN_VAR, &l.secret)
+                .command(&["touch", &marker.display().to_string()]),
+            scenario::RUN_TIMEOUT,
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(121),
+            "the launch was not refused ({who} launcher): {}",
+            scenario::text(&out)
+        );
+        assert!(!marker.exists(), "the agent ran ({who} launcher)");
+        errs.push((who, String::from_utf8_lossy(&out.stderr).into_owned()));
+    }
+    errs
 }
 
 #[test]
 fn case_31_only_the_placeholder_is_found_inside() {
     let Some(f) = family() else { return };
-    f.ran.reached("ctl-placeholder");
+    f.runs.reached("ctl-placeholder");
     // The credential works, so the real value exists on the host side and the search below means something.
-    f.ran.reached("ctl-inject");
-    let injected = f
-        .tls
-        .seen()
-        .into_iter()
-        .find(|s| s.target == "/inject")
-        .expect("no injected request");
-    assert_eq!(
-        injected.header("authorization"),
-        Some(format!("Bearer {}", f.secret).as_str())
-    );
-    let v = f.ran.held("c31-real-secret");
-    assert!(v.detail["processes"].as_u64().unwrap() >= 2, "{v:#?}");
-    f.ran.held("c31-init-environ");
-    for (i, (what, _)) in f.decoys.iter().enumerate() {
-        let v = f.ran.verdict(&format!("c31-decoy-{i}"));
+    f.runs.reached("ctl-inject");
+    let injected: Vec<_> = f.tls.seen().into_iter().filter(|s| s.target == "/inject").collect();
+    assert!(!injected.is_empty(), "no injected request");
+    for l in &f.launched {
+        let bearer = format!("Bearer {}", l.secret);
         assert!(
-            !v.escaped,
-            "ESCAPE: the secret in {what} is readable in the bottle: {v:#?}"
+            injected
+                .iter()
+                .any(|s| s.header("authorization") == Some(bearer.as_str())),
+            "the {} launcher's real secret was not injected: {injected:#?}",
+            l.who
         );
+    }
+    for s in &injected {
+        assert!(
+            f.launched
+                .iter()
+                .any(|l| s.header("authorization") == Some(format!("Bearer {}", l.secret).as_str())),
+            "an injected request carried something other than a real secret: {s:#?}"
+        );
+    }
+    for (who, v) in f.runs.held("c31-real-secret") {
+        assert!(v.detail["processes"].as_u64().unwrap() >= 2, "{who}: {v:#?}");
+    }
+    f.runs.held("c31-init-environ");
+    for ((who, ran), l) in f.runs.0.iter().zip(&f.launched) {
+        for (i, (what, _)) in l.decoys.iter().enumerate() {
+            let v = ran.verdict(&format!("c31-decoy-{i}"));
+            assert!(
+                !v.escaped,
+                "ESCAPE ({who} launcher): the secret in {what} is readable in the bottle: {v:#?}"
+            );
+        }
     }
 }
 
@@ -211,7 +265,7 @@ fn case_32_placeholder_to_an_unbound_host_is_not_substituted_but_blocked_and_log
         "c32-other-host-query",
         "c32-bound-host-wrong-header",
     ] {
-        f.ran.held(id);
+        f.runs.held(id);
     }
     let got = received(f);
     assert!(
@@ -219,22 +273,31 @@ fn case_32_placeholder_to_an_unbound_host_is_not_substituted_but_blocked_and_log
         "a leaking request reached an upstream: {got:#?}"
     );
     assert!(!got.iter().any(|t| t.contains("bottle-placeholder-")), "{got:#?}");
-    let leaks = f.audit.iter().filter(|l| l["event"] == "placeholder-leak").count();
-    assert!(leaks >= 3, "each leak must be audited, found {leaks}");
+    for l in &f.launched {
+        let leaks = l.audit.iter().filter(|a| a["event"] == "placeholder-leak").count();
+        assert!(
+            leaks >= 3,
+            "each leak must be audited ({} launcher), found {leaks}",
+            l.who
+        );
+    }
 }
 
 #[test]
 fn case_33_placeholder_over_plain_http_is_not_substituted() {
     let Some(f) = family() else { return };
-    f.ran.held("c33-plain-other");
-    f.ran.held("c33-plain-bound-name");
+    f.runs.held("c33-plain-other");
+    f.runs.held("c33-plain-bound-name");
     let got = received(f);
     assert!(!got.iter().any(|t| t.contains("c33")), "{got:#?}");
-    assert!(
-        !got.iter()
-            .any(|t| t.contains(&f.secret) && !t.starts_with("GET /inject")),
-        "{got:#?}"
-    );
+    for l in &f.launched {
+        assert!(
+            !got.iter()
+                .any(|t| t.contains(&l.secret) && !t.starts_with("GET /inject")),
+            "{} launcher: {got:#?}",
+            l.who
+        );
+    }
 }
 
 #[test]
@@ -245,14 +308,16 @@ fn case_34_a_credential_for_a_host_without_interception_refuses_to_launch() {
          [[host]]\nname = \"pass.test\"\ntls = \"passthrough\"\n\n[[credential]]\nhost = \"pass.test\"\n\
          header = \"authorization\"\nfrom_env = \"{TOKEN_VAR}\"\n"
     );
-    let err = refused_launch(f, "c34", &toml);
-    assert!(err.contains("passthrough"), "{err}");
+    for (who, err) in refused_launch(f, "c34", &toml) {
+        assert!(err.contains("passthrough"), "{who}: {err}");
+    }
 }
 
 #[test]
 fn extra_pass_env_of_a_credentials_real_secret_refuses_to_launch() {
     let Some(f) = family() else { return };
     let toml = format!("[bottle]\npass_env = [\"{TOKEN_VAR}\"]\n\n{}", policy_toml());
-    let err = refused_launch(f, "x-pass-env", &toml);
-    assert!(err.contains(TOKEN_VAR), "{err}");
+    for (who, err) in refused_launch(f, "x-pass-env", &toml) {
+        assert!(err.contains(TOKEN_VAR), "{who}: {err}");
+    }
 }

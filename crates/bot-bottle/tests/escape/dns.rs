@@ -1,17 +1,18 @@
 //! Escape cases 14–17, DNS: exfiltration through name lookups, direct queries to public resolvers over UDP, TCP and
 //! TLS, and whatever resolver the bottle has. The lab runs a DNS server on every address a query could go to
 //! (8.8.8.8, 1.1.1.1, 127.0.0.1, 127.0.0.53, the host's own resolvers), logging every question: no query may
-//! arrive at all, not even from the proxy on the bottle's behalf.
+//! arrive at all, not even from the proxy on the bottle's behalf. The same attempts run in two bottles, one
+//! launched by root and one by an unprivileged user (`nobody`); the decoys are shared, so a query from either counts.
 
 use std::sync::OnceLock;
 
 use crate::decoys::{self, Decoy};
 use crate::lab::{self, Lab};
-use crate::scenario::{self, Env, Launch, Ran, Script};
+use crate::scenario::{self, Env, LAUNCHERS, Launch, Runs, Script};
 
 struct Dns {
     _lab: Lab,
-    ran: Ran,
+    runs: Runs,
     secret: String,
     dns: Decoy,
     dot: Decoy,
@@ -25,13 +26,12 @@ fn family() -> Option<&'static Dns> {
         return None;
     }
     let f = scenario::shared(&FAMILY, setup);
-    f.ran.tools_present();
+    f.runs.tools_present();
     Some(f)
 }
 
 fn setup() -> Dns {
     let lab = Lab::new();
-    let env = Env::new();
     // Dual-stack port 53 on every lab address, the systemd-resolved stub 127.0.0.53 included.
     let dns = lab.enter(|| decoys::dns("[::]:53", Vec::new()));
     let dot = lab.enter(|| decoys::tcp("[::]:853", b""));
@@ -101,9 +101,17 @@ fn setup() -> Dns {
             &["proxy-get", &format!("http://cloudflare-dns.com/dns-query?name={name}")],
         );
 
-    let ran = Launch::new(&lab, &env, "dns").run(&sc);
+    let mut runs = Vec::new();
+    for (who, user) in LAUNCHERS {
+        let env = Env::new();
+        if let Some(uid) = user {
+            env.open_to(uid);
+        }
+        let ran = Launch::new(&lab, &env, &format!("dns-{who}")).user(user).run(&sc);
+        runs.push((who, ran));
+    }
     Dns {
-        ran,
+        runs: Runs(runs),
         secret,
         dns,
         dot,
@@ -133,9 +141,9 @@ fn case_14_secret_in_a_name_never_reaches_a_resolver() {
         "c14-curl-noproxy",
         "c14-ssh",
     ] {
-        f.ran.held(id);
+        f.runs.held(id);
     }
-    f.ran.refused("c14-proxy-connect");
+    f.runs.refused("c14-proxy-connect");
     no_query(f);
     let everything = [&f.dns, &f.dot, &f.https]
         .iter()
@@ -158,9 +166,9 @@ fn case_15_queries_to_8_8_8_8_over_udp_and_tcp_are_blocked() {
         "c15-udp-loopback",
         "c15-udp-stub",
     ] {
-        f.ran.held(id);
+        f.runs.held(id);
     }
-    f.ran.refused("c15-proxy-connect-53");
+    f.runs.refused("c15-proxy-connect-53");
     no_query(f);
 }
 
@@ -168,10 +176,10 @@ fn case_15_queries_to_8_8_8_8_over_udp_and_tcp_are_blocked() {
 fn case_16_dns_over_tls_on_853_is_blocked() {
     let Some(f) = family() else { return };
     for id in ["c16-dot-1111", "c16-dot-8888", "c16-dot-v6"] {
-        f.ran.held(id);
+        f.runs.held(id);
     }
-    f.ran.refused("c16-proxy-connect-853-name");
-    f.ran.refused("c16-proxy-connect-853-literal");
+    f.runs.refused("c16-proxy-connect-853-name");
+    f.runs.refused("c16-proxy-connect-853-literal");
     assert_eq!(f.dot.log.count(), 0, "{:?}", f.dot.log.lines());
 }
 
@@ -179,18 +187,19 @@ fn case_16_dns_over_tls_on_853_is_blocked() {
 fn case_17_the_bottle_has_no_resolver_for_non_allowed_names() {
     let Some(f) = family() else { return };
     for id in ["c17-resolve-public-name", "c17-resolve-ipv6-name"] {
-        f.ran.held(id);
+        f.runs.held(id);
     }
-    let v = f.ran.held("c17-resolv-conf-has-no-nameserver");
-    assert!(v.evidence.contains("exists inside the bottle"), "{v:#?}");
+    for (who, v) in f.runs.held("c17-resolv-conf-has-no-nameserver") {
+        assert!(v.evidence.contains("exists inside the bottle"), "{who}: {v:#?}");
+    }
     no_query(f);
 }
 
 #[test]
 fn extra_dns_over_https_endpoints_are_refused_by_the_proxy() {
     let Some(f) = family() else { return };
-    f.ran.refused("x-doh-name");
-    f.ran.refused("x-doh-literal");
-    f.ran.refused("x-doh-get");
+    f.runs.refused("x-doh-name");
+    f.runs.refused("x-doh-literal");
+    f.runs.refused("x-doh-get");
     assert_eq!(f.https.log.count(), 0, "{:?}", f.https.log.lines());
 }

@@ -1,18 +1,28 @@
 //! Escape cases 18–30, proxy policy: what the proxy must refuse when the bottle speaks to it directly (raw HTTP/1.1
 //! from the probe) and through real clients (curl over HTTP/1.1 and HTTP/2, git, openssl s_client). The upstreams are
 //! local (TLS with a CA minted here, trusted via `--upstream-ca`, and plain HTTP) and record every request that
-//! reaches them: "refused" means both a refusal in the bottle and nothing at the upstream.
+//! reaches them: "refused" means both a refusal in the bottle and nothing at the upstream. The same attempts run in two
+//! bottles, one launched by root and one by an unprivileged user (`nobody`); the upstreams are shared, so a request
+//! from either counts, and what each run's controls must have delivered is checked in that run's own requests.
 
 use std::process::Output;
 use std::sync::OnceLock;
 
-use crate::decoys::{self, Upstream};
+use crate::decoys::{self, Seen, Upstream};
 use crate::lab::Lab;
-use crate::scenario::{self, Env, Launch, Ran, Script};
+use crate::scenario::{self, Env, LAUNCHERS, Launch, Runs, Script};
+
+/// What the upstreams received during one launcher's run.
+struct Received {
+    tls: Vec<Seen>,
+    plain: Vec<Seen>,
+}
 
 struct Policy {
     lab: Lab,
-    ran: Ran,
+    runs: Runs,
+    /// Per run, in the order of `runs`.
+    received: Vec<Received>,
     tls: Upstream,
     plain: Upstream,
 }
@@ -24,7 +34,7 @@ fn family() -> Option<&'static Policy> {
         return None;
     }
     let f = scenario::shared(&FAMILY, setup);
-    f.ran.tools_present();
+    f.runs.tools_present();
     Some(f)
 }
 
@@ -87,12 +97,10 @@ fn curl(args: &str) -> String {
 
 fn setup() -> Policy {
     let lab = Lab::new();
-    let env = Env::new();
-    let ca = decoys::mint_ca(&env.host());
+    let ca_dir = tempfile::Builder::new().prefix("bb-escape-ca-").tempdir().unwrap();
+    let ca = decoys::mint_ca(ca_dir.path());
     let tls = lab.enter(|| decoys::https("127.0.0.1:0", "tls", &ca, &NAMES));
     let plain = lab.enter(|| decoys::http("127.0.0.1:0", "plain"));
-    let policy = env.host().join("policy.toml");
-    std::fs::write(&policy, policy_toml()).unwrap();
     let (t, p) = (tls.port, plain.port);
 
     let mut sc = Script::default();
@@ -327,14 +335,49 @@ fn setup() -> Policy {
         &curl(&format!("-p -H 'Host: denied.test' http://upstream.test:{p}/x-plain")),
     );
 
-    let flags = [
-        "--policy".to_string(),
-        policy.display().to_string(),
-        "--upstream-ca".into(),
-        ca.cert_path.display().to_string(),
-    ];
-    let ran = Launch::new(&lab, &env, "policy").flags(&flags).run(&sc);
-    Policy { ran, tls, plain, lab }
+    let mut runs = Vec::new();
+    let mut received = Vec::new();
+    for (who, user) in LAUNCHERS {
+        let env = Env::new();
+        let policy = env.host().join("policy.toml");
+        std::fs::write(&policy, policy_toml()).unwrap();
+        let ca_cert = env.host().join("upstream-ca.pem");
+        std::fs::copy(&ca.cert_path, &ca_cert).unwrap();
+        if let Some(uid) = user {
+            scenario::readable(&[&env.host(), &policy, &ca_cert]);
+            env.open_to(uid);
+        }
+        let flags = [
+            "--policy".to_string(),
+            policy.display().to_string(),
+            "--upstream-ca".into(),
+            ca_cert.display().to_string(),
+        ];
+        let (tls_before, plain_before) = (tls.seen().len(), plain.seen().len());
+        let ran = Launch::new(&lab, &env, &format!("policy-{who}"))
+            .user(user)
+            .flags(&flags)
+            .run(&sc);
+        runs.push((who, ran));
+        received.push(Received {
+            tls: tls.seen().split_off(tls_before),
+            plain: plain.seen().split_off(plain_before),
+        });
+    }
+    // Nothing of a family may stay on disk: its statics are never dropped. The upstreams keep the minted CA.
+    drop(ca_dir);
+    Policy {
+        runs: Runs(runs),
+        received,
+        tls,
+        plain,
+        lab,
+    }
+}
+
+/// Each run's launcher and what the upstreams received during it.
+fn per_run(f: &Policy) -> impl Iterator<Item = (&'static str, &Received)> {
+    f.runs.0.iter().map(|(who, _)| *who).zip(&f.received)
 }
 
 /// Neither upstream saw a request whose line or headers contain `needle`.
@@ -350,48 +393,67 @@ fn never_seen(f: &Policy, needle: &str) {
     }
 }
 
-fn seen(up: &Upstream, target: &str) -> bool {
-    up.seen().iter().any(|s| s.target.contains(target))
+fn seen(up: &[Seen], target: &str) -> bool {
+    up.iter().any(|s| s.target.contains(target))
 }
 
-/// `bot-bottle run` with a policy that must not load; the agent would create `marker`.
-fn refused_launch(f: &Policy, name: &str, flags: &[String]) -> Output {
-    let env = Env::new();
-    let marker = env.work().join(format!("{name}.marker"));
-    let out = scenario::output_within(
-        Launch::new(&f.lab, &env, name)
-            .flags(flags)
-            .command(&["touch", &marker.display().to_string()]),
-        scenario::RUN_TIMEOUT,
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(121),
-        "the policy loaded: {}",
-        scenario::text(&out)
-    );
-    assert!(!marker.exists(), "the agent ran despite the refused policy");
-    out
+/// `bot-bottle run` with a policy that must not load, by each launcher; the agent would create `marker`.
+fn refused_launch(f: &Policy, name: &str, flags: &[String]) -> Vec<(&'static str, Output)> {
+    let mut outs = Vec::new();
+    for (who, user) in LAUNCHERS {
+        let env = Env::new();
+        if let Some(uid) = user {
+            env.open_to(uid);
+        }
+        let marker = env.work().join(format!("{name}.marker"));
+        let out = scenario::output_within(
+            Launch::new(&f.lab, &env, name)
+                .user(user)
+                .flags(flags)
+                .command(&["touch", &marker.display().to_string()]),
+            scenario::RUN_TIMEOUT,
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(121),
+            "the policy loaded ({who} launcher): {}",
+            scenario::text(&out)
+        );
+        assert!(
+            !marker.exists(),
+            "the agent ran despite the refused policy ({who} launcher)"
+        );
+        outs.push((who, out));
+    }
+    outs
 }
 
 #[test]
 fn case_18_connect_to_a_non_allowed_host_is_403_with_no_tunnel() {
     let Some(f) = family() else { return };
-    f.ran.reached("ctl-tls");
-    let v = f.ran.refused("c18-connect-deny-list");
-    assert!(v.detail["denied"].as_str().unwrap().contains("deny-list"), "{v:#?}");
-    let v = f.ran.refused("c18-connect-not-allowed");
-    assert!(v.detail["denied"].as_str().unwrap().contains("not-allowed"), "{v:#?}");
-    f.ran.held("c18-curl-not-allowed");
+    f.runs.reached("ctl-tls");
+    for (who, v) in f.runs.refused("c18-connect-deny-list") {
+        assert!(
+            v.detail["denied"].as_str().unwrap().contains("deny-list"),
+            "{who}: {v:#?}"
+        );
+    }
+    for (who, v) in f.runs.refused("c18-connect-not-allowed") {
+        assert!(
+            v.detail["denied"].as_str().unwrap().contains("not-allowed"),
+            "{who}: {v:#?}"
+        );
+    }
+    f.runs.held("c18-curl-not-allowed");
     never_seen(f, "c18");
 }
 
 #[test]
 fn case_19_plain_http_get_to_a_non_allowed_host_is_403() {
     let Some(f) = family() else { return };
-    f.ran.reached("ctl-plain");
-    f.ran.refused("c19-get-deny-list");
-    f.ran.refused("c19-get-not-allowed");
+    f.runs.reached("ctl-plain");
+    f.runs.refused("c19-get-deny-list");
+    f.runs.refused("c19-get-not-allowed");
     never_seen(f, "c19");
 }
 
@@ -399,14 +461,15 @@ fn case_19_plain_http_get_to_a_non_allowed_host_is_403() {
 fn case_20_connect_to_a_with_sni_b_is_denied() {
     let Some(f) = family() else { return };
     // The probe's ClientHello is answered when the SNI matches: a held verdict below is the proxy's doing.
-    f.ran.reached("ctl-sni-match");
-    f.ran.reached("c20-passthrough-sni-match");
+    f.runs.reached("ctl-sni-match");
+    f.runs.reached("c20-passthrough-sni-match");
     for id in ["c20-sni-allowed-other", "c20-sni-denied", "c20-passthrough-sni-other"] {
-        let v = f.ran.held(id);
-        assert_eq!(
-            v.detail["connect_status"], 200,
-            "{id} should fail at the ClientHello, not before: {v:#?}"
-        );
+        for (who, v) in f.runs.held(id) {
+            assert_eq!(
+                v.detail["connect_status"], 200,
+                "{id} should fail at the ClientHello, not before ({who} launcher): {v:#?}"
+            );
+        }
     }
 }
 
@@ -414,21 +477,27 @@ fn case_20_connect_to_a_with_sni_b_is_denied() {
 fn case_21_host_or_authority_other_than_the_sni_is_denied() {
     let Some(f) = family() else { return };
     for id in ["c21-host-h1", "c21-authority-h2", "c21-request-target-in-tunnel"] {
-        let v = f.ran.held(id);
-        assert!(
-            v.stdout().starts_with("403 200"),
-            "{id}: not refused with a 403 inside the tunnel: {v:#?}"
-        );
+        for (who, v) in f.runs.held(id) {
+            assert!(
+                v.stdout().starts_with("403 200"),
+                "{id} ({who} launcher): not refused with a 403 inside the tunnel: {v:#?}"
+            );
+        }
     }
     // Plain HTTP: the proxy may refuse, or forward with `Host` rewritten to the URL's authority (RFC 9112 §3.2.2);
     // never with the other name.
-    if f.ran.verdict("c21-host-plain").escaped {
-        let got = f
-            .plain
-            .seen()
-            .into_iter()
-            .find(|s| s.target == "/c21-plain")
-            .expect("forwarded, not received");
+    for ((who, v), (_, got)) in f.runs.verdicts("c21-host-plain").into_iter().zip(per_run(f)) {
+        if v.escaped {
+            let got = got
+                .plain
+                .iter()
+                .find(|s| s.target == "/c21-plain")
+                .unwrap_or_else(|| panic!("forwarded, not received ({who} launcher)"));
+            let want = format!("plain.test:{}", f.plain.port);
+            assert_eq!(got.header("host"), Some(want.as_str()), "{who}: {got:?}");
+        }
+    }
+    for got in f.plain.seen().iter().filter(|s| s.target == "/c21-plain") {
         let want = format!("plain.test:{}", f.plain.port);
         assert_eq!(got.header("host"), Some(want.as_str()), "{got:?}");
     }
@@ -441,38 +510,50 @@ fn case_21_host_or_authority_other_than_the_sni_is_denied() {
 #[test]
 fn case_22_h2_through_interception_is_policed_per_request_and_intact() {
     let Some(f) = family() else { return };
-    let v = f.ran.reached("c22-h2-two-requests");
-    let out = v.stdout();
-    assert!(out.contains("GET /c22-one") && out.contains("GET /c22-two"), "{v:#?}");
-    assert!(
-        out.lines().filter(|l| l.trim() == "2").count() == 2,
-        "not HTTP/2 to the proxy: {v:#?}"
-    );
-    f.ran.reached("c22-h2-allowed-path");
-    let v = f.ran.held("c22-h2-forbidden-path");
-    assert!(v.stdout().starts_with("403"), "{v:#?}");
-    assert!(seen(&f.tls, "/allowed/c22") && !seen(&f.tls, "c22-forbidden"));
-    let v = f.ran.reached("c22-h2-upload");
-    let sent = v.stdout().split_whitespace().next().unwrap().to_string();
-    let got = f
-        .tls
-        .seen()
-        .into_iter()
-        .find(|s| s.target == "/c22-upload")
-        .expect("the upload never arrived");
-    assert_eq!(got.body_len, 1_048_576, "{got:?}");
-    assert_eq!(got.body_sha256, sent, "the body was corrupted on the way");
+    for (who, v) in f.runs.reached("c22-h2-two-requests") {
+        let out = v.stdout();
+        assert!(
+            out.contains("GET /c22-one") && out.contains("GET /c22-two"),
+            "{who}: {v:#?}"
+        );
+        assert!(
+            out.lines().filter(|l| l.trim() == "2").count() == 2,
+            "not HTTP/2 to the proxy ({who} launcher): {v:#?}"
+        );
+    }
+    f.runs.reached("c22-h2-allowed-path");
+    for (who, v) in f.runs.held("c22-h2-forbidden-path") {
+        assert!(v.stdout().starts_with("403"), "{who}: {v:#?}");
+    }
+    for (who, got) in per_run(f) {
+        assert!(seen(&got.tls, "/allowed/c22"), "{who}: {:?}", got.tls);
+    }
+    assert!(!seen(&f.tls.seen(), "c22-forbidden"));
+    for ((who, v), (_, got)) in f.runs.reached("c22-h2-upload").into_iter().zip(per_run(f)) {
+        let sent = v.stdout().split_whitespace().next().unwrap().to_string();
+        let got = got
+            .tls
+            .iter()
+            .find(|s| s.target == "/c22-upload")
+            .unwrap_or_else(|| panic!("the upload never arrived ({who} launcher)"));
+        assert_eq!(got.body_len, 1_048_576, "{who}: {got:?}");
+        assert_eq!(
+            got.body_sha256, sent,
+            "the body was corrupted on the way ({who} launcher)"
+        );
+    }
 }
 
 #[test]
 fn case_23_websocket_upgrades_are_policed_and_stay_on_their_host() {
     let Some(f) = family() else { return };
-    let v = f.ran.reached("c23-ws-allowed");
-    assert_eq!(v.status(), Some(101), "{v:#?}");
-    f.ran.refused("c23-ws-bad-path");
-    f.ran.refused("c23-ws-denied-host");
-    f.ran.held("c23-ws-tls-bad-path");
-    f.ran.reached("c23-ws-tls-allowed");
+    for (who, v) in f.runs.reached("c23-ws-allowed") {
+        assert_eq!(v.status(), Some(101), "{who}: {v:#?}");
+    }
+    f.runs.refused("c23-ws-bad-path");
+    f.runs.refused("c23-ws-denied-host");
+    f.runs.held("c23-ws-tls-bad-path");
+    f.runs.reached("c23-ws-tls-allowed");
     for up in [&f.tls, &f.plain] {
         let upgrades: Vec<String> = up
             .seen()
@@ -485,45 +566,53 @@ fn case_23_websocket_upgrades_are_policed_and_stay_on_their_host() {
             "a refused upgrade reached an upstream: {upgrades:?}"
         );
     }
-    assert!(seen(&f.plain, "/ws/ok") && seen(&f.tls, "/ws/ok"));
+    for (who, got) in per_run(f) {
+        assert!(
+            seen(&got.plain, "/ws/ok") && seen(&got.tls, "/ws/ok"),
+            "{who}: {:?} {:?}",
+            got.plain,
+            got.tls
+        );
+    }
 }
 
 #[test]
 fn case_24_request_smuggling_never_reaches_upstream() {
     let Some(f) = family() else { return };
     for mode in ["cl-te", "te-cl", "double-cl", "te-space", "get-body"] {
-        f.ran.held(&format!("c24-smuggle-{mode}"));
+        f.runs.held(&format!("c24-smuggle-{mode}"));
     }
-    f.ran.reached("ctl-openssl-tunnel");
-    f.ran.held("c24-smuggle-in-tunnel");
+    f.runs.reached("ctl-openssl-tunnel");
+    f.runs.held("c24-smuggle-in-tunnel");
     never_seen(f, "/smuggled");
 }
 
 #[test]
 fn case_25_post_to_a_get_only_rule_is_403_before_any_body_byte() {
     let Some(f) = family() else { return };
-    f.ran.held("c25-post-tls");
-    f.ran.held("c25-post-plain");
+    f.runs.held("c25-post-tls");
+    f.runs.held("c25-post-plain");
     never_seen(f, "c25-post");
 }
 
 #[test]
 fn case_26_git_push_is_403_where_only_fetch_is_allowed() {
     let Some(f) = family() else { return };
-    f.ran.reached("c26-fetch-refs");
-    f.ran.reached("c26-fetch-pack");
-    f.ran.held("c26-push-refs");
-    f.ran.held("c26-push-pack");
-    f.ran.held("c26-git-push");
+    f.runs.reached("c26-fetch-refs");
+    f.runs.reached("c26-fetch-pack");
+    f.runs.held("c26-push-refs");
+    f.runs.held("c26-push-pack");
+    f.runs.held("c26-git-push");
     never_seen(f, "git-receive-pack");
 }
 
 #[test]
 fn case_27_wildcards_do_not_match_the_apex_and_too_broad_ones_are_rejected() {
     let Some(f) = family() else { return };
-    f.ran.reached("c27-wildcard-subdomain");
-    let v = f.ran.held("c27-wildcard-apex");
-    assert_eq!(v.stdout(), "000 403", "refused at CONNECT: {v:#?}");
+    f.runs.reached("c27-wildcard-subdomain");
+    for (who, v) in f.runs.held("c27-wildcard-apex") {
+        assert_eq!(v.stdout(), "000 403", "refused at CONNECT ({who} launcher): {v:#?}");
+    }
     for (name, pattern) in [
         ("c27-star", "*"),
         ("c27-star-com", "*.com"),
@@ -536,11 +625,11 @@ fn case_27_wildcards_do_not_match_the_apex_and_too_broad_ones_are_rejected() {
 #[test]
 fn case_28_case_and_trailing_dot_get_the_same_decision() {
     let Some(f) = family() else { return };
-    f.ran.reached("c28-connect-upper-dot");
-    f.ran.reached("c28-connect-dot");
-    f.ran.reached("c28-get-upper-dot");
-    f.ran.refused("c28-connect-denied-upper-dot");
-    f.ran.refused("c28-get-denied-mixed-dot");
+    f.runs.reached("c28-connect-upper-dot");
+    f.runs.reached("c28-connect-dot");
+    f.runs.reached("c28-get-upper-dot");
+    f.runs.refused("c28-connect-denied-upper-dot");
+    f.runs.refused("c28-get-denied-mixed-dot");
 }
 
 #[test]
@@ -553,12 +642,15 @@ fn case_29_l7_rules_or_credentials_on_a_passthrough_host_refuse_to_load() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(format!("{name}.toml"));
         std::fs::write(&path, toml).unwrap();
-        let out = refused_launch(f, name, &["--policy".to_string(), path.display().to_string()]);
-        assert!(
-            String::from_utf8_lossy(&out.stderr).contains("passthrough"),
-            "{}",
-            scenario::text(&out)
-        );
+        // Both launchers read the policy.
+        scenario::readable(&[dir.path(), &path]);
+        for (who, out) in refused_launch(f, name, &["--policy".to_string(), path.display().to_string()]) {
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("passthrough"),
+                "{who}: {}",
+                scenario::text(&out)
+            );
+        }
     }
 }
 
@@ -575,12 +667,16 @@ fn case_30_malformed_oversized_and_slow_requests_close_and_the_proxy_keeps_servi
         "many-headers",
         "huge-chunk",
     ] {
-        f.ran.held(&format!("c30-{kind}"));
+        f.runs.held(&format!("c30-{kind}"));
     }
-    let v = f.ran.held("c30-slowloris");
-    let ms = v.detail["closed_after_ms"].as_u64().unwrap();
-    assert!(ms <= 20_000, "the proxy waited {ms} ms for a request head");
-    f.ran.reached("c30-still-serving");
+    for (who, v) in f.runs.held("c30-slowloris") {
+        let ms = v.detail["closed_after_ms"].as_u64().unwrap();
+        assert!(
+            ms <= 20_000,
+            "the proxy waited {ms} ms for a request head ({who} launcher)"
+        );
+    }
+    f.runs.reached("c30-still-serving");
     for kind in [
         "garbage",
         "no-version",
@@ -594,12 +690,14 @@ fn case_30_malformed_oversized_and_slow_requests_close_and_the_proxy_keeps_servi
         never_seen(f, &format!("/c30-{kind}"));
     }
     never_seen(f, "/c30-slow");
-    assert!(seen(&f.plain, "/c30-after"));
+    for (who, got) in per_run(f) {
+        assert!(seen(&got.plain, "/c30-after"), "{who}: {:?}", got.plain);
+    }
 }
 
 #[test]
 fn extra_a_tunnel_to_an_intercepted_host_carries_only_tls() {
     let Some(f) = family() else { return };
-    f.ran.held("x-connect-then-plaintext");
+    f.runs.held("x-connect-then-plaintext");
     never_seen(f, "x-plain");
 }

@@ -1,13 +1,15 @@
 //! Escape cases 1–13, raw egress: every way out that is not the proxy, and the proxy asked for what it must not reach.
 //! One bottle runs every attempt; the lab around it owns every address the attempts aim at, so an attempt that gets
-//! out lands on a decoy that counts it. A second, detached bottle stands in for "another bottle" (case 10).
+//! out lands on a decoy that counts it. A second, detached bottle stands in for "another bottle" (case 10). The same
+//! attempts run in two bottles, one launched by root and one by an unprivileged user (`nobody`); the decoys are
+//! shared, so a contact from either counts.
 
 use std::net::IpAddr;
 use std::sync::OnceLock;
 
 use crate::decoys::{self, Decoy, Upstream};
 use crate::lab::Lab;
-use crate::scenario::{self, Env, Launch, Ran, Script, s};
+use crate::scenario::{self, Env, LAUNCHERS, Launch, Runs, Script, s};
 
 /// The other bottle: its lease address, its host-side proxy port, and a service on its address.
 struct Other {
@@ -19,7 +21,9 @@ struct Other {
 
 struct Raw {
     _lab: Lab,
-    ran: Ran,
+    runs: Runs,
+    /// The questions the lab's DNS heard during each run.
+    dns_per_run: Vec<(&'static str, Vec<String>)>,
     /// The host's own HTTP service on loopback.
     lo_http: Upstream,
     lo_v6: Decoy,
@@ -41,7 +45,7 @@ fn family() -> Option<&'static Raw> {
         return None;
     }
     let f = scenario::shared(&FAMILY, setup);
-    f.ran.tools_present();
+    f.runs.tools_present();
     Some(f)
 }
 
@@ -73,7 +77,8 @@ fn setup() -> Raw {
     let agent_path = env.host().join("agent.sock");
     let agent = decoys::unix(&agent_path);
 
-    // Another bottle, running, with a service on its lease address.
+    // Another bottle, running, with a service on its lease address. It is a decoy, not an attempt: root launches it
+    // (in root's directories) and both launchers' bottles try to reach it.
     let out = scenario::output_within(
         Launch::new(&lab, &env, "raw-other")
             .flags(&["-d"])
@@ -237,10 +242,27 @@ fn setup() -> Raw {
         "--allow",
         &format!("rebind.test:{lo}"),
     ];
-    let ran = Launch::new(&lab, &env, "raw")
-        .flags(&flags)
-        .var("SSH_AUTH_SOCK", agent_path.display())
-        .run(&sc);
+    let mut runs = Vec::new();
+    let mut dns_per_run = Vec::new();
+    for (who, user) in LAUNCHERS {
+        let own;
+        let run_env = match user {
+            None => &env,
+            Some(uid) => {
+                own = Env::new();
+                own.open_to(uid);
+                &own
+            }
+        };
+        let before = dns.log.count();
+        let ran = Launch::new(&lab, run_env, &format!("raw-{who}"))
+            .user(user)
+            .flags(&flags)
+            .var("SSH_AUTH_SOCK", agent_path.display())
+            .run(&sc);
+        runs.push((who, ran));
+        dns_per_run.push((who, dns.log.lines().split_off(before)));
+    }
     let audit_lines = env.audit("raw-other").len();
     let stop = scenario::output_within(
         env.bb(&lab, None, &["stop".into(), "raw-other".into()]),
@@ -248,7 +270,8 @@ fn setup() -> Raw {
     );
     assert!(stop.status.success(), "{}", scenario::text(&stop));
     Raw {
-        ran,
+        runs: Runs(runs),
+        dns_per_run,
         lo_http,
         lo_v6,
         lo_udp,
@@ -301,7 +324,7 @@ fn case_01_noproxy_direct_connect_fails() {
         "c01-curl-noproxy-loopback",
         "c01-curl-noproxy-internet",
     ] {
-        f.ran.held(id);
+        f.runs.held(id);
     }
     nothing_landed(f);
 }
@@ -309,8 +332,8 @@ fn case_01_noproxy_direct_connect_fails() {
 #[test]
 fn case_02_dev_tcp_to_an_ip_literal_fails() {
     let Some(f) = family() else { return };
-    f.ran.held("c02-bash-dev-tcp");
-    f.ran.held("c02-tcp-ip-literal");
+    f.runs.held("c02-bash-dev-tcp");
+    f.runs.held("c02-tcp-ip-literal");
     assert_eq!(f.web80.log.count(), 0, "{:?}", f.web80.log.lines());
 }
 
@@ -323,15 +346,15 @@ fn case_03_icmp_ping_is_denied_or_dropped() {
         "c03-ping-raw-v6",
         "c03-ping-dgram-v6",
     ] {
-        f.ran.held(id);
+        f.runs.held(id);
     }
 }
 
 #[test]
 fn case_04_udp_sendto_is_dropped() {
     let Some(f) = family() else { return };
-    f.ran.held("c04-udp-internet");
-    f.ran.held("c04-udp-host-loopback");
+    f.runs.held("c04-udp-internet");
+    f.runs.held("c04-udp-host-loopback");
     assert_eq!(f.lo_udp.log.count(), 0, "{:?}", f.lo_udp.log.lines());
     assert_eq!(f.udp_any.log.count(), 0, "{:?}", f.udp_any.log.lines());
 }
@@ -339,23 +362,24 @@ fn case_04_udp_sendto_is_dropped() {
 #[test]
 fn case_05_quic_on_udp_443_is_dropped() {
     let Some(f) = family() else { return };
-    f.ran.held("c05-quic-v4");
-    f.ran.held("c05-quic-v6");
+    f.runs.held("c05-quic-v4");
+    f.runs.held("c05-quic-v6");
     assert_eq!(f.udp_any.log.count(), 0, "{:?}", f.udp_any.log.lines());
 }
 
 #[test]
 fn case_06_ipv6_literals_and_aaaa_are_dropped() {
     let Some(f) = family() else { return };
-    f.ran.held("c06-tcp-v6-literal");
-    f.ran.held("c06-tcp-v6-host-loopback");
-    f.ran.held("c06-udp-v6-literal");
-    f.ran.refused("c06-proxy-v6-literal");
-    let v = f.ran.refused("c06-proxy-v6-name");
-    assert!(
-        v.detail["denied"].as_str().unwrap().contains("private-address"),
-        "{v:#?}"
-    );
+    f.runs.held("c06-tcp-v6-literal");
+    f.runs.held("c06-tcp-v6-host-loopback");
+    f.runs.held("c06-udp-v6-literal");
+    f.runs.refused("c06-proxy-v6-literal");
+    for (who, v) in f.runs.refused("c06-proxy-v6-name") {
+        assert!(
+            v.detail["denied"].as_str().unwrap().contains("private-address"),
+            "{who}: {v:#?}"
+        );
+    }
     assert_eq!(f.lo_v6.log.count(), 0, "{:?}", f.lo_v6.log.lines());
     nothing_landed(f);
 }
@@ -369,18 +393,19 @@ fn case_07_ssh_on_port_22_is_blocked() {
         "c07-ssh-client",
         "c07-ssh-client-literal",
     ] {
-        f.ran.held(id);
+        f.runs.held(id);
     }
-    f.ran.refused("c07-proxy-connect-22");
+    f.runs.refused("c07-proxy-connect-22");
     assert_eq!(f.ssh.log.count(), 0, "{:?}", f.ssh.log.lines());
 }
 
 #[test]
 fn case_08_ssh_over_connect_443_is_blocked_and_no_agent_socket_exists() {
     let Some(f) = family() else { return };
-    f.ran.refused("c08-proxy-connect-ssh-443");
-    let v = f.ran.held("c08-ssh-agent");
-    assert!(v.evidence.contains("nothing reachable"), "{v:#?}");
+    f.runs.refused("c08-proxy-connect-ssh-443");
+    for (who, v) in f.runs.held("c08-ssh-agent") {
+        assert!(v.evidence.contains("nothing reachable"), "{who}: {v:#?}");
+    }
     assert_eq!(
         f.agent.log.count(),
         0,
@@ -392,25 +417,27 @@ fn case_08_ssh_over_connect_443_is_blocked_and_no_agent_socket_exists() {
 #[test]
 fn case_09_port_scan_of_loopback_finds_only_the_proxy() {
     let Some(f) = family() else { return };
-    let v = f.ran.held("c09-port-scan");
-    assert_eq!(
-        v.detail["open"],
-        serde_json::json!([3128]),
-        "the proxy must be the one open port: {v:#?}"
-    );
-    assert!(v.detail["scanned"].as_u64().unwrap() >= 4096, "{v:#?}");
-    let v = f.ran.held("c09-port-scan-v6");
-    assert_eq!(v.detail["open"], serde_json::json!([]), "{v:#?}");
+    for (who, v) in f.runs.held("c09-port-scan") {
+        assert_eq!(
+            v.detail["open"],
+            serde_json::json!([3128]),
+            "the proxy must be the one open port ({who} launcher): {v:#?}"
+        );
+        assert!(v.detail["scanned"].as_u64().unwrap() >= 4096, "{who}: {v:#?}");
+    }
+    for (who, v) in f.runs.held("c09-port-scan-v6") {
+        assert_eq!(v.detail["open"], serde_json::json!([]), "{who}: {v:#?}");
+    }
     nothing_landed(f);
 }
 
 #[test]
 fn case_10_another_bottles_address_and_proxy_are_refused() {
     let Some(f) = family() else { return };
-    f.ran.held("c10-other-proxy-direct");
-    f.ran.held("c10-other-service-direct");
-    f.ran.refused("c10-other-proxy-via-proxy");
-    f.ran.refused("c10-other-service-via-proxy");
+    f.runs.held("c10-other-proxy-direct");
+    f.runs.held("c10-other-service-direct");
+    f.runs.refused("c10-other-proxy-via-proxy");
+    f.runs.refused("c10-other-service-via-proxy");
     let o = &f.other;
     assert_eq!(
         o.service.log.count(),
@@ -443,14 +470,15 @@ fn case_11_proxy_refuses_loopback_private_metadata_and_ula_targets() {
         "c11-get-metadata",
         "c11-get-localhost-name",
     ] {
-        f.ran.refused(id);
+        f.runs.refused(id);
     }
     for id in ["c11-get-name-rfc1918", "c11-get-name-metadata", "c11-get-name-ula"] {
-        let v = f.ran.refused(id);
-        assert!(
-            v.detail["denied"].as_str().unwrap().contains("private-address"),
-            "{id}: {v:#?}"
-        );
+        for (who, v) in f.runs.refused(id) {
+            assert!(
+                v.detail["denied"].as_str().unwrap().contains("private-address"),
+                "{id} ({who} launcher): {v:#?}"
+            );
+        }
     }
     nothing_landed(f);
 }
@@ -459,19 +487,21 @@ fn case_11_proxy_refuses_loopback_private_metadata_and_ula_targets() {
 fn case_12_dns_rebinding_to_a_private_address_is_refused() {
     let Some(f) = family() else { return };
     for id in ["c12-rebind-get", "c12-rebind-connect"] {
-        let v = f.ran.refused(id);
-        assert!(
-            v.detail["denied"].as_str().unwrap().contains("private-address"),
-            "{id}: {v:#?}"
-        );
+        for (who, v) in f.runs.refused(id) {
+            assert!(
+                v.detail["denied"].as_str().unwrap().contains("private-address"),
+                "{id} ({who} launcher): {v:#?}"
+            );
+        }
     }
     // The proxy really asked DNS (this is rebinding, not a not-allowed name), then refused the answer.
-    assert!(
-        f.dns.log.lines().iter().any(|l| l.contains("rebind.test")),
-        "the proxy never resolved rebind.test through the lab's DNS (a host whose nsswitch uses `resolve` \
-         bypasses it): {:?}",
-        f.dns.log.lines()
-    );
+    for (who, lines) in &f.dns_per_run {
+        assert!(
+            lines.iter().any(|l| l.contains("rebind.test")),
+            "the {who} launcher's proxy never resolved rebind.test through the lab's DNS (a host whose nsswitch \
+             uses `resolve` bypasses it): {lines:?}"
+        );
+    }
     nothing_landed(f);
 }
 
@@ -479,13 +509,17 @@ fn case_12_dns_rebinding_to_a_private_address_is_refused() {
 fn case_13_a_non_allowed_host_fails_fast_with_a_policy_error() {
     let Some(f) = family() else { return };
     for id in ["c13-not-allowed-connect", "c13-not-allowed-get"] {
-        let v = f.ran.refused(id);
-        assert!(
-            v.detail["denied"].as_str().unwrap().contains("rule=not-allowed"),
-            "{v:#?}"
-        );
-        let ms = v.detail["elapsed_ms"].as_u64().unwrap();
-        assert!(ms < 2000, "{id}: a refusal that takes {ms} ms looks like a hang");
+        for (who, v) in f.runs.refused(id) {
+            assert!(
+                v.detail["denied"].as_str().unwrap().contains("rule=not-allowed"),
+                "{who}: {v:#?}"
+            );
+            let ms = v.detail["elapsed_ms"].as_u64().unwrap();
+            assert!(
+                ms < 2000,
+                "{id} ({who} launcher): a refusal that takes {ms} ms looks like a hang"
+            );
+        }
     }
     assert!(
         !f.dns.log.lines().iter().any(|l| l.contains("nothere")),
@@ -511,7 +545,7 @@ fn extra_numeric_mapped_and_unspecified_spellings_of_loopback_are_refused() {
         "x-connect-mapped-v6",
         "x-connect-unspecified",
     ] {
-        f.ran.held(id);
+        f.runs.held(id);
     }
     nothing_landed(f);
 }

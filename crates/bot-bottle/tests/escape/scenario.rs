@@ -492,6 +492,86 @@ impl Ran {
     }
 }
 
+/// Lets an unprivileged launcher read what it is handed on the host side (a policy, an upstream CA): directories
+/// 0755, files 0644.
+pub fn readable(paths: &[&Path]) {
+    for p in paths {
+        let mode = if p.is_dir() { 0o755 } else { 0o644 };
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+}
+
+/// Who launches a family's shared bottle: root, and an unprivileged user (`nobody`), because the two take different
+/// paths through the user namespace. Every family that runs twice asserts the same verdicts for both.
+pub const LAUNCHERS: [(&str, Option<u32>); 2] = [("root", None), ("nobody", Some(NOBODY))];
+
+/// The same script's runs, one per launcher; each check holds for every run and names the launcher that failed it.
+pub struct Runs(pub Vec<(&'static str, Ran)>);
+
+impl Runs {
+    /// Step `id`'s verdict in every run.
+    pub fn verdicts(&self, id: &str) -> Vec<(&'static str, &Verdict)> {
+        self.0.iter().map(|(who, r)| (*who, r.verdict(id))).collect()
+    }
+
+    /// Step `id` held in every run.
+    pub fn held(&self, id: &str) -> Vec<(&'static str, &Verdict)> {
+        let vs = self.verdicts(id);
+        for (who, v) in &vs {
+            assert!(
+                !v.escaped,
+                "ESCAPE ({who} launcher) in step {id} ({}): {}\n{v:#?}",
+                v.case, v.evidence
+            );
+        }
+        vs
+    }
+
+    /// Step `id` is a control that succeeded in every run.
+    pub fn reached(&self, id: &str) -> Vec<(&'static str, &Verdict)> {
+        for (who, r) in &self.0 {
+            let v = r.verdict(id);
+            assert!(
+                v.escaped,
+                "control step {id} failed ({who} launcher): {}\n{v:#?}\n{}",
+                v.evidence,
+                r.context()
+            );
+        }
+        self.verdicts(id)
+    }
+
+    /// Step `id` held with an explicit policy refusal (403 + `x-bottle-denied`) in every run.
+    pub fn refused(&self, id: &str) -> Vec<(&'static str, &Verdict)> {
+        let vs = self.held(id);
+        for (who, v) in &vs {
+            assert_eq!(
+                v.status(),
+                Some(403),
+                "step {id} was not refused with a 403 ({who} launcher): {v:#?}"
+            );
+            assert!(
+                v.detail["denied"].is_string(),
+                "step {id}: no x-bottle-denied header ({who} launcher): {v:#?}"
+            );
+        }
+        vs
+    }
+
+    /// The `ctl-tools` control passed in every run.
+    pub fn tools_present(&self) -> &Self {
+        for (who, r) in &self.0 {
+            let v = r.verdict("ctl-tools");
+            assert!(
+                v.escaped,
+                "a tool the scenario drives is missing in the bottle ({who} launcher): {}",
+                v.stdout()
+            );
+        }
+        self
+    }
+}
+
 /// One `bot-bottle run` of a scenario: which lab, which directories, which user, which flags and host variables.
 pub struct Launch<'a> {
     lab: &'a Lab,
