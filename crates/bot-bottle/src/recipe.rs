@@ -114,16 +114,8 @@ pub fn run(req: Request) -> anyhow::Result<u8> {
         }
         e
     });
-    let (status, code, error) = match &result {
-        Ok(code) => (Status::Exited, Some(i32::from(*code)), None),
-        Err(e) => (Status::Failed, None, Some(format!("{e:#}"))),
-    };
-    bottle.set(|s| {
-        s.status = status;
-        s.exit_code = code;
-        s.error = error;
-    })?;
-    let _ = std::fs::remove_file(bottle.dir.file(bottle_proxy_ca_key()));
+    bottle.set(record_outcome(&result))?;
+    let _ = std::fs::remove_file(bottle.dir.file(bottle_proxy::CA_KEY_FILE));
     if req.remove {
         let Launching { dir, lease, .. } = bottle;
         drop(lease);
@@ -301,8 +293,18 @@ fn exit_code(status: std::process::ExitStatus) -> u8 {
     }
 }
 
-fn bottle_proxy_ca_key() -> &'static str {
-    "ca-key.pem"
+/// How a finished launch is recorded, whatever the backend: exited with the agent's code, or failed with the
+/// whole error chain.
+pub(crate) fn record_outcome(result: &anyhow::Result<u8>) -> impl FnOnce(&mut BottleState) + use<> {
+    let (status, code, error) = match result {
+        Ok(code) => (Status::Exited, Some(i32::from(*code)), None),
+        Err(e) => (Status::Failed, None, Some(format!("{e:#}"))),
+    };
+    move |s| {
+        s.status = status;
+        s.exit_code = code;
+        s.error = error;
+    }
 }
 
 pub(crate) fn command(req: &Request) -> anyhow::Result<Vec<String>> {

@@ -55,7 +55,7 @@ pub const MACHINE_FILE: &str = "machine.json";
 const INTERCEPTOR_KEY: &str = "interceptor";
 const PROXY_KEY: &str = "proxy";
 /// Minted by the proxy into the state dir; deleted once the bottle is down (as the namespace recipe does).
-const CA_KEY_FILE: &str = "ca-key.pem";
+use bottle_proxy::CA_KEY_FILE;
 
 /// A step of the recipe that failed, with what it was doing. `exit_code` maps it for `exit::classify`.
 #[derive(Debug, thiserror::Error)]
@@ -284,15 +284,7 @@ fn launch(req: Request, engine: &Engine, root: &Path, tuning: Tuning, steps: &St
         (Err(cause), Ok(())) => Err(cause),
         (Err(cause), Err(left)) => Err(cause.context(format!("teardown after this failure also failed: {left}"))),
     };
-    let (status, code, error) = match &result {
-        Ok(code) => (Status::Exited, Some(i32::from(*code)), None),
-        Err(e) => (Status::Failed, None, Some(format!("{e:#}"))),
-    };
-    bottle.record(|s| {
-        s.status = status;
-        s.exit_code = code;
-        s.error = error;
-    })?;
+    bottle.record(recipe::record_outcome(&result))?;
     let _ = std::fs::remove_file(bottle.dir.file(CA_KEY_FILE));
     if req.remove {
         let path = bottle.dir.path.clone();

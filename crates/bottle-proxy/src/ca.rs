@@ -20,6 +20,9 @@ use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use crate::decide::Target;
 
 /// The CA key: readable by the owner only, and created with that mode (never briefly world-readable).
+/// Names of the minted CA's files in the bottle's state dir (the key is 0600 and never leaves the host).
+pub const CA_CERT_FILE: &str = "ca.pem";
+pub const CA_KEY_FILE: &str = "ca-key.pem";
 const CA_KEY_MODE: u32 = 0o600;
 const CA_CERT_MODE: u32 = 0o644;
 const STATE_DIR_MODE: u32 = 0o700;
@@ -100,7 +103,7 @@ impl Ca {
             (Some(c), Some(k)) => (c.to_path_buf(), k.to_path_buf()),
             (None, None) => {
                 ensure_state_dir(state_dir)?;
-                let (c, k) = (state_dir.join("ca.pem"), state_dir.join("ca-key.pem"));
+                let (c, k) = (state_dir.join(CA_CERT_FILE), state_dir.join(CA_KEY_FILE));
                 if !c.exists() || !k.exists() {
                     mint_ca(&c, &k, bottle)?;
                 }

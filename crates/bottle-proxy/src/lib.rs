@@ -29,7 +29,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 pub use audit::AuditError;
-pub use ca::CaError;
+pub use ca::{CA_CERT_FILE, CA_KEY_FILE, CaError};
 pub use credentials::{CredentialError, PLACEHOLDER_PREFIX};
 pub use deny::DENIED_HEADER;
 pub use interceptor::{Interceptor, Refusal, Route};
