@@ -450,13 +450,6 @@ impl Ran {
         }
     }
 
-    /// Step `id` made its attempt and the confinement held.
-    pub fn held(&self, id: &str) -> &Verdict {
-        let v = self.verdict(id);
-        assert!(!v.escaped, "ESCAPE in step {id} ({}): {}\n{v:#?}", v.case, v.evidence);
-        v
-    }
-
     /// Step `id` is a control that must succeed (the allowed path works, so the held ones mean something).
     pub fn reached(&self, id: &str) -> &Verdict {
         let v = self.verdict(id);
@@ -478,17 +471,6 @@ impl Ran {
             v.stdout()
         );
         self
-    }
-
-    /// Step `id` held with an explicit policy refusal (403 + `x-bottle-denied`), not a hang or an error.
-    pub fn refused(&self, id: &str) -> &Verdict {
-        let v = self.held(id);
-        assert_eq!(v.status(), Some(403), "step {id} was not refused with a 403: {v:#?}");
-        assert!(
-            v.detail["denied"].is_string(),
-            "step {id}: no x-bottle-denied header: {v:#?}"
-        );
-        v
     }
 }
 
