@@ -159,9 +159,23 @@ fn assert_no_process_left(needle: &str) {
     }
 }
 
+/// Writes an executable script. A child `sh` does the writing, so the write descriptor never exists in this
+/// multi-threaded test process: a sibling test's fork would otherwise inherit it for an instant, and running the
+/// script then fails with ETXTBSY ("Text file busy").
 fn script(path: &Path, body: &str) {
-    fs::write(path, format!("#!/bin/sh\nset -e\n{body}\n")).unwrap();
-    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+    use std::io::Write;
+    let mut sh = std::process::Command::new("/bin/sh")
+        .args(["-c", "cat > \"$1\" && chmod 755 \"$1\"", "sh"])
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = sh.stdin.take().unwrap();
+    stdin
+        .write_all(format!("#!/bin/sh\nset -e\n{body}\n").as_bytes())
+        .unwrap();
+    drop(stdin);
+    assert!(sh.wait().unwrap().success(), "could not write {}", path.display());
 }
 
 /// A stand-in engine for what the real one cannot be made to do here.

@@ -347,9 +347,22 @@ fn stub_engine(real: &Engine, cc: &Path, bin: &Path, guest_dir: &Path) -> Engine
     }
 }
 
+/// Writes an executable script through a child `sh`, so that no sibling test's fork can inherit the write
+/// descriptor and make running the script fail with ETXTBSY (see smolvm_db.rs).
 fn script(path: &Path, body: &str) {
-    fs::write(path, format!("#!/bin/sh\nset -e\n{body}\n")).unwrap();
-    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+    use std::io::Write;
+    let mut sh = std::process::Command::new("/bin/sh")
+        .args(["-c", "cat > \"$1\" && chmod 755 \"$1\"", "sh"])
+        .arg(path)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = sh.stdin.take().unwrap();
+    stdin
+        .write_all(format!("#!/bin/sh\nset -e\n{body}\n").as_bytes())
+        .unwrap();
+    drop(stdin);
+    assert!(sh.wait().unwrap().success(), "could not write {}", path.display());
 }
 
 /// The real engine in a private mount namespace whose /dev has no kvm node (research/smolvm-harness/nokvm.sh).
