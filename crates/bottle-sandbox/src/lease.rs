@@ -32,6 +32,10 @@ pub enum LeaseError {
     Write { path: PathBuf, source: io::Error },
     #[error("a bottle named `{name}` is already running (pid {pid}, address {addr})")]
     NameInUse { name: String, pid: u32, addr: Ipv4Addr },
+    #[error(
+        "cannot read the start time of process {pid} (/proc/{pid}/stat); a lease without it would look dead and could be taken by another bottle"
+    )]
+    Owner { pid: u32 },
     #[error("all {size} addresses of the pool 127.0.0.{first}..=127.0.0.{last} are leased; stop a bottle first")]
     Exhausted { size: usize, first: u8, last: u8 },
 }
@@ -103,7 +107,8 @@ impl Registry {
             name: name.as_str().to_string(),
             addr: Ipv4Addr::new(127, 0, 0, octet),
             pid,
-            pid_start: pid_start_time(pid).unwrap_or(0),
+            // SECURITY: an unknown start time would make this lease look dead to every other launcher.
+            pid_start: pid_start_time(pid).ok_or(LeaseError::Owner { pid })?,
         };
         self.write(&record)?;
         Ok(Lease {
@@ -193,7 +198,7 @@ impl Lease {
         let registry = Registry::new(self.registry.clone());
         let _lock = registry.lock()?;
         self.record.pid = pid;
-        self.record.pid_start = pid_start_time(pid).unwrap_or(0);
+        self.record.pid_start = pid_start_time(pid).ok_or(LeaseError::Owner { pid })?;
         registry.write(&self.record)
     }
 
@@ -320,6 +325,14 @@ mod tests {
         assert!(process_alive(me, start));
         assert!(!process_alive(me, start + 1));
         assert!(!process_alive(u32::MAX, 0));
+    }
+
+    #[test]
+    fn an_owner_whose_start_time_cannot_be_read_gets_no_lease() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = Registry::new(tmp.path()).allocate(&name("a"), u32::MAX).unwrap_err();
+        assert!(matches!(err, LeaseError::Owner { pid: u32::MAX }), "{err}");
+        assert!(Registry::new(tmp.path()).list().unwrap().is_empty());
     }
 
     #[test]

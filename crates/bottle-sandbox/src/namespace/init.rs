@@ -107,23 +107,42 @@ fn outer(spec_path: &Path, control: &OwnedFd) -> Result<i32, InitError> {
         flags |= UnshareFlags::NEWCGROUP;
     }
     sys::unshare(flags).map_err(|source| InitError::Unshare { source })?;
+    // Only this process holds the write end: pid 1 sees EOF on the read end once we are gone.
+    let (alive_r, alive_w) =
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK)
+            .map_err(|e| InitError::Fork { source: e.into() })?;
     match sys::fork().map_err(|source| InitError::Fork { source })? {
         Forked::Child => {
-            let code = match pid_one(&spec, control) {
+            drop(alive_w);
+            let code = match outer_alive(&alive_r).and_then(|()| pid_one(&spec, control)) {
                 Ok(code) => code,
                 Err(e) => report(Some(control), &e),
             };
             sys::exit_child(code)
         }
         Forked::Parent { child } => {
+            drop(alive_r);
             sys::forward_signals_to(child).map_err(|source| InitError::Fork { source })?;
-            Ok(wait_for(child))
+            let code = wait_for(child);
+            drop(alive_w);
+            Ok(code)
         }
     }
 }
 
+/// Runs in pid 1 right after the fork: arms PDEATHSIG, then makes sure the outer init did not die before it was
+/// armed. SECURITY: pid 1 cannot ask `getppid()` (its parent is outside its pid namespace and reads as 0), so the
+/// check is the pipe whose only write end the outer init holds: EOF means it is gone, and so must we be.
+fn outer_alive(alive: &OwnedFd) -> Result<(), InitError> {
+    die_with_parent(false)?;
+    match rustix::io::read(alive, &mut [0u8; 1]) {
+        Err(rustix::io::Errno::AGAIN) => Ok(()),
+        _ => Err(InitError::LauncherGone),
+    }
+}
+
 /// Arms PDEATHSIG = SIGKILL. `check`: also verify the parent did not die before it was armed (pid 1 of a new
-/// pid namespace sees its parent as pid 0 and cannot check; its parent checks the control channel instead).
+/// pid namespace sees its parent as pid 0 and cannot check that way; see `outer_alive`).
 fn die_with_parent(check: bool) -> Result<(), InitError> {
     rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
         .map_err(|e| InitError::Fork { source: e.into() })?;
@@ -147,7 +166,6 @@ fn enter_user_namespace(spec: &InitSpec) -> Result<(), InitError> {
 }
 
 fn pid_one(spec: &InitSpec, control: &OwnedFd) -> Result<i32, InitError> {
-    die_with_parent(false)?;
     rustix::system::sethostname(spec.name.as_bytes()).map_err(|e| InitError::Network { source: e.into() })?;
     let listener = sys::loopback_up()
         .and_then(|()| TcpListener::bind((Ipv4Addr::LOCALHOST, IN_BOTTLE_PROXY_PORT)))
