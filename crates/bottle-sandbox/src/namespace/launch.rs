@@ -6,14 +6,19 @@ use std::net::TcpListener;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags, Timespec};
 
 use super::control::{self, Message};
 use super::init::INIT_SUBCOMMAND;
-use crate::ready::{WaitError, poll};
+use crate::ready::WaitError;
 
 /// The binary re-executes itself; `/proc/self/exe` names exactly the running file.
 const SELF_EXE: &str = "/proc/self/exe";
+
+/// How often a wait for the init also checks whether it is still alive.
+const CHILD_CHECK: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
@@ -122,28 +127,58 @@ impl Bottle {
         }
     }
 
+    /// The init's next message. Event-driven: the wait wakes when a message arrives or the init's end closes,
+    /// never on a polling schedule (a sleep-and-check loop put whole backoff periods into every launch).
     fn next(&mut self, step: &'static str, timeout: Duration) -> Result<(Message, Option<OwnedFd>), LaunchError> {
-        let control = &self.control;
-        let child = &mut self.child;
-        let got = poll(step, timeout, || {
-            if let Some(m) = control::recv(control, true)? {
-                return Ok(Some(Ok(m)));
+        let start = Instant::now();
+        let timed_out = |start: Instant| WaitError::Timeout {
+            step,
+            waited: start.elapsed(),
+        };
+        loop {
+            let remaining = timeout.checked_sub(start.elapsed()).ok_or_else(|| timed_out(start))?;
+            // Bounded so a child that died while another process still holds its end is noticed too.
+            let slice = remaining.min(CHILD_CHECK);
+            let mut fds = [PollFd::new(&self.control, PollFlags::IN)];
+            let ts = Timespec {
+                tv_sec: slice.as_secs() as _,
+                tv_nsec: slice.subsec_nanos() as _,
+            };
+            match rustix::event::poll(&mut fds, Some(&ts)) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(WaitError::Failed { step, source: e.into() }.into()),
             }
-            match child.try_wait()? {
-                Some(status) => Ok(Some(Err(status))),
-                None => Ok(None),
+            let closed = fds[0].revents().intersects(PollFlags::HUP | PollFlags::ERR);
+            match control::recv(&self.control, true).map_err(|source| WaitError::Failed { step, source })? {
+                Some((Message::Fail(reason), _)) => return Err(LaunchError::Init { reason }),
+                Some(m) => return Ok(m),
+                None => {}
             }
-        })?;
-        match got {
-            Ok((Message::Fail(reason), _)) => Err(LaunchError::Init { reason }),
-            Ok(m) => Ok(m),
-            Err(status) => {
-                // A failure reason may have been sent just before the exit.
-                if let Ok(Some((Message::Fail(reason), _))) = control::recv(control, true) {
-                    return Err(LaunchError::Init { reason });
-                }
-                Err(LaunchError::Exited { status, step })
+            let exited = if closed {
+                // The end closed: the init is exiting; reap it (bounded by the deadline).
+                self.wait_exit(start, timeout)
+                    .map_err(|source| WaitError::Failed { step, source })?
+            } else {
+                self.child
+                    .try_wait()
+                    .map_err(|source| WaitError::Failed { step, source })?
+            };
+            if let Some(status) = exited {
+                return Err(LaunchError::Exited { status, step });
             }
+        }
+    }
+
+    /// After the control channel closed: the init's exit status, once it is there or the deadline passed.
+    fn wait_exit(&mut self, start: Instant, timeout: Duration) -> std::io::Result<Option<ExitStatus>> {
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(Some(status));
+            }
+            if start.elapsed() >= timeout {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 }
