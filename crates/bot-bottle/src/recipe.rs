@@ -246,7 +246,6 @@ fn launch_and_run(
     // step: init + wait ready (the init proves from inside that the proxy answers and nothing else does)
     sandbox.go_and_wait_ready(READY_TIMEOUT)?;
     bottle.set(|s| s.status = Status::Running)?;
-    proxy.warm_upstream_roots()?;
 
     steps.done("ready");
     // step: run

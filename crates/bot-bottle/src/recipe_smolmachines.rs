@@ -478,7 +478,6 @@ impl Bottle {
             source: Box::new(source),
         })?;
         self.record(|s| s.status = Status::Running)?;
-        proxy.warm_upstream_roots()?;
         steps.done("init");
 
         // step: run

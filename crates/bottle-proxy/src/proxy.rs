@@ -174,13 +174,13 @@ impl Proxy {
         })
     }
 
-    /// `(variable, placeholder)` pairs to put in the bottle's environment instead of the real secrets.
-    /// Starts loading the system trust store in the background (it takes tens of milliseconds); call it once
-    /// the bottle is up. Without it the first upstream TLS handshake loads the store itself.
+    /// Starts loading the system trust store in the background (it takes tens of milliseconds), for a
+    /// long-lived proxy. A bottle's proxy does not: the first dial that needs the store starts the load itself.
     pub fn warm_upstream_roots(&self) -> Result<(), ProxyError> {
         self.inner.tls.warm().map_err(ProxyError::UpstreamRoots)
     }
 
+    /// `(variable, placeholder)` pairs to put in the bottle's environment instead of the real secrets.
     pub fn placeholders(&self) -> Vec<(String, String)> {
         self.inner.creds.placeholders()
     }

@@ -113,6 +113,11 @@ impl Session {
         if !fresh && let Some(found) = self.take_pooled(net, target, port)? {
             return Ok(found);
         }
+        if self.tls() {
+            // Roots load alongside the resolve and connect below; a failure to start the thread only means the
+            // handshake loads them itself.
+            let _ = self.proxy.inner.tls.warm();
+        }
         let predialed = self.predialed.lock().ok().and_then(|mut p| p.take());
         let (tcp, addr) = match predialed {
             Some((tcp, addr)) => {

@@ -230,11 +230,13 @@ async fn connect_addr(addr: SocketAddr) -> std::io::Result<TcpStream> {
 /// TLS client configurations for upstreams: one offering `h2`+`http/1.1`, one offering only `http/1.1` (used
 /// when the bottle's side speaks HTTP/1.1, so upgrades such as WebSocket keep working end to end).
 ///
-/// Reading the system store takes tens of milliseconds (hundreds of files), so it happens on a background
-/// thread started with the proxy, not on the launch path; the first upstream handshake waits for it if needed.
-/// Extra CA files are read eagerly, so a bad `--upstream-ca` still fails at start.
+/// Reading the system store takes tens of milliseconds (hundreds of files), so it is never on the launch path:
+/// it starts on a background thread at the first dial that will need it (`warm`, idempotent) and runs alongside
+/// the name resolution and TCP connect; the handshake then waits for it off the async workers. A long-lived proxy
+/// may warm at start. Extra CA files are read eagerly, so a bad `--upstream-ca` still fails at start.
 pub struct UpstreamTls {
     connectors: Arc<std::sync::OnceLock<Result<Connectors, RootsError>>>,
+    warming: std::sync::Once,
     extra: Vec<CertificateDer<'static>>,
     provider: Arc<CryptoProvider>,
 }
@@ -261,31 +263,48 @@ impl UpstreamTls {
         }
         Ok(Self {
             connectors: Arc::new(std::sync::OnceLock::new()),
+            warming: std::sync::Once::new(),
             extra,
             provider,
         })
     }
 
-    /// Loads the system roots on a background thread, so that the first upstream handshake need not wait.
+    /// Starts loading the system roots on a background thread, once; later calls do nothing. If the thread
+    /// cannot be started, the first handshake loads the roots itself.
     pub fn warm(&self) -> Result<(), RootsError> {
-        let cell = Arc::clone(&self.connectors);
-        let (extra, provider) = (self.extra.clone(), Arc::clone(&self.provider));
-        std::thread::Builder::new()
-            .name("bottle-roots".into())
-            .spawn(move || {
-                cell.get_or_init(|| build_connectors(extra, &provider));
-            })
-            .map(drop)
-            .map_err(RootsError::Thread)
+        let mut result = Ok(());
+        self.warming.call_once(|| {
+            let cell = Arc::clone(&self.connectors);
+            let (extra, provider) = (self.extra.clone(), Arc::clone(&self.provider));
+            result = std::thread::Builder::new()
+                .name("bottle-roots".into())
+                .spawn(move || {
+                    cell.get_or_init(|| build_connectors(extra, &provider));
+                })
+                .map(drop)
+                .map_err(RootsError::Thread);
+        });
+        result
     }
 
-    /// The connectors; loads the system roots now if `warm` has not (or waits for it to finish).
-    fn connectors(&self) -> Result<&Connectors, DialError> {
-        self.connectors
-            .get_or_init(|| build_connectors(self.extra.clone(), &self.provider))
-            .as_ref()
-            .map_err(|e| DialError::Roots(e.to_string()))
+    /// The connectors; waits (on a blocking thread, never on an async worker) for the roots to be loaded.
+    async fn connectors(&self) -> Result<&Connectors, DialError> {
+        if self.connectors.get().is_none() {
+            let cell = Arc::clone(&self.connectors);
+            let (extra, provider) = (self.extra.clone(), Arc::clone(&self.provider));
+            tokio::task::spawn_blocking(move || {
+                cell.get_or_init(|| build_connectors(extra, &provider));
+            })
+            .await
+            .map_err(|e| DialError::Roots(e.to_string()))?;
+        }
+        match self.connectors.get() {
+            Some(Ok(c)) => Ok(c),
+            Some(Err(e)) => Err(DialError::Roots(e.to_string())),
+            None => Err(DialError::Roots("the system trust store was not loaded".into())),
+        }
     }
+
     /// TLS to the upstream, verified for `target`. Returns the stream and whether `h2` was negotiated.
     pub async fn connect<S>(
         &self,
@@ -303,7 +322,7 @@ impl UpstreamTls {
             }
             Target::Ip(ip) => ServerName::IpAddress((*ip).into()),
         };
-        let connectors = self.connectors()?;
+        let connectors = self.connectors().await?;
         let connector = if offer_h2 { &connectors.h2 } else { &connectors.h1 };
         let tls = tokio::time::timeout(timeout, connector.connect(name, tcp))
             .await
