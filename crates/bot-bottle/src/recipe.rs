@@ -115,7 +115,9 @@ pub fn run(req: Request) -> anyhow::Result<u8> {
         e
     });
     bottle.set(record_outcome(&result))?;
+    // The CA key and the spec (it holds `pass_env` values) do not outlive the bottle.
     let _ = std::fs::remove_file(bottle.dir.file(bottle_proxy::CA_KEY_FILE));
+    let _ = std::fs::remove_file(bottle.dir.file(state::SPEC_FILE));
     if req.remove {
         let Launching { dir, lease, .. } = bottle;
         drop(lease);
