@@ -8,9 +8,12 @@
 //! neither its database nor the guest: the row is re-read just before the start, and the guest reaches the proxy only
 //! through the token-checked interceptor.
 
+mod exec;
 mod guest;
 #[cfg(test)]
 mod tests;
+
+pub use exec::exec;
 
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
@@ -285,7 +288,9 @@ fn launch(req: Request, engine: &Engine, root: &Path, tuning: Tuning, steps: &St
         (Err(cause), Err(left)) => Err(cause.context(format!("teardown after this failure also failed: {left}"))),
     };
     bottle.record(recipe::record_outcome(&result))?;
+    // The CA key and the agent record (it holds `pass_env` values) do not outlive the bottle.
     let _ = std::fs::remove_file(bottle.dir.file(CA_KEY_FILE));
+    let _ = std::fs::remove_file(bottle.dir.file(exec::AGENT_FILE));
     if req.remove {
         let path = bottle.dir.path.clone();
         drop(bottle);
@@ -477,10 +482,6 @@ impl Bottle {
             machine: machine.clone(),
             source: Box::new(source),
         })?;
-        self.record(|s| s.status = Status::Running)?;
-        steps.done("init");
-
-        // step: run
         let mut env = AgentEnv::default();
         env.plain.extend(policy.bottle.env.clone());
         env.plain.extend(proxy.placeholders());
@@ -491,6 +492,12 @@ impl Bottle {
             .iter()
             .filter_map(|key| std::env::var(key).ok().map(|v| (key.clone(), v)))
             .collect();
+        // Before "running": `exec` reads it once the bottle reads as running.
+        exec::AgentRecord::new(machine, &env).write(&self.dir)?;
+        self.record(|s| s.status = Status::Running)?;
+        steps.done("init");
+
+        // step: run
         let terminal = !req.detached && std::io::IsTerminal::is_terminal(&std::io::stdin());
         let stdio = if req.detached {
             let log = std::fs::OpenOptions::new()

@@ -317,3 +317,45 @@ fn doctor_for_one_backend_exits_122_exactly_when_it_cannot_run() {
         assert_eq!(out.status.code(), Some(if missing { 122 } else { 0 }), "{backend}: {v}");
     }
 }
+
+/// A state dir as a supervisor would leave it (the supervisor is this test process, so it reads as alive).
+fn fake_state(tmp: &Path, name: &str, backend: &str, status: &str) {
+    let dir = tmp.join("state/bot-bottle").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let start: u64 = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(19)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let state = serde_json::json!({
+        "name": name, "backend": backend, "addr": "127.0.0.9", "status": status,
+        "supervisor_pid": std::process::id(), "supervisor_start": start, "init_pid": null,
+        "started_at": 0, "exit_code": null, "error": null, "proxy_url": null, "detached": true,
+    });
+    std::fs::write(dir.join("state.json"), state.to_string()).unwrap();
+}
+
+#[test]
+fn exec_goes_by_the_bottles_backend_and_refuses_what_is_not_running() {
+    let tmp = tempfile::tempdir().unwrap();
+    fake_state(tmp.path(), "sm-done", "smolmachines", "exited");
+    fake_state(tmp.path(), "sm-starting", "smolmachines", "starting");
+    fake_state(tmp.path(), "ct", "container", "running");
+    for name in ["sm-done", "sm-starting"] {
+        bb(tmp.path())
+            .args(["exec", name, "--", "true"])
+            .assert()
+            .code(123)
+            .stderr(predicate::str::contains("is not running"));
+    }
+    bb(tmp.path())
+        .args(["exec", "ct", "--", "true"])
+        .assert()
+        .code(UNAVAILABLE)
+        .stderr(predicate::str::contains("backend `container`"));
+}

@@ -1,17 +1,35 @@
-//! `exec NAME -- CMD`: run a command inside a running bottle, with the agent's hardening and environment.
+//! `exec NAME -- CMD`: run a command inside a running bottle, with the agent's hardening and environment. Namespace
+//! bottles are joined here; smolmachines bottles go through the engine (`recipe_smolmachines::exec`).
 
 use std::os::unix::process::CommandExt;
 
-use bottle_policy::BottleName;
+use bottle_policy::{Backend, BottleName};
 use bottle_sandbox::namespace::join::EXEC_SUBCOMMAND;
-use bottle_sandbox::state::{self, SPEC_FILE, StateDir};
+use bottle_sandbox::state::{self, SPEC_FILE, StateDir, Status};
 
 use crate::cli::ExecArgs;
+use crate::exit::Unavailable;
 
 pub fn run(args: &ExecArgs) -> anyhow::Result<u8> {
     BottleName::parse(&args.name).map_err(anyhow::Error::msg)?;
     let dir = StateDir::open(&state::state_root()?, &args.name)?;
     let s = dir.read()?;
+    match s.backend.parse::<Backend>() {
+        Ok(Backend::Namespace) => {}
+        Ok(Backend::Smolmachines) => {
+            if !(s.is_live() && s.status == Status::Running) {
+                return Err(state::StateError::NotRunning(s.name).into());
+            }
+            return crate::recipe_smolmachines::exec(&dir, &state::state_root()?, &args.command);
+        }
+        _ => {
+            return Err(anyhow::Error::new(Unavailable {
+                verb: "exec",
+                reason: "this bottle's backend has no exec yet",
+            })
+            .context(format!("bottle `{}` uses backend `{}`", s.name, s.backend)));
+        }
+    }
     let (true, Some(init)) = (s.is_live(), s.init_pid) else {
         return Err(state::StateError::NotRunning(s.name).into());
     };

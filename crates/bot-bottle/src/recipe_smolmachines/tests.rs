@@ -469,3 +469,52 @@ fn a_state_root_too_long_for_smolvm_sockets_is_refused() {
     assert!(matches!(err, StepError::StatePathTooLong { .. }), "{err}");
     assert!(!long.exists());
 }
+
+#[test]
+fn fake_engine_exec_runs_in_the_machine_with_the_agents_environment() {
+    let Some(real) = real_engine() else { return };
+    let scene = Scene::new();
+    configure_fake(&scene, &real, "");
+    // The agent waits for `stop` (the fake engine runs it on the host, in the workspace path given here).
+    let stop = scene.workspace.join("stop");
+    let agent = format!("while [ ! -e '{}' ]; do sleep 0.05; done", stop.display());
+    let req = scene.request("execd", &["/bin/sh", "-c", &agent]);
+    let (root, engine) = (scene.root.clone(), fake_engine());
+    let launched = std::thread::spawn(move || launch(req, &engine, &root, tuning(Duration::from_secs(30)), &steps()));
+    let dir = StateDir {
+        path: scene.root.join("execd"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(dir.file(STATE_FILE).exists() && scene.state_of("execd").status == Status::Running) {
+        assert!(Instant::now() < deadline, "the bottle never ran");
+        assert!(!launched.is_finished(), "the launch ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let record = dir.file(exec::AGENT_FILE);
+    assert_eq!(fs::metadata(&record).unwrap().permissions().mode() & 0o777, 0o600);
+
+    let out = scene.workspace.join("exec.out");
+    let command = format!("echo \"$HTTPS_PROXY $FOO\" > '{}'; exit 5", out.display());
+    let code = exec::exec_with(
+        &dir,
+        &scene.root,
+        &fake_engine(),
+        Timeouts::default(),
+        &["/bin/sh".into(), "-c".into(), command],
+    )
+    .unwrap();
+    assert_eq!(code, 5);
+    let proxy = scene.state_of("execd").proxy_url.unwrap();
+    assert_eq!(fs::read_to_string(&out).unwrap(), format!("{proxy} bar\n"));
+    let exec_call = fake_calls(&scene).into_iter().last().unwrap();
+    assert_eq!(exec_call[..4], ["machine", "exec", "--name", "bb-execd"]);
+    assert!(exec_call.windows(2).any(|w| w == ["--workdir", "/workspace"]));
+
+    fs::write(&stop, "").unwrap();
+    assert_eq!(launched.join().unwrap().unwrap(), 0);
+    // The record (it may hold pass_env values) goes with the bottle; an exec after that fails and says why.
+    assert!(!record.exists());
+    let err = exec::exec_with(&dir, &scene.root, &fake_engine(), Timeouts::default(), &["true".into()]).unwrap_err();
+    assert!(format!("{err:#}").contains("not running"), "{err:#}");
+    scene.assert_nothing_left(&real, "execd", &[]);
+}
