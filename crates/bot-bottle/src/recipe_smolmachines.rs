@@ -38,9 +38,8 @@ use guest::{AgentEnv, AgentError, AgentStdio, InitError, ProbeError};
 use crate::exit::{self, PreflightFailed};
 use crate::recipe::{self, Request};
 
-/// One smolvm state directory for all of bot-bottle's machines, under bot-bottle's state root: sweeps see only
-/// bot-bottle's machines, never the user's. The leading `.` keeps it apart from every bottle name.
-pub const SMOLVM_STATE_DIR: &str = ".smolvm";
+/// One smolvm state directory for all of bot-bottle's machines (see `smolmachines::STATE_SUBDIR`).
+pub use bottle_sandbox::smolmachines::STATE_SUBDIR as SMOLVM_STATE_DIR;
 /// `sun_path` holds 108 bytes including the NUL (unix(7)).
 const MAX_SOCKET_PATH_BYTES: usize = 107;
 /// The longest socket path smolvm puts under its state dir (research/smolvm.md §6).

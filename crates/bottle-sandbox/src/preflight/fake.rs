@@ -85,8 +85,8 @@ impl FakeHost {
             calls: RefCell::new(Vec::new()),
         };
         host.file("/dev/kvm", meta(FileKind::CharDevice, 0o660, 0, KVM_GID));
-        host.file("/root/.local/share", meta(FileKind::Dir, 0o755, 0, 0));
-        host.writable.insert("/root/.local/share".into());
+        host.file("/root/.local/state", meta(FileKind::Dir, 0o755, 0, 0));
+        host.writable.insert("/root/.local/state".into());
         for tool in ["docker", "runsc", "smolvm", "tar", "python3"] {
             host.path.insert(tool.to_owned(), PathBuf::from("/usr/bin").join(tool));
         }

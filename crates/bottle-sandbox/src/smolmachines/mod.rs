@@ -7,6 +7,11 @@
 //! requirement smolvm only records at the first start, and repairs any widened field) → bottle proxy listening on
 //! the interceptor address → `db::verify` → `Smolvm::start`.
 
+/// bot-bottle's own smolvm state directory, under its state root (`state::state_root`), passed as `--state-dir` on
+/// every call: sweeps see only bot-bottle's machines, never the user's. The leading `.` keeps it apart from every
+/// bottle name. The preflight checks this directory, not smolvm's default.
+pub const STATE_SUBDIR: &str = ".smolvm";
+
 pub mod cli;
 pub mod db;
 pub mod plan;
