@@ -135,6 +135,26 @@ fn launch_and_run(
     steps: &Steps,
 ) -> anyhow::Result<u8> {
     let policy = &req.policy;
+    // The init process starts first and waits for its spec, so its start-up (exec, loader) overlaps the bundle.
+    // Dropping `sandbox` on any failure below kills it.
+    let spec_path = bottle.dir.file(state::SPEC_FILE);
+    let stdio = if req.detached {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(bottle.dir.file(state::AGENT_LOG))
+            .context("cannot open the agent log")?;
+        Stdio3 {
+            stdin: std::process::Stdio::null(),
+            stdout: log.try_clone().context("cannot open the agent log")?.into(),
+            stderr: log.into(),
+        }
+    } else {
+        Stdio3::inherit()
+    };
+    let mut sandbox = launch::spawn(&spec_path, stdio)?;
+    bottle.set(|s| s.init_pid = Some(sandbox.pid()))?;
+
     bottle.dir.write_file(
         state::POLICY_FILE,
         bottle_policy::Effective::of(policy)
@@ -214,30 +234,14 @@ fn launch_and_run(
         cgroup_ns,
         canary: Some(canary),
     };
-    let spec_path = bottle.dir.file(state::SPEC_FILE);
     bottle.dir.write_file(
         state::SPEC_FILE,
         &serde_json::to_vec(&spec).context("cannot encode the plan")?,
     )?;
 
     steps.done("plan");
-    // step: launch
-    let stdio = if req.detached {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(bottle.dir.file(state::AGENT_LOG))
-            .context("cannot open the agent log")?;
-        Stdio3 {
-            stdin: std::process::Stdio::null(),
-            stdout: log.try_clone().context("cannot open the agent log")?.into(),
-            stderr: log.into(),
-        }
-    } else {
-        Stdio3::inherit()
-    };
-    let mut sandbox = launch::spawn(&spec_path, stdio)?;
-    bottle.set(|s| s.init_pid = Some(sandbox.pid()))?;
+    // step: launch (the init, started above, reads the spec now)
+    sandbox.spec_written()?;
     let listener = sandbox.proxy_listener(LISTENER_TIMEOUT)?;
     {
         let proxy = proxy.clone();

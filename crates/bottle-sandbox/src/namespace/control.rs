@@ -1,5 +1,5 @@
 //! The launcher ↔ init control channel: a SEQPACKET socketpair (one message per send, boundaries kept) that
-//! carries the bottle's in-namespace proxy listener (SCM_RIGHTS) and the readiness verdict.
+//! carries "the spec is ready", the bottle's in-namespace proxy listener (SCM_RIGHTS) and the readiness verdict.
 //! Trusts: the peer is our own re-executed binary, but a message that is not one of ours is an error.
 
 use std::io::{self, IoSlice, IoSliceMut};
@@ -16,6 +16,8 @@ const MAX_MESSAGE: usize = 4096;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Message {
+    /// The spec is written (from the launcher): the init, started ahead of it, may read it now.
+    Spec,
     /// The init's proxy listener is attached (from the child) / the proxy serves it (from the launcher).
     Listener,
     Go,
@@ -26,6 +28,7 @@ pub enum Message {
 impl Message {
     fn encode(&self) -> Vec<u8> {
         match self {
+            Self::Spec => b"spec".to_vec(),
             Self::Listener => b"listener".to_vec(),
             Self::Go => b"go".to_vec(),
             Self::Ready => b"ready".to_vec(),
@@ -39,6 +42,7 @@ impl Message {
 
     fn decode(bytes: &[u8]) -> io::Result<Self> {
         Ok(match bytes {
+            b"spec" => Self::Spec,
             b"listener" => Self::Listener,
             b"go" => Self::Go,
             b"ready" => Self::Ready,
@@ -124,6 +128,19 @@ mod tests {
         assert!(recv(&b, true).unwrap().is_none());
         drop(a);
         assert!(recv(&b, false).unwrap().is_none());
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for m in [
+            Message::Spec,
+            Message::Listener,
+            Message::Go,
+            Message::Ready,
+            Message::Fail("why".into()),
+        ] {
+            assert_eq!(Message::decode(&m.encode()).unwrap(), m);
+        }
     }
 
     #[test]

@@ -68,9 +68,18 @@ pub fn main(spec_path: &Path, control_fd: i32) -> i32 {
         Ok(fd) => fd,
         Err(source) => return report(None, &InitError::Control { source }),
     };
-    match outer(spec_path, &control) {
+    match wait_for_spec(&control).and_then(|()| outer(spec_path, &control)) {
         Ok(code) => code,
         Err(e) => report(Some(&control), &e),
+    }
+}
+
+/// The launcher starts the init before the spec exists; it says when the spec is complete.
+fn wait_for_spec(control: &OwnedFd) -> Result<(), InitError> {
+    die_with_parent(true)?;
+    match control::recv(control, false).map_err(|source| InitError::Control { source })? {
+        Some((Message::Spec, _)) => Ok(()),
+        _ => Err(InitError::LauncherGone),
     }
 }
 
@@ -92,7 +101,6 @@ fn report(control: Option<&OwnedFd>, err: &InitError) -> i32 {
 }
 
 fn outer(spec_path: &Path, control: &OwnedFd) -> Result<i32, InitError> {
-    die_with_parent(true)?;
     let spec: InitSpec = std::fs::read(spec_path)
         .and_then(|b| serde_json::from_slice(&b).map_err(io::Error::other))
         .map_err(|source| InitError::Spec {

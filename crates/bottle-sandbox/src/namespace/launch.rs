@@ -1,5 +1,5 @@
-//! The launcher's side of a namespace bottle: re-execute ourselves as the bottle init, take its in-namespace
-//! proxy listener, release it into the self-test, and wait until it reports ready. A `Bottle` that is dropped
+//! The launcher's side of a namespace bottle: re-execute ourselves as the bottle init (early: it waits for the
+//! spec), take its in-namespace proxy listener, release it into the self-test, and wait until it reports ready. A `Bottle` that is dropped
 //! before the agent finished kills the init, and with it every process in the bottle.
 
 use std::net::TcpListener;
@@ -59,7 +59,8 @@ pub struct Bottle {
     finished: bool,
 }
 
-/// Starts the init with the spec at `spec_path`.
+/// Starts the init, which waits for `spec_written` before it reads the spec at `spec_path`: the launcher starts it
+/// ahead of the proxy, so its process start-up overlaps the bundle.
 pub fn spawn(spec_path: &Path, stdio: Stdio3) -> Result<Bottle, LaunchError> {
     let (ours, theirs) = control::pair().map_err(|source| LaunchError::Control { source })?;
     // Only the child's end crosses exec; ours stays close-on-exec.
@@ -88,6 +89,11 @@ pub fn spawn(spec_path: &Path, stdio: Stdio3) -> Result<Bottle, LaunchError> {
 impl Bottle {
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Lets the init read its spec (written completely by now).
+    pub fn spec_written(&self) -> Result<(), LaunchError> {
+        control::send(&self.control, &Message::Spec, None).map_err(|source| LaunchError::Control { source })
     }
 
     /// The listening socket the init created in the bottle's network namespace.
