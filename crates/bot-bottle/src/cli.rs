@@ -54,9 +54,6 @@ pub enum Command {
     Proxy(ProxyArgs),
     /// Attempt a representative set of escapes from a real bottle on this host; exit 123 if any gets out.
     Selftest(SelftestArgs),
-    /// Internal: the bottle's init, re-executed by `run` inside new namespaces.
-    #[command(name = "__bottle-init", hide = true)]
-    BottleInit { spec: PathBuf, fd: i32 },
     /// Internal: joins a running bottle for `exec`.
     #[command(name = "__bottle-exec", hide = true)]
     BottleExec {

@@ -135,7 +135,8 @@ fn launch_and_run(
     steps: &Steps,
 ) -> anyhow::Result<u8> {
     let policy = &req.policy;
-    // The init process starts first and waits for its spec, so its start-up (exec, loader) overlaps the bundle.
+    // The init is forked first (the launcher has no thread yet) and waits for its spec, so its start-up overlaps
+    // the bundle.
     // Dropping `sandbox` on any failure below kills it.
     let spec_path = bottle.dir.file(state::SPEC_FILE);
     let stdio = if req.detached {
@@ -144,10 +145,11 @@ fn launch_and_run(
             .append(true)
             .open(bottle.dir.file(state::AGENT_LOG))
             .context("cannot open the agent log")?;
+        let null = std::fs::File::open("/dev/null").context("cannot open /dev/null")?;
         Stdio3 {
-            stdin: std::process::Stdio::null(),
-            stdout: log.try_clone().context("cannot open the agent log")?.into(),
-            stderr: log.into(),
+            stdin: Some(null.into()),
+            stdout: Some(log.try_clone().context("cannot open the agent log")?.into()),
+            stderr: Some(log.into()),
         }
     } else {
         Stdio3::inherit()

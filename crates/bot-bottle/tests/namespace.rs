@@ -93,6 +93,11 @@ impl Env {
 
     /// `bot-bottle ARGS` in the workspace, optionally as another user (`setpriv`), with a private state home.
     fn bb(&self, as_user: Option<u32>, args: &[&str]) -> Output {
+        self.bb_env(as_user, &[], args)
+    }
+
+    /// `bb` with extra variables in the launcher's environment.
+    fn bb_env(&self, as_user: Option<u32>, vars: &[(&str, &str)], args: &[&str]) -> Output {
         let bin = env!("CARGO_BIN_EXE_bot-bottle");
         let mut cmd = match as_user {
             None => Command::new(bin),
@@ -109,6 +114,7 @@ impl Env {
             }
         };
         cmd.args(args)
+            .envs(vars.iter().copied())
             .current_dir(self.work())
             .env("XDG_STATE_HOME", self.state())
             .env("HOME", self.dir.path())
@@ -375,6 +381,46 @@ fn detached_bottle_lifecycle_ls_exec_logs_stop_rm() {
     let out = env.bb(None, &["rm", "life"]);
     assert!(out.status.success(), "{}", text(&out));
     assert!(!env.state().join("bot-bottle/life").exists());
+}
+
+#[test]
+fn the_bottle_init_keeps_neither_the_launchers_environment_nor_its_descriptors() {
+    need_namespace!();
+    let env = Env::new();
+    let secret = format!("launcher-secret-{}", std::process::id());
+    let out = env.bb_env(
+        None,
+        &[("BOTTLE_TEST_LAUNCHER_SECRET", &secret)],
+        &["run", "-d", "--name", "scrub", "--", "sleep", "600"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let init = state_of(&env, "scrub")["init_pid"].as_u64().unwrap();
+    let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children")).unwrap();
+    let pid_one: u64 = children.split_whitespace().next().unwrap().parse().unwrap();
+    let state_root = env.state().join("bot-bottle");
+    for pid in [init, pid_one] {
+        // The init is forked from the launcher: the environment block it started with must be blank.
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        assert!(
+            environ.iter().all(|&b| b == 0),
+            "pid {pid} shows an environment: {}",
+            String::from_utf8_lossy(&environ)
+        );
+        let mut open = Vec::new();
+        for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+            let target = std::fs::read_link(fd.unwrap().path()).unwrap_or_default();
+            open.push(target);
+        }
+        // Only the standard streams (here the agent log), the control channel and the liveness pipe.
+        let launchers: Vec<_> = open
+            .iter()
+            .filter(|t| t.starts_with(&state_root) && !t.ends_with("agent.log"))
+            .collect();
+        assert!(launchers.is_empty(), "pid {pid} holds the launcher's files: {open:?}");
+        assert!(open.len() <= 5, "pid {pid} holds more than it needs: {open:?}");
+    }
+    assert!(env.bb(None, &["stop", "scrub"]).status.success());
+    assert!(env.bb(None, &["rm", "scrub"]).status.success());
 }
 
 #[test]

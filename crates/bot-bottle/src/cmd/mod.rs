@@ -22,10 +22,6 @@ pub fn dispatch(command: Command, out: &Output) -> anyhow::Result<u8> {
         Command::Policy(crate::cli::PolicyCommand::Check(args)) => policy::check(&args, out),
         Command::Proxy(args) => proxy::run(args, out),
         Command::Selftest(args) => selftest::run(&args, out),
-        Command::BottleInit { spec, fd } => {
-            let code = bottle_sandbox::namespace::init::main(&spec, fd);
-            Ok(u8::try_from(code).unwrap_or(crate::exit::SANDBOX))
-        }
         Command::BottleExec {
             spec,
             init_pid,

@@ -1,5 +1,5 @@
-//! The bottle's init: runs in a freshly re-executed, single-threaded `bot-bottle __bottle-init` process, enters
-//! new namespaces, builds the bottle, proves confinement from inside, then runs the agent as a child of the
+//! The bottle's init: runs in a child forked from the single-threaded launcher (descriptors and environment
+//! scrubbed first), enters new namespaces, builds the bottle, proves confinement from inside, then runs the agent as a child of the
 //! bottle's pid 1. Trusts its spec (written 0600 by the launcher); trusts nothing the agent does.
 //!
 //! Processes: the launcher spawns *outer* (host pid namespace) → outer forks *pid 1* (the bottle's pid
@@ -22,8 +22,6 @@ use super::rootfs;
 use super::spec::{IN_BOTTLE_PROXY_PORT, InitSpec, RealFs, fs_plan};
 use crate::sys::ns::{self as sys, Forked};
 
-/// The hidden subcommand the launcher re-executes itself with.
-pub const INIT_SUBCOMMAND: &str = "__bottle-init";
 /// Exit code of outer/pid 1 when the bottle failed before the agent ran (the reason went over the channel).
 pub const INIT_FAILED: i32 = 123;
 
@@ -40,6 +38,8 @@ pub enum InitError {
     Spec { path: String, source: io::Error },
     #[error("cannot take the control channel")]
     Control { source: io::Error },
+    #[error("cannot scrub the inherited environment")]
+    Environment { source: io::Error },
     #[error("cannot create the user namespace (`bot-bottle doctor` checks this)")]
     UserNs { source: io::Error },
     #[error("cannot write {file}")]
@@ -62,12 +62,19 @@ pub enum InitError {
     Exec { program: String, source: io::Error },
 }
 
-/// Entry point of the re-executed init; returns the process exit code (the agent's, or INIT_FAILED).
-pub fn main(spec_path: &Path, control_fd: i32) -> i32 {
-    let control = match sys::adopt_fd(control_fd) {
+/// Entry point of the init, in the child the launcher just forked (single-threaded): takes the control channel and
+/// the standard streams, drops everything else it inherited, then builds the bottle. Returns the process exit code
+/// (the agent's, or INIT_FAILED).
+pub(super) fn forked(spec_path: &Path, control: OwnedFd, stdio: [Option<OwnedFd>; 3]) -> i32 {
+    // SECURITY: the launcher's descriptors (lease lock, state files, sockets) and its environment (real credential
+    // secrets) must not reach the bottle's pid 1: both go before anything else runs.
+    let control = match sys::install_descriptors(control, stdio) {
         Ok(fd) => fd,
         Err(source) => return report(None, &InitError::Control { source }),
     };
+    if let Err(source) = sys::scrub_environment() {
+        return report(Some(&control), &InitError::Environment { source });
+    }
     match wait_for_spec(&control).and_then(|()| outer(spec_path, &control)) {
         Ok(code) => code,
         Err(e) => report(Some(&control), &e),

@@ -1,21 +1,26 @@
-//! The launcher's side of a namespace bottle: re-execute ourselves as the bottle init (early: it waits for the
-//! spec), take its in-namespace proxy listener, release it into the self-test, and wait until it reports ready. A `Bottle` that is dropped
-//! before the agent finished kills the init, and with it every process in the bottle.
+//! The launcher's side of a namespace bottle: fork the bottle init (early: it waits for the spec), take its
+//! in-namespace proxy listener, release it into the self-test, and wait until it reports ready. A `Bottle` that is
+//! dropped before the agent finished kills the init, and with it every process in the bottle.
+//!
+//! The init is forked, not re-executed: an exec of this binary (loader, relocations, CPU feature probing) was the
+//! largest single cost of a launch. Forking is only sound while the launcher is single-threaded, so `spawn`
+//! checks that first and refuses otherwise; the child scrubs what it inherited (descriptors, environment) before
+//! it does anything else.
 
 use std::net::TcpListener;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::process::{Pid, WaitOptions};
 
 use super::control::{self, Message};
-use super::init::INIT_SUBCOMMAND;
+use super::init;
 use crate::ready::WaitError;
-
-/// The binary re-executes itself; `/proc/self/exe` names exactly the running file.
-const SELF_EXE: &str = "/proc/self/exe";
+use crate::sys::ns::{self as sys, Forked};
 
 /// How often a wait for the init also checks whether it is still alive.
 const CHILD_CHECK: Duration = Duration::from_millis(50);
@@ -26,6 +31,8 @@ pub enum LaunchError {
     Control { source: std::io::Error },
     #[error("cannot start the bottle init")]
     Spawn { source: std::io::Error },
+    #[error("cannot fork the bottle init: the launcher runs {threads} threads (it must fork before starting any)")]
+    Threads { threads: usize },
     #[error("the bottle init failed: {reason}")]
     Init { reason: String },
     #[error("the bottle init exited ({status}) before {step}")]
@@ -36,59 +43,59 @@ pub enum LaunchError {
     Protocol { step: &'static str, message: Message },
 }
 
-/// The standard streams of the bottle init (and so of the agent).
+/// The standard streams of the bottle init (and so of the agent); `None` keeps the launcher's.
+#[derive(Default)]
 pub struct Stdio3 {
-    pub stdin: Stdio,
-    pub stdout: Stdio,
-    pub stderr: Stdio,
+    pub stdin: Option<OwnedFd>,
+    pub stdout: Option<OwnedFd>,
+    pub stderr: Option<OwnedFd>,
 }
 
 impl Stdio3 {
     pub fn inherit() -> Self {
-        Self {
-            stdin: Stdio::inherit(),
-            stdout: Stdio::inherit(),
-            stderr: Stdio::inherit(),
-        }
+        Self::default()
     }
 }
 
 pub struct Bottle {
-    child: Child,
+    pid: Pid,
     control: OwnedFd,
     finished: bool,
 }
 
-/// Starts the init, which waits for `spec_written` before it reads the spec at `spec_path`: the launcher starts it
-/// ahead of the proxy, so its process start-up overlaps the bundle.
+/// Forks the init, which waits for `spec_written` before it reads the spec at `spec_path`: the launcher starts it
+/// ahead of the proxy, so its start-up overlaps the bundle. Must be called before the launcher starts any thread.
 pub fn spawn(spec_path: &Path, stdio: Stdio3) -> Result<Bottle, LaunchError> {
+    let threads = std::fs::read_dir("/proc/self/task")
+        .map_err(|source| LaunchError::Spawn { source })?
+        .count();
+    if threads != 1 {
+        return Err(LaunchError::Threads { threads });
+    }
     let (ours, theirs) = control::pair().map_err(|source| LaunchError::Control { source })?;
-    // Only the child's end crosses exec; ours stays close-on-exec.
-    rustix::io::fcntl_setfd(&theirs, rustix::io::FdFlags::empty())
-        .map_err(|e| LaunchError::Control { source: e.into() })?;
-    // SECURITY: the init gets no environment: the launcher's holds real credential secrets, and the bottle's pid 1
-    // must not carry them (the agent's environment comes from the spec alone).
-    let child = Command::new(SELF_EXE)
-        .env_clear()
-        .arg(INIT_SUBCOMMAND)
-        .arg(spec_path)
-        .arg(theirs.as_raw_fd().to_string())
-        .stdin(stdio.stdin)
-        .stdout(stdio.stdout)
-        .stderr(stdio.stderr)
-        .spawn()
-        .map_err(|source| LaunchError::Spawn { source })?;
-    drop(theirs);
-    Ok(Bottle {
-        child,
-        control: ours,
-        finished: false,
-    })
+    match sys::fork().map_err(|source| LaunchError::Spawn { source })? {
+        Forked::Child => {
+            drop(ours);
+            let code = init::forked(spec_path, theirs, [stdio.stdin, stdio.stdout, stdio.stderr]);
+            sys::exit_child(code)
+        }
+        Forked::Parent { child } => {
+            drop(theirs);
+            let pid = Pid::from_raw(child).ok_or_else(|| LaunchError::Spawn {
+                source: std::io::Error::other("fork returned pid 0 to the parent"),
+            })?;
+            Ok(Bottle {
+                pid,
+                control: ours,
+                finished: false,
+            })
+        }
+    }
 }
 
 impl Bottle {
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.pid.as_raw_nonzero().get().unsigned_abs()
     }
 
     /// Lets the init read its spec (written completely by now).
@@ -121,16 +128,25 @@ impl Bottle {
 
     /// Waits for the agent; returns its exit status.
     pub fn wait(mut self) -> std::io::Result<ExitStatus> {
-        let status = self.child.wait()?;
+        let status = self.reap(WaitOptions::empty())?;
         self.finished = true;
-        Ok(status)
+        status.ok_or_else(|| std::io::Error::other("waitpid returned no status"))
+    }
+
+    /// The init's exit status if it has exited (`NOHANG`), or once it does.
+    fn reap(&mut self, options: WaitOptions) -> std::io::Result<Option<ExitStatus>> {
+        loop {
+            match rustix::process::waitpid(Some(self.pid), options) {
+                Ok(found) => return Ok(found.map(|(_, status)| ExitStatus::from_raw(status.as_raw()))),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Asks the bottle to stop (SIGTERM reaches the agent through init and pid 1).
     pub fn terminate(&self) {
-        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
+        let _ = rustix::process::kill_process(self.pid, rustix::process::Signal::TERM);
     }
 
     /// The init's next message. Event-driven: the wait wakes when a message arrives or the init's end closes,
@@ -165,8 +181,7 @@ impl Bottle {
                 self.wait_exit(start, timeout)
                     .map_err(|source| WaitError::Failed { step, source })?
             } else {
-                self.child
-                    .try_wait()
+                self.reap(WaitOptions::NOHANG)
                     .map_err(|source| WaitError::Failed { step, source })?
             };
             if let Some(status) = exited {
@@ -178,7 +193,7 @@ impl Bottle {
     /// After the control channel closed: the init's exit status, once it is there or the deadline passed.
     fn wait_exit(&mut self, start: Instant, timeout: Duration) -> std::io::Result<Option<ExitStatus>> {
         loop {
-            if let Some(status) = self.child.try_wait()? {
+            if let Some(status) = self.reap(WaitOptions::NOHANG)? {
                 return Ok(Some(status));
             }
             if start.elapsed() >= timeout {
@@ -193,8 +208,8 @@ impl Drop for Bottle {
     fn drop(&mut self) {
         if !self.finished {
             // SECURITY: a bottle that is not waited for is not left running.
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            let _ = rustix::process::kill_process(self.pid, rustix::process::Signal::KILL);
+            let _ = self.reap(WaitOptions::empty());
         }
     }
 }

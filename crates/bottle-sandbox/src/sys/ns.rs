@@ -1,6 +1,6 @@
 //! Raw syscalls the bottle's init needs that rustix has no safe wrapper for: fork, bringing `lo` up, closing
-//! inherited descriptors, and forwarding termination signals to the agent.
-//! Trusts the kernel's documented ABI (fork(2), netdevice(7), close_range(2), sigaction(2)).
+//! inherited descriptors, scrubbing the inherited environment, and forwarding termination signals to the agent.
+//! Trusts the kernel's documented ABI (fork(2), netdevice(7), close_range(2), sigaction(2), proc(5)).
 
 use std::io;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -11,11 +11,12 @@ pub(crate) enum Forked {
     Child,
 }
 
-/// fork(2). Only called from the single-threaded init process, so the child inherits no lock held by
-/// another thread.
+/// fork(2). Only called from single-threaded processes (the launcher before it starts any thread, checked by
+/// the caller; the init), so the child inherits no lock held by another thread.
 pub(crate) fn fork() -> io::Result<Forked> {
     // SAFETY: fork has no memory-safety preconditions of its own; the callers are single-threaded processes
-    // (the re-executed init), so the child cannot observe a lock held by a vanished thread.
+    // (the launcher before its first thread, the init), so the child cannot observe a lock held by a vanished
+    // thread.
     let pid = unsafe { libc::fork() };
     match pid {
         -1 => Err(io::Error::last_os_error()),
@@ -92,20 +93,6 @@ pub(crate) fn forward_signals_to(pid: i32) -> io::Result<()> {
     Ok(())
 }
 
-/// Takes ownership of a descriptor number handed to this process on its command line, after checking it is open.
-pub(crate) fn adopt_fd(fd: i32) -> io::Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: F_GETFD only queries the descriptor table.
-    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("descriptor {fd} is not open"),
-        ));
-    }
-    // SAFETY: the descriptor is open (checked above) and was passed to this process for it alone to own.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
-}
-
 /// Ends a forked child without returning into its parent's stack or running the parent's exit handlers.
 pub(crate) fn exit_child(code: i32) -> ! {
     let _ = std::io::Write::flush(&mut std::io::stderr());
@@ -119,4 +106,83 @@ pub(crate) fn unshare(flags: rustix::thread::UnshareFlags) -> io::Result<()> {
     // of other threads about shared descriptors; callers pass only CLONE_NEW* flags, in a single-threaded
     // process.
     unsafe { rustix::thread::unshare_unsafe(flags) }.map_err(Into::into)
+}
+
+/// In a child just forked from the launcher: `stdio` onto 0, 1, 2 (None: keep the inherited one), `control` onto
+/// descriptor 3, and every other descriptor the launcher had open (lease lock, state files, sockets) closed.
+/// Returns the control channel at 3.
+pub(crate) fn install_descriptors(
+    control: std::os::fd::OwnedFd,
+    stdio: [Option<std::os::fd::OwnedFd>; 3],
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    /// Above every target, so that no install can overwrite a source that is still to be installed.
+    const ABOVE: i32 = 64;
+    let control_high = rustix::io::fcntl_dupfd_cloexec(&control, ABOVE)?;
+    drop(control);
+    let mut high = Vec::with_capacity(3);
+    for fd in stdio {
+        high.push(match fd {
+            Some(fd) => Some(rustix::io::fcntl_dupfd_cloexec(&fd, ABOVE)?),
+            None => None,
+        });
+    }
+    for (target, fd) in high.iter().enumerate() {
+        match (target, fd) {
+            (0, Some(fd)) => rustix::stdio::dup2_stdin(fd)?,
+            (1, Some(fd)) => rustix::stdio::dup2_stdout(fd)?,
+            (2, Some(fd)) => rustix::stdio::dup2_stderr(fd)?,
+            _ => {}
+        }
+    }
+    drop(high);
+    // SAFETY: dup2 takes two descriptor numbers; `control_high` is open. Whatever descriptor 3 was (the
+    // launcher's, owned by frames this child never returns to) is closed by it, as intended.
+    if unsafe { libc::dup2(control_high.as_raw_fd(), 3) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    drop(control_high);
+    // Everything else: the launcher's objects that own those descriptors are never dropped in this child (it
+    // leaves through `exit_child`).
+    close_from(4)?;
+    // SAFETY: descriptor 3 was just made a copy of the control socket, and nothing else in this child owns it.
+    let control = unsafe { std::os::fd::OwnedFd::from_raw_fd(3) };
+    rustix::io::fcntl_setfd(&control, rustix::io::FdFlags::CLOEXEC)?;
+    Ok(control)
+}
+
+/// In a child forked from the launcher: empty the environment and overwrite the bytes of the environment block
+/// the process was started with, so neither the child's own code nor `/proc/PID/environ` (of the bottle's
+/// pid 1) shows the launcher's environment, which holds real credential secrets.
+pub(crate) fn scrub_environment() -> io::Result<()> {
+    // SAFETY: single-threaded (see `fork`), so nothing reads or writes the environment concurrently.
+    if unsafe { libc::clearenv() } != 0 {
+        return Err(io::Error::other("clearenv failed"));
+    }
+    // proc(5): fields 50 and 51 of /proc/self/stat are env_start and env_end; the fields after the command name
+    // (which ends at the last ')') start at field 3.
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let field = |n: usize| -> io::Result<usize> {
+        fields
+            .get(n - 3)
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| io::Error::other(format!("/proc/self/stat has no field {n}")))
+    };
+    let (start, end) = (field(50)?, field(51)?);
+    if end < start || end - start > 16 << 20 {
+        return Err(io::Error::other(format!(
+            "implausible environment block {start:#x}..{end:#x}"
+        )));
+    }
+    // SAFETY: [env_start, env_end) is this process's initial environment block, on the main thread's stack,
+    // mapped read-write for the life of the process. After clearenv nothing refers to those bytes (the strings
+    // were never the allocator's, so nothing frees them either).
+    unsafe { std::ptr::write_bytes(start as *mut u8, 0, end - start) };
+    Ok(())
 }
