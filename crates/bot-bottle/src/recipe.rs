@@ -20,12 +20,6 @@ use crate::exit::{PreflightFailed, Unavailable};
 /// How long the init may take to hand over its proxy listener, and to pass its self-test.
 const LISTENER_TIMEOUT: Duration = Duration::from_secs(10);
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
-/// Where the host's trusted roots are read from for the bottle's CA bundle (Debian, Fedora, Arch, Alpine).
-const SYSTEM_ROOTS: [&str; 3] = [
-    "/etc/ssl/certs/ca-certificates.crt",
-    "/etc/pki/tls/certs/ca-bundle.crt",
-    "/etc/ssl/cert.pem",
-];
 
 /// Logs each named step with the time since launch began (`-vv` or BOT_BOTTLE_LOG=debug).
 struct Steps(std::time::Instant);
@@ -155,7 +149,6 @@ fn launch_and_run(
         Stdio3::inherit()
     };
     let mut sandbox = launch::spawn(&spec_path, stdio)?;
-    bottle.set(|s| s.init_pid = Some(sandbox.pid()))?;
 
     bottle.dir.write_file(
         state::POLICY_FILE,
@@ -209,10 +202,6 @@ fn launch_and_run(
 
     steps.done("discover");
     // step: plan
-    let ca_bundle = bottle.dir.file(state::CA_BUNDLE);
-    bottle
-        .dir
-        .write_file(state::CA_BUNDLE, ca_bundle_pem(proxy.ca_cert_pem()).as_bytes())?;
     let uid = rustix::process::getuid().as_raw();
     let gid = rustix::process::getgid().as_raw();
     let home = PathBuf::from(if uid == 0 { "/root" } else { "/home/agent" });
@@ -231,7 +220,7 @@ fn launch_and_run(
         workspace,
         env: bottle_env(&home, &env),
         home,
-        ca_bundle,
+        bottle_ca: proxy.ca_cert_pem().to_owned(),
         argv,
         cgroup_ns,
         canary: Some(canary),
@@ -253,11 +242,15 @@ fn launch_and_run(
     steps.done("launch");
     // step: init + wait ready (the init proves from inside that the proxy answers and nothing else does)
     sandbox.go_and_wait_ready(READY_TIMEOUT)?;
-    bottle.set(|s| s.status = Status::Running)?;
+    // One state write: `exec` joins a bottle through its init only once it is running.
+    let init_pid = sandbox.pid();
+    bottle.set(|s| {
+        s.status = Status::Running;
+        s.init_pid = Some(init_pid);
+    })?;
 
     steps.done("ready");
     // step: run
-    let init_pid = sandbox.pid();
     runtime.spawn(forward_termination(init_pid));
     let status = sandbox.wait().context("cannot wait for the bottle")?;
 
@@ -387,16 +380,4 @@ pub fn generated_name() -> anyhow::Result<BottleName> {
     rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()).context("no randomness")?;
     let name = format!("bottle-{:02x}{:02x}{:02x}", bytes[0], bytes[1], bytes[2]);
     BottleName::parse(&name).map_err(anyhow::Error::msg)
-}
-
-fn ca_bundle_pem(bottle_ca: &str) -> String {
-    let mut pem = SYSTEM_ROOTS
-        .iter()
-        .find_map(|p| std::fs::read_to_string(p).ok())
-        .unwrap_or_default();
-    if !pem.ends_with('\n') && !pem.is_empty() {
-        pem.push('\n');
-    }
-    pem.push_str(bottle_ca);
-    pem
 }

@@ -19,7 +19,6 @@ pub const POLICY_FILE: &str = "policy.toml";
 pub const AUDIT_FILE: &str = "audit.jsonl";
 pub const AGENT_LOG: &str = "agent.log";
 pub const ROOT_DIR: &str = "root";
-pub const CA_BUNDLE: &str = "ca-bundle.pem";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {

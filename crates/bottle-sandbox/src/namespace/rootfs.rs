@@ -100,6 +100,22 @@ fn apply(root: &Path, step: &FsStep) -> Result<(), RootfsError> {
             fs::write(&path, contents).map_err(step_err("write a file", &path))?;
             fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).map_err(step_err("chmod a file", &path))
         }
+        FsStep::CaBundle { at, system, bottle_ca } => {
+            let mut pem = match system {
+                Some(system) => fs::read(system).map_err(step_err("read the system CA bundle", system))?,
+                None => Vec::new(),
+            };
+            if !pem.is_empty() && !pem.ends_with(b"\n") {
+                pem.push(b'\n');
+            }
+            pem.extend_from_slice(bottle_ca.as_bytes());
+            let path = under(root, at);
+            if let Some(parent) = path.parent() {
+                mkdir_p(parent).map_err(step_err("create a directory", parent))?;
+            }
+            fs::write(&path, pem).map_err(step_err("write a file", &path))?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).map_err(step_err("chmod a file", &path))
+        }
         FsStep::Proc => {
             let target = under(root, Path::new("/proc"));
             mkdir_p(&target).map_err(step_err("create a directory", &target))?;

@@ -36,6 +36,13 @@ pub const ETC_READ_ONLY: [&str; 14] = [
 /// Distribution CA bundles replaced inside the bottle by the bottle's bundle (Debian/Ubuntu, Fedora/RHEL).
 pub const SYSTEM_CA_BUNDLES: [&str; 2] = ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"];
 
+/// Where the host's trusted roots are read from for the bottle's CA bundle (Debian, Fedora, Arch, Alpine).
+pub const SYSTEM_ROOTS: [&str; 3] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
+
 /// Top-level host entries provided from the host's `/usr` (merged-/usr systems make these symlinks).
 pub const USR_LINKS: [&str; 6] = ["bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 
@@ -49,8 +56,8 @@ pub struct InitSpec {
     /// Host directory bound read-write into the bottle at the same path.
     pub workspace: PathBuf,
     pub home: PathBuf,
-    /// Host file holding the system roots plus the bottle CA.
-    pub ca_bundle: PathBuf,
+    /// The bottle CA certificate (PEM); the init appends it to the host's system roots in the bottle's own tmpfs.
+    pub bottle_ca: String,
     pub argv: Vec<String>,
     pub env: BTreeMap<String, String>,
     pub cgroup_ns: bool,
@@ -73,6 +80,14 @@ pub enum FsStep {
     Symlink { target: PathBuf, at: PathBuf },
     /// A file written into the new root.
     File { at: PathBuf, contents: String },
+    /// The bottle's CA bundle written into the new root: the host bundle at `system` (read by the init, before the
+    /// root changes), then `bottle_ca`. Built in the bottle's tmpfs, so no copy of the system roots is written to
+    /// the host's disk for each launch.
+    CaBundle {
+        at: PathBuf,
+        system: Option<PathBuf>,
+        bottle_ca: String,
+    },
     /// Fresh procfs for the bottle's pid namespace.
     Proc,
     /// Fresh devpts instance.
@@ -126,12 +141,18 @@ pub fn fs_plan(spec: &InitSpec, host: &dyn HostFs) -> Vec<FsStep> {
             });
         }
     }
+    steps.push(FsStep::CaBundle {
+        at: p(IN_BOTTLE_CA_BUNDLE),
+        system: SYSTEM_ROOTS.iter().map(PathBuf::from).find(|b| host.exists(b)),
+        bottle_ca: spec.bottle_ca.clone(),
+    });
     // Tools that ignore SSL_CERT_FILE and friends read the distribution bundle: show them ours (system roots +
     // the bottle CA) at the same path.
+    let ours = spec.root.join(IN_BOTTLE_CA_BUNDLE.trim_start_matches('/'));
     for bundle in SYSTEM_CA_BUNDLES {
         if host.exists(Path::new(bundle)) {
             steps.push(FsStep::Bind {
-                from: spec.ca_bundle.clone(),
+                from: ours.clone(),
                 at: PathBuf::from(bundle),
                 read_only: true,
             });
@@ -164,11 +185,6 @@ pub fn fs_plan(spec: &InitSpec, host: &dyn HostFs) -> Vec<FsStep> {
         FsStep::File {
             at: p("/etc/nsswitch.conf"),
             contents: "passwd: files\ngroup: files\nhosts: files\n".into(),
-        },
-        FsStep::Bind {
-            from: spec.ca_bundle.clone(),
-            at: p(IN_BOTTLE_CA_BUNDLE),
-            read_only: true,
         },
         FsStep::Tmpfs {
             at: p("/tmp"),
@@ -266,7 +282,7 @@ mod tests {
             gid: 1000,
             workspace: "/home/u/project".into(),
             home: "/home/agent".into(),
-            ca_bundle: "/state/b1/ca-bundle.pem".into(),
+            bottle_ca: "-----BEGIN CERTIFICATE-----\nbottle\n-----END CERTIFICATE-----\n".into(),
             argv: vec!["true".into()],
             env: BTreeMap::new(),
             cgroup_ns: true,
@@ -290,7 +306,7 @@ mod tests {
                 || src.starts_with("/dev")
                 || src.starts_with("/lib")
                 || *src == Path::new("/home/u/project")
-                || *src == Path::new("/state/b1/ca-bundle.pem")
+                || *src == Path::new("/state/b1/root/etc/bot-bottle/ca-bundle.pem")
                 || USR_LINKS.iter().any(|l| *src == Path::new("/").join(l));
             assert!(ok, "unexpected host path bound: {}", src.display());
             for never in NEVER_VISIBLE {
@@ -329,12 +345,24 @@ mod tests {
             .unwrap();
         let overlay = steps
             .iter()
-            .position(|s| matches!(s, FsStep::Bind { from, at, .. } if from == Path::new("/state/b1/ca-bundle.pem") && at == Path::new("/etc/ssl/certs/ca-certificates.crt")))
+            .position(|s| matches!(s, FsStep::Bind { from, at, .. } if from == Path::new("/state/b1/root/etc/bot-bottle/ca-bundle.pem") && at == Path::new("/etc/ssl/certs/ca-certificates.crt")))
             .unwrap();
         assert!(
             overlay > ssl,
             "the overlay must be mounted over the /etc/ssl bind, not under it"
         );
+        // The bundle is built in the bottle's root (from the host's roots and the bottle CA) before it is bound.
+        let built = steps
+            .iter()
+            .position(|s| {
+                s == &FsStep::CaBundle {
+                    at: IN_BOTTLE_CA_BUNDLE.into(),
+                    system: Some("/etc/ssl/certs/ca-certificates.crt".into()),
+                    bottle_ca: spec().bottle_ca,
+                }
+            })
+            .unwrap();
+        assert!(built < overlay);
     }
 
     #[test]
