@@ -108,15 +108,16 @@ pub fn run(req: Request) -> anyhow::Result<u8> {
         }
         e
     });
-    bottle.set(record_outcome(&result))?;
-    // The CA key and the spec (it holds `pass_env` values) do not outlive the bottle.
-    let _ = std::fs::remove_file(bottle.dir.file(bottle_proxy::CA_KEY_FILE));
-    let _ = std::fs::remove_file(bottle.dir.file(state::SPEC_FILE));
     if req.remove {
+        // Nothing of the bottle is kept, so there is no outcome to record: the directory goes, the lease with it.
         let Launching { dir, lease, .. } = bottle;
         drop(lease);
         dir.remove()?;
+        return result;
     }
+    bottle.set(record_outcome(&result))?;
+    // The spec holds `pass_env` values: it does not outlive the bottle. (The CA key never was on disk.)
+    let _ = std::fs::remove_file(bottle.dir.file(state::SPEC_FILE));
     result
 }
 
@@ -168,6 +169,8 @@ fn launch_and_run(
     let mut config = ProxyConfig::new(policy.clone(), bottle.dir.path.clone());
     config.bottle = bottle.state.name.clone();
     config.upstream_ca = req.upstream_ca.clone();
+    // The CA key never touches the disk: it lives exactly as long as this bottle's proxy.
+    config.ephemeral_ca = true;
     let proxy = {
         let _in_runtime = runtime.enter();
         Proxy::new(config)?

@@ -56,7 +56,7 @@ pub const MACHINE_FILE: &str = "machine.json";
 /// The bundle's addresses: `interceptor` (host side, 127.0.0.N:PORT) and `proxy` (the guest's proxy URL).
 const INTERCEPTOR_KEY: &str = "interceptor";
 const PROXY_KEY: &str = "proxy";
-/// Minted by the proxy into the state dir; deleted once the bottle is down (as the namespace recipe does).
+#[cfg(test)]
 use bottle_proxy::CA_KEY_FILE;
 
 /// A step of the recipe that failed, with what it was doing. `exit_code` maps it for `exit::classify`.
@@ -287,8 +287,7 @@ fn launch(req: Request, engine: &Engine, root: &Path, tuning: Tuning, steps: &St
         (Err(cause), Err(left)) => Err(cause.context(format!("teardown after this failure also failed: {left}"))),
     };
     bottle.record(recipe::record_outcome(&result))?;
-    // The CA key and the agent record (it holds `pass_env` values) do not outlive the bottle.
-    let _ = std::fs::remove_file(bottle.dir.file(CA_KEY_FILE));
+    // The agent record holds `pass_env` values: it does not outlive the bottle. (The CA key never was on disk.)
     let _ = std::fs::remove_file(bottle.dir.file(exec::AGENT_FILE));
     if req.remove {
         let path = bottle.dir.path.clone();
@@ -534,6 +533,8 @@ impl Bottle {
         let mut config = ProxyConfig::new(req.policy.clone(), self.dir.path.clone());
         config.bottle = self.state.name.clone();
         config.upstream_ca = req.upstream_ca.clone();
+        // The CA key never touches the disk: it lives exactly as long as this bottle's proxy.
+        config.ephemeral_ca = true;
         let proxy = {
             let _in_runtime = runtime.enter();
             Proxy::new(config)?

@@ -19,10 +19,10 @@ use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::decide::Target;
 
-/// The CA key: readable by the owner only, and created with that mode (never briefly world-readable).
-/// Names of the minted CA's files in the bottle's state dir (the key is 0600 and never leaves the host).
+/// Names of the minted CA's files in the state dir (the key is 0600 and never leaves the host).
 pub const CA_CERT_FILE: &str = "ca.pem";
 pub const CA_KEY_FILE: &str = "ca-key.pem";
+/// The CA key: readable by the owner only, and created with that mode (never briefly world-readable).
 const CA_KEY_MODE: u32 = 0o600;
 const CA_CERT_MODE: u32 = 0o644;
 const STATE_DIR_MODE: u32 = 0o700;
@@ -71,6 +71,8 @@ pub enum CaError {
     },
     #[error("give both ca_cert and ca_key, or neither")]
     HalfGiven,
+    #[error("an ephemeral CA is minted here; it cannot also come from ca_cert/ca_key")]
+    EphemeralWithFiles,
     #[error("cannot mint a certificate")]
     Mint(#[source] rcgen::Error),
     #[error("cannot build a TLS configuration for a leaf certificate")]
@@ -127,6 +129,35 @@ impl Ca {
             path: cert_path.clone(),
             source,
         })?;
+        Self::with_issuer(cert_pem, cert_path, issuer, provider, max_entries)
+    }
+
+    /// Mints a CA whose key exists only in this process (a bottle's proxy lives exactly as long as its bottle);
+    /// only the certificate is written, as `STATE_DIR/ca.pem`, for the bottle and the user to trust.
+    pub fn mint_ephemeral(
+        state_dir: &Path,
+        bottle: &str,
+        provider: Arc<CryptoProvider>,
+        max_entries: usize,
+    ) -> Result<Self, CaError> {
+        ensure_state_dir(state_dir)?;
+        let (key, cert_pem) = mint(bottle)?;
+        let cert_path = state_dir.join(CA_CERT_FILE);
+        write_new(&cert_path, cert_pem.as_bytes(), CA_CERT_MODE)?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|source| CaError::BadCert {
+            path: cert_path.clone(),
+            source,
+        })?;
+        Self::with_issuer(cert_pem, cert_path, issuer, provider, max_entries)
+    }
+
+    fn with_issuer(
+        cert_pem: String,
+        cert_path: PathBuf,
+        issuer: Issuer<'static, KeyPair>,
+        provider: Arc<CryptoProvider>,
+        max_entries: usize,
+    ) -> Result<Self, CaError> {
         let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::Mint)?;
         Ok(Self {
             cert_pem,
@@ -213,6 +244,14 @@ fn ensure_state_dir(dir: &Path) -> Result<(), CaError> {
 }
 
 fn mint_ca(cert_path: &Path, key_path: &Path, bottle: &str) -> Result<(), CaError> {
+    let (key, cert_pem) = mint(bottle)?;
+    // Key first: a certificate on disk without its key would be reused as a half-CA on the next start.
+    write_new(key_path, key.serialize_pem().as_bytes(), CA_KEY_MODE)?;
+    write_new(cert_path, cert_pem.as_bytes(), CA_CERT_MODE)
+}
+
+/// A fresh CA key and its self-signed certificate (PEM), constrained to sign leaves only.
+fn mint(bottle: &str) -> Result<(KeyPair, String), CaError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(CaError::Mint)?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -229,9 +268,7 @@ fn mint_ca(cert_path: &Path, key_path: &Path, bottle: &str) -> Result<(), CaErro
     params.not_before = now - BACKDATE;
     params.not_after = now + CA_CERT_TTL;
     let cert = params.self_signed(&key).map_err(CaError::Mint)?;
-    // Key first: a certificate on disk without its key would be reused as a half-CA on the next start.
-    write_new(key_path, key.serialize_pem().as_bytes(), CA_KEY_MODE)?;
-    write_new(cert_path, cert.pem().as_bytes(), CA_CERT_MODE)
+    Ok((key, cert.pem()))
 }
 
 /// SECURITY: the file is created with its final mode (O_CREAT with mode, then renamed into place), so the key is
@@ -296,6 +333,24 @@ mod tests {
             ca.server_config(&Target::parse(h).unwrap()).unwrap();
         }
         assert!(ca.cache.lock().unwrap().len() <= 2);
+    }
+
+    #[test]
+    fn an_ephemeral_ca_writes_its_certificate_and_never_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let ca = Ca::mint_ephemeral(&state, "t", provider(), 4).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(state.join(CA_CERT_FILE)).unwrap(),
+            ca.cert_pem()
+        );
+        let files: Vec<_> = std::fs::read_dir(&state)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(files, [CA_CERT_FILE]);
+        // It signs: a leaf for a host.
+        ca.server_config(&Target::parse("a.example.com").unwrap()).unwrap();
     }
 
     #[test]

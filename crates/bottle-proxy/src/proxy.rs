@@ -62,6 +62,9 @@ pub struct ProxyConfig {
     pub state_dir: PathBuf,
     pub ca_cert: Option<PathBuf>,
     pub ca_key: Option<PathBuf>,
+    /// Mint a fresh CA whose key stays in this process; only `ca.pem` is written (a bottle's proxy). Not with
+    /// `ca_cert`/`ca_key`.
+    pub ephemeral_ca: bool,
     /// Extra PEM files trusted for upstream TLS, beside the system roots.
     pub upstream_ca: Vec<PathBuf>,
     pub limits: Limits,
@@ -77,6 +80,7 @@ impl ProxyConfig {
             state_dir: state_dir.into(),
             ca_cert: None,
             ca_key: None,
+            ephemeral_ca: false,
             upstream_ca: Vec::new(),
             limits: Limits::default(),
             secret_env: None,
@@ -145,14 +149,23 @@ impl Proxy {
                 source,
             })?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let ca = Ca::load_or_mint(
-            &config.state_dir,
-            config.ca_cert.as_deref(),
-            config.ca_key.as_deref(),
-            &config.bottle,
-            Arc::clone(&provider),
-            config.limits.leaf_cache_entries,
-        )?;
+        let ca = match (config.ephemeral_ca, &config.ca_cert, &config.ca_key) {
+            (true, None, None) => Ca::mint_ephemeral(
+                &config.state_dir,
+                &config.bottle,
+                Arc::clone(&provider),
+                config.limits.leaf_cache_entries,
+            )?,
+            (true, _, _) => return Err(CaError::EphemeralWithFiles.into()),
+            (false, cert, key) => Ca::load_or_mint(
+                &config.state_dir,
+                cert.as_deref(),
+                key.as_deref(),
+                &config.bottle,
+                Arc::clone(&provider),
+                config.limits.leaf_cache_entries,
+            )?,
+        };
         let tls = UpstreamTls::new(&config.upstream_ca, provider)?;
         let creds = match &config.secret_env {
             Some(map) => Credentials::load(&config.policy.credentials, &|k| map.get(k).cloned())?,

@@ -36,6 +36,8 @@ async fn serve(opts: StandaloneOptions) -> Result<(), ProxyError> {
         state_dir: opts.state_dir,
         ca_cert: opts.ca_cert,
         ca_key: opts.ca_key,
+        // A standalone proxy keeps its CA across restarts (clients were told to trust it).
+        ephemeral_ca: false,
         upstream_ca: opts.upstream_ca,
         limits: Limits::default(),
         secret_env: None,
