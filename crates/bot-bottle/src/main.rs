@@ -7,6 +7,7 @@ mod output;
 mod policy_args;
 mod recipe;
 mod recipe_smolmachines;
+mod terminal;
 
 use std::process::ExitCode;
 

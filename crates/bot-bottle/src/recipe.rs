@@ -3,6 +3,7 @@
 //! says which step failed; everything started so far is torn down by its owner's `Drop`.
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -134,6 +135,8 @@ fn launch_and_run(
     // the bundle.
     // Dropping `sandbox` on any failure below kills it.
     let spec_path = bottle.dir.file(state::SPEC_FILE);
+    // An interactive run: the agent gets its own terminal inside the bottle, relayed to the user's.
+    let terminal = !req.detached && std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     let stdio = if req.detached {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -227,6 +230,7 @@ fn launch_and_run(
         argv,
         cgroup_ns,
         canary: Some(canary),
+        tty: terminal,
     };
     bottle.dir.write_file(
         state::SPEC_FILE,
@@ -244,7 +248,7 @@ fn launch_and_run(
 
     steps.done("launch");
     // step: init + wait ready (the init proves from inside that the proxy answers and nothing else does)
-    sandbox.go_and_wait_ready(READY_TIMEOUT)?;
+    let master = sandbox.go_and_wait_ready(READY_TIMEOUT)?;
     // One state write: `exec` joins a bottle through its init only once it is running.
     let init_pid = sandbox.pid();
     bottle.set(|s| {
@@ -255,7 +259,18 @@ fn launch_and_run(
     steps.done("ready");
     // step: run
     runtime.spawn(forward_termination(init_pid));
+    // SECURITY: the spec asked for a terminal only if the user has one; a master that did not come is an error,
+    // not a reason to hand the agent the user's own terminal.
+    let relay = match (terminal, master) {
+        (true, Some(master)) => Some(crate::terminal::Relay::start(master, &runtime)?),
+        (false, None) => None,
+        (true, None) => bail!("the bottle init sent no terminal for the agent"),
+        (false, Some(_)) => bail!("the bottle init sent a terminal nobody asked for"),
+    };
     let status = sandbox.wait().context("cannot wait for the bottle")?;
+    if let Some(relay) = relay {
+        relay.finish();
+    }
 
     steps.done("run");
     // step: teardown (the runtime's drop stops the proxy; the lease and state follow in `run`)

@@ -493,3 +493,114 @@ fn workspace_over_the_state_directory_is_refused() {
     );
     assert!(!env.state().join("bot-bottle").exists(), "a refused run created state");
 }
+
+/// Everything read from a pty master so far, filled by a thread.
+struct Screen(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Screen {
+    fn follow(master: std::fs::File) -> Self {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            let mut master = master;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut master, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Self(seen)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    fn wait_for(&self, needle: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !self.text().contains(needle) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{needle:?} never appeared; the screen shows: {:?}",
+                self.text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn an_interactive_agent_gets_its_own_terminal_relayed_to_the_users() {
+    need_namespace!();
+    use rustix::pty::OpenptFlags;
+    use rustix::termios::{LocalModes, Winsize};
+    let env = Env::new();
+    // The user's terminal: a pty whose peer is the launcher's controlling terminal and standard streams.
+    let master = rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC).unwrap();
+    rustix::pty::unlockpt(&master).unwrap();
+    let peer = rustix::pty::ioctl_tiocgptpeer(&master, OpenptFlags::RDWR | OpenptFlags::NOCTTY).unwrap();
+    let size = |rows, cols| Winsize {
+        ws_row: rows,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    rustix::termios::tcsetwinsize(&master, size(33, 111)).unwrap();
+    let agent = "tty; stty size; echo ready; read a; stty size; echo got:$a; exec sleep 30";
+    let stream = || std::process::Stdio::from(peer.try_clone().unwrap());
+    let mut child = Command::new("setsid")
+        .args([
+            "-w",
+            "-c",
+            env!("CARGO_BIN_EXE_bot-bottle"),
+            "run",
+            "--rm",
+            "--",
+            "sh",
+            "-c",
+            agent,
+        ])
+        .current_dir(env.work())
+        .env("XDG_STATE_HOME", env.state())
+        .env("HOME", env.dir.path())
+        .env_remove("BOT_BOTTLE_LOG")
+        .stdin(stream())
+        .stdout(stream())
+        .stderr(stream())
+        .spawn()
+        .unwrap();
+    let mut keys = std::fs::File::from(master.try_clone().unwrap());
+    let screen = Screen::follow(std::fs::File::from(master.try_clone().unwrap()));
+
+    screen.wait_for("ready");
+    let text = screen.text();
+    // A terminal of the bottle's own devpts, with the user's size.
+    assert!(text.contains("/dev/pts/0"), "{text:?}");
+    assert!(text.contains("33 111"), "{text:?}");
+    // A resize of the user's terminal reaches the agent's; typed keys reach its stdin.
+    rustix::termios::tcsetwinsize(&master, size(20, 70)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    keys.write_all(b"hello\r").unwrap();
+    screen.wait_for("got:hello");
+    assert!(screen.text().contains("20 70"), "{:?}", screen.text());
+    // Ctrl-C is a key like any other: the agent's own terminal turns it into SIGINT for the agent.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    keys.write_all(b"\x03").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "Ctrl-C did not end the agent");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(130), "{:?}", screen.text());
+    // The user's terminal is back in its own (cooked) mode.
+    let mode = rustix::termios::tcgetattr(&peer).unwrap();
+    assert!(
+        mode.local_modes.contains(LocalModes::ICANON | LocalModes::ECHO),
+        "{mode:?}"
+    );
+}

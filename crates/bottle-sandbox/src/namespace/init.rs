@@ -58,6 +58,8 @@ pub enum InitError {
     SelfTest(String),
     #[error(transparent)]
     Harden(#[from] harden::HardenError),
+    #[error("cannot give the agent a terminal")]
+    Terminal { source: io::Error },
     #[error("cannot start `{program}`")]
     Exec { program: String, source: io::Error },
 }
@@ -198,17 +200,52 @@ fn pid_one(spec: &InitSpec, control: &OwnedFd) -> Result<i32, InitError> {
     }
     self_test(proxy_addr, spec.canary).map_err(InitError::SelfTest)?;
 
+    let terminal = if spec.tty {
+        Some(open_terminal().map_err(|source| InitError::Terminal { source })?)
+    } else {
+        None
+    };
     let agent = match sys::fork().map_err(|source| InitError::Fork { source })? {
         Forked::Child => {
-            let err = exec_in_bottle(spec, &spec.argv);
+            let err = match &terminal {
+                Some((_, peer)) => match attach_terminal(peer) {
+                    Ok(()) => exec_in_bottle(spec, &spec.argv),
+                    Err(source) => InitError::Terminal { source },
+                },
+                None => exec_in_bottle(spec, &spec.argv),
+            };
             let _ = control::send(control, &Message::Fail(err.to_string()), None);
             sys::exit_child(INIT_FAILED)
         }
         Forked::Parent { child } => child,
     };
     sys::forward_signals_to(agent).map_err(|source| InitError::Fork { source })?;
-    control::send(control, &Message::Ready, None).map_err(|source| InitError::Control { source })?;
+    // The launcher gets the terminal's master side with the verdict; pid 1 keeps neither side.
+    let master = terminal.map(|(master, _peer)| master);
+    control::send(control, &Message::Ready, master.as_ref().map(AsFd::as_fd))
+        .map_err(|source| InitError::Control { source })?;
+    drop(master);
     Ok(reap_until(agent))
+}
+
+/// A new terminal of the bottle's own devpts instance (`/dev/ptmx` is `pts/ptmx` inside): (master, peer).
+fn open_terminal() -> io::Result<(OwnedFd, OwnedFd)> {
+    use rustix::pty::OpenptFlags;
+    let master = rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+    rustix::pty::unlockpt(&master)?;
+    // TIOCGPTPEER: the peer of exactly this master, with no path lookup in between.
+    let peer = rustix::pty::ioctl_tiocgptpeer(&master, OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+    Ok((master, peer))
+}
+
+/// In the agent, before hardening: a new session whose controlling terminal is `peer`, on stdin/stdout/stderr.
+fn attach_terminal(peer: &OwnedFd) -> io::Result<()> {
+    rustix::process::setsid()?;
+    rustix::process::ioctl_tiocsctty(peer)?;
+    rustix::stdio::dup2_stdin(peer)?;
+    rustix::stdio::dup2_stdout(peer)?;
+    rustix::stdio::dup2_stderr(peer)?;
+    Ok(())
 }
 
 /// From inside: the proxy answers and polices, and nothing else is reachable.

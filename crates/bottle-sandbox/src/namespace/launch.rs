@@ -114,11 +114,12 @@ impl Bottle {
         }
     }
 
-    /// Lets the init run its self-test (the proxy now serves the listener) and waits for its verdict.
-    pub fn go_and_wait_ready(&mut self, timeout: Duration) -> Result<(), LaunchError> {
+    /// Lets the init run its self-test (the proxy now serves the listener) and waits for its verdict. Returns the
+    /// master side of the agent's terminal when the spec asked for one.
+    pub fn go_and_wait_ready(&mut self, timeout: Duration) -> Result<Option<OwnedFd>, LaunchError> {
         control::send(&self.control, &Message::Go, None).map_err(|source| LaunchError::Control { source })?;
         match self.next("the confinement self-test", timeout)? {
-            (Message::Ready, _) => Ok(()),
+            (Message::Ready, master) => Ok(master),
             (message, _) => Err(LaunchError::Protocol {
                 step: "the confinement self-test",
                 message,

@@ -63,6 +63,10 @@ pub struct InitSpec {
     pub cgroup_ns: bool,
     /// A host-side listener on the bottle's lease address that must be unreachable from inside (self-test).
     pub canary: Option<std::net::SocketAddr>,
+    /// The agent gets a terminal of the bottle's own devpts (its controlling terminal); the launcher receives the
+    /// master side and relays the user's terminal to it. Otherwise the agent inherits the launcher's streams.
+    #[serde(default)]
+    pub tty: bool,
 }
 
 /// One step of the filesystem the init builds, in order.
@@ -287,6 +291,7 @@ mod tests {
             env: BTreeMap::new(),
             cgroup_ns: true,
             canary: None,
+            tty: false,
         }
     }
 
