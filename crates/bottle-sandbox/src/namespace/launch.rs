@@ -76,7 +76,13 @@ pub fn spawn(spec_path: &Path, stdio: Stdio3) -> Result<Bottle, LaunchError> {
     match sys::fork().map_err(|source| LaunchError::Spawn { source })? {
         Forked::Child => {
             drop(ours);
-            let code = init::forked(spec_path, theirs, [stdio.stdin, stdio.stdout, stdio.stderr]);
+            // SECURITY: a panic must never unwind into the launcher's frames above: their destructors (the lease,
+            // the state dir) belong to the parent, which still uses them.
+            let streams = [stdio.stdin, stdio.stdout, stdio.stderr];
+            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+                init::forked(spec_path, theirs, streams)
+            }))
+            .unwrap_or(init::INIT_FAILED);
             sys::exit_child(code)
         }
         Forked::Parent { child } => {
