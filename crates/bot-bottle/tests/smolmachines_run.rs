@@ -1,7 +1,9 @@
 //! `bot-bottle run --backend smolmachines` through the CLI, against the REAL smolvm engine and this host's real
-//! preflight. On a host that fails the preflight (this project's development and CI hosts have no `kvm` group, and
-//! nested KVM hangs guests) `run` must refuse with exit 122 and the remedy, having started nothing; on a host that
-//! passes it, a machine boots and the agent's exit code passes through. Each test asserts whichever is true here. The
+//! preflight. On a host that fails the preflight (no `kvm` group owning /dev/kvm, as on a fresh machine of this
+//! project's kind) `run` must refuse with exit 122 and the remedy, having started nothing; on a host that passes it,
+//! a machine boots and the agent's exit code passes through, except where doctor reports KVM as degraded (nested
+//! virtualization: CI applies the doctor's kvm-group remedy, so every step up to the boot runs for real there), where
+//! the start must fail with the engine's error and the remedy, leaving nothing. Each test asserts whichever is true. The
 //! steps after the preflight are also tested below the CLI, with the real engine and with a fake one, in
 //! `src/recipe_smolmachines/tests.rs`.
 //!
@@ -18,7 +20,7 @@ use std::path::{Path, PathBuf};
 use assert_cmd::Command;
 use bottle_policy::Backend;
 use bottle_sandbox::engine;
-use bottle_sandbox::preflight::{self, BackendReport, RealHost, Status};
+use bottle_sandbox::preflight::{self, BackendReport, RealHost, Severity, Status};
 use bottle_sandbox::smolmachines::Smolvm;
 
 const COMPONENT: &str = "smolmachines";
@@ -164,7 +166,23 @@ fn run_boots_a_machine_and_passes_the_agent_exit_code_through_on_a_kvm_host() {
     }
     let scene = Scene::new();
     let out = scene.run(&["/bin/sh", "-c", "test -d /workspace && exit 3"]);
-    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // KVM answers but a guest boot was never verified (nested virtualization, as on this project's hosts).
+    let boot_unverified = report
+        .check("/dev/kvm")
+        .is_some_and(|c| c.status.severity() == Severity::Degraded);
+    match out.status.code() {
+        Some(3) => {}
+        // Everything before the boot ran for real (create, verify/patch, the interceptor, `machine start`); then
+        // the guest hung, and the engine's error comes with what to do about it.
+        Some(PREFLIGHT_EXIT) if boot_unverified && !required(BOOT_COMPONENT) => {
+            assert!(stderr.contains("step start"), "{stderr}");
+            assert!(stderr.contains("never booted"), "{stderr}");
+            assert!(stderr.contains("no boot progress"), "{stderr}");
+            eprintln!("not booted on this host (nested KVM), as doctor predicts: {stderr}");
+        }
+        other => panic!("exit {other:?}: {stderr}"),
+    }
     assert_eq!(
         bb_machines(&engine, &scene.state_root().join(".smolvm")),
         Vec::<String>::new()

@@ -242,7 +242,8 @@ fn real_engine_start_fails_plainly_after_create_and_verify_and_nothing_is_left()
                 StartError::EngineLibrariesUnreachable { remedy, .. }
                 | StartError::KvmNotAvailable { remedy, .. }
                 | StartError::KvmPermissionDenied { remedy, .. }
-                | StartError::KvmDeniedAfterPrivilegeDrop { remedy, .. } => {
+                | StartError::KvmDeniedAfterPrivilegeDrop { remedy, .. }
+                | StartError::GuestNeverBooted { remedy, .. } => {
                     assert!(format!("{err:#}").contains(remedy), "the remedy is not in: {err:#}");
                     assert_eq!(step_error(err).exit_code(), exit::PREFLIGHT);
                 }

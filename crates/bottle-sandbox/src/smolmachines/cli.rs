@@ -41,6 +41,10 @@ pub const KVM_GROUP_REMEDY: &str = "create the group and give it /dev/kvm: `sudo
 pub const KVM_OWNER_REMEDY: &str = "give group kvm /dev/kvm: `sudo chgrp kvm /dev/kvm && sudo chmod 660 /dev/kvm`";
 /// Seen on this project's hosts: as root smolvm boots each VM under its own uid (research/smolvm.md §5), and that uid
 /// cannot reach a `smolmachines` installed under a 0700 home (e.g. pyenv under /root).
+pub const GUEST_NO_BOOT_REMEDY: &str = "the guest kernel made no boot progress, which is what nested virtualization \
+                                        does to guests on many hosts (`bot-bottle doctor --backend smolmachines` \
+                                        reports /dev/kvm as degraded there): run on bare metal, or in a VM whose \
+                                        hypervisor supports nested KVM";
 pub const ENGINE_LIBRARIES_REMEDY: &str = "as root, smolvm runs each VM under a per-VM uid that must be able to read \
                                            libkrun and libkrunfw next to the engine: install smolmachines outside a \
                                            private home directory (e.g. a venv under /opt), or point \
@@ -192,6 +196,13 @@ pub enum StartError {
         message: String,
         remedy: &'static str,
     },
+    /// smolvm's own 30 s wait for the guest agent ran out with no boot progress (research/smolvm.md §2.3).
+    #[error("smolvm started {machine} but its guest never booted ({message}); {remedy}")]
+    GuestNeverBooted {
+        machine: String,
+        message: String,
+        remedy: &'static str,
+    },
     #[error(transparent)]
     Cli(#[from] CliError),
 }
@@ -202,7 +213,8 @@ impl StartError {
             Self::KvmNotAvailable { remedy, .. }
             | Self::KvmPermissionDenied { remedy, .. }
             | Self::KvmDeniedAfterPrivilegeDrop { remedy, .. }
-            | Self::EngineLibrariesUnreachable { remedy, .. } => Some(remedy),
+            | Self::EngineLibrariesUnreachable { remedy, .. }
+            | Self::GuestNeverBooted { remedy, .. } => Some(remedy),
             Self::Cli(_) => None,
         }
     }
@@ -466,6 +478,12 @@ pub fn classify_start(name: &MachineName, err: CliError, kvm_group_exists: impl 
             machine,
             message,
             remedy: ENGINE_LIBRARIES_REMEDY,
+        }
+    } else if lower.contains("did not become ready") && lower.contains("no boot progress") {
+        StartError::GuestNeverBooted {
+            machine,
+            message,
+            remedy: GUEST_NO_BOOT_REMEDY,
         }
     } else {
         StartError::Cli(err)
@@ -794,11 +812,14 @@ mod tests {
         let kvm = r#"{"error":{"code":"SMOLVM_ERROR","message":"agent operation failed: start machine: kvm not available: KVM not available. Ensure KVM kernel module is loaded.\nTry: sudo modprobe kvm"}}"#;
         let perm = r#"{"error":{"code":"SMOLVM_ERROR","message":"agent operation failed: start machine: kvm permission denied: Cannot access /dev/kvm (permission denied)."}}"#;
         let libs = r#"{"error":{"code":"SMOLVM_ERROR","message":"agent operation failed: start machine: agent operation failed: monitor agent: Error: agent operation failed: find libraries: libkrun/libkrunfw not found. Install smolvm with bundled libraries or set SMOLVM_LIB_DIR."}}"#;
+        // As 1.32.2 prints it on a nested-KVM host (measured on this project's machines).
+        let hang = r#"{"error":{"code":"SMOLVM_ERROR","message":"agent operation failed: start machine: agent operation failed: wait for ready: agent did not become ready within 30 seconds: no boot progress for 30 seconds"}}"#;
         let other = r#"{"error":{"code":"SMOLVM_ERROR","message":"agent did not become ready within 30 seconds"}}"#;
         let (smolvm, _) = smolvm(vec![
             reply(Exit::Code(1), "", kvm),
             reply(Exit::Code(1), "", perm),
             reply(Exit::Code(1), "", libs),
+            reply(Exit::Code(1), "", hang),
             reply(Exit::Code(1), "", other),
             reply(Exit::TimedOut, "", ""),
         ]);
@@ -814,6 +835,9 @@ mod tests {
             matches!(libs, StartError::EngineLibrariesUnreachable { .. }),
             "{libs:?}"
         );
+        let hang = smolvm.start(&plan).unwrap_err();
+        assert!(matches!(hang, StartError::GuestNeverBooted { .. }), "{hang:?}");
+        assert_eq!(hang.remedy(), Some(GUEST_NO_BOOT_REMEDY));
         assert!(matches!(
             smolvm.start(&plan),
             Err(StartError::Cli(CliError::Engine { .. }))
