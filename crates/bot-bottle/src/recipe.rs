@@ -138,11 +138,7 @@ fn launch_and_run(
     // An interactive run: the agent gets its own terminal inside the bottle, relayed to the user's.
     let terminal = !req.detached && std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
     let stdio = if req.detached {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(bottle.dir.file(state::AGENT_LOG))
-            .context("cannot open the agent log")?;
+        let log = bottle.dir.open_agent_log().context("cannot open the agent log")?;
         let null = std::fs::File::open("/dev/null").context("cannot open /dev/null")?;
         Stdio3 {
             stdin: Some(null.into()),

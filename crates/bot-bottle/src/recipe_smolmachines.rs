@@ -498,11 +498,7 @@ impl Bottle {
         // step: run
         let terminal = !req.detached && std::io::IsTerminal::is_terminal(&std::io::stdin());
         let stdio = if req.detached {
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(self.dir.file(state::AGENT_LOG))
-                .context("cannot open the agent log")?;
+            let log = self.dir.open_agent_log().context("cannot open the agent log")?;
             AgentStdio::Log(log)
         } else if terminal {
             AgentStdio::Terminal

@@ -158,6 +158,15 @@ impl StateDir {
         self.write_file(STATE_FILE, &bytes)
     }
 
+    /// The detached agent's log (0600), appended to.
+    pub fn open_agent_log(&self) -> io::Result<fs::File> {
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(self.file(AGENT_LOG))
+    }
+
     /// Writes a private file atomically (0600).
     pub fn write_file(&self, name: &str, bytes: &[u8]) -> Result<(), StateError> {
         let path = self.file(name);
