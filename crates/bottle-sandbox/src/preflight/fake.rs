@@ -1,13 +1,15 @@
 //! `FakeHost`: a scripted, recording `Host` for unit tests. Owns nothing real; every answer comes from its fields.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::OsString;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use super::host::{CommandOutput, FileKind, FileMeta, Host, KvmProbe, NamespaceProbe, SeccompSupport, Unshare};
+use super::host::{
+    CommandOutput, FileKind, FileMeta, Host, KvmProbe, NamespaceProbe, Platform, SeccompSupport, Unshare,
+};
 
 /// Scripted errors are raw errnos so that every call can build a fresh `io::Error`.
 pub(crate) type Errno = i32;
@@ -19,6 +21,7 @@ pub(crate) struct FakeKvm {
 }
 
 pub(crate) struct FakeHost {
+    pub platform: Platform,
     pub files: HashMap<PathBuf, FileMeta>,
     pub writable: HashSet<PathBuf>,
     pub kvm: FakeKvm,
@@ -28,6 +31,9 @@ pub(crate) struct FakeHost {
     pub path: HashMap<String, PathBuf>,
     /// Keyed by `program arg arg…`; a missing key answers ENOENT.
     pub commands: HashMap<String, Result<CommandOutput, Errno>>,
+    /// One-shot answers, keyed like `commands` and given in order before the standing answer there: for a command
+    /// whose output changes between two runs (`ifconfig lo0` before and after adding an alias).
+    once: RefCell<HashMap<String, VecDeque<Result<CommandOutput, Errno>>>>,
     /// A missing key answers `Done`.
     pub unshare: HashMap<NamespaceProbe, Errno>,
     /// Makes every `try_unshare` fail as if fork(2) had.
@@ -56,10 +62,30 @@ pub(crate) fn output(code: i32, stdout: &str, stderr: &str) -> CommandOutput {
 
 pub(crate) const KVM_GID: u32 = 108;
 
+/// `ifconfig lo0` on a Mac as it boots: 127.0.0.1 only.
+pub(crate) const LO0_DEFAULT: &str = "lo0: flags=8049<UP,LOOPBACK,RUNNING,MULTICAST> mtu 16384
+\toptions=1203<RXCSUM,TXCSUM,TXSTATUS,SW_TIMESTAMP>
+\tinet 127.0.0.1 netmask 0xff000000
+\tinet6 ::1 prefixlen 128
+\tinet6 fe80::1%lo0 prefixlen 64 scopeid 0x1
+\tnd6 options=201<PERFORMNUD,DAD>
+";
+
+/// `ifconfig lo0` after `ifconfig lo0 alias 127.0.0.2 up`.
+pub(crate) const LO0_WITH_POOL: &str = "lo0: flags=8049<UP,LOOPBACK,RUNNING,MULTICAST> mtu 16384
+\toptions=1203<RXCSUM,TXCSUM,TXSTATUS,SW_TIMESTAMP>
+\tinet 127.0.0.1 netmask 0xff000000
+\tinet6 ::1 prefixlen 128
+\tinet6 fe80::1%lo0 prefixlen 64 scopeid 0x1
+\tinet 127.0.0.2 netmask 0xff000000
+\tnd6 options=201<PERFORMNUD,DAD>
+";
+
 impl FakeHost {
     /// A root Linux host where every backend is fully usable.
     pub fn healthy() -> Self {
         let mut host = Self {
+            platform: Platform::Linux,
             files: HashMap::new(),
             writable: HashSet::new(),
             kvm: FakeKvm {
@@ -72,6 +98,7 @@ impl FakeHost {
             env: HashMap::from([("HOME".to_owned(), "/root".to_owned())]),
             path: HashMap::new(),
             commands: HashMap::new(),
+            once: RefCell::default(),
             unshare: HashMap::new(),
             fork_error: None,
             landlock: Ok(7),
@@ -109,12 +136,32 @@ impl FakeHost {
         host
     }
 
+    /// A Mac where the smolmachines backend is fully usable: Hypervisor.framework present and lo0 already carrying
+    /// the pool's first address.
+    pub fn healthy_mac() -> Self {
+        let mut host = Self::healthy();
+        host.platform = Platform::MacOs;
+        host.files.remove(Path::new("/dev/kvm"));
+        host.command("/usr/sbin/sysctl -n kern.hv_support", Ok(output(0, "1\n", "")));
+        host.command("/sbin/ifconfig lo0", Ok(output(0, LO0_WITH_POOL, "")));
+        host
+    }
+
     pub fn file(&mut self, path: &str, meta: FileMeta) {
         self.files.insert(path.into(), meta);
     }
 
     pub fn command(&mut self, line: &str, result: Result<CommandOutput, Errno>) {
         self.commands.insert(line.to_owned(), result);
+    }
+
+    /// Answers the next run of `line` with `result`, once; later runs get the next queued answer, then `commands`.
+    pub fn command_once(&mut self, line: &str, result: Result<CommandOutput, Errno>) {
+        self.once
+            .get_mut()
+            .entry(line.to_owned())
+            .or_default()
+            .push_back(result);
     }
 
     pub fn socket(&mut self, path: &str, target: &str, reply: &str) {
@@ -145,6 +192,11 @@ fn errno(code: Errno) -> io::Error {
 }
 
 impl Host for FakeHost {
+    // Not recorded: the platform is a build-time fact of a real host, not an observation of the machine.
+    fn platform(&self) -> Platform {
+        self.platform
+    }
+
     fn metadata(&self, path: &Path) -> io::Result<FileMeta> {
         self.record(format!("metadata {}", path.display()));
         self.files.get(path).copied().ok_or_else(|| errno(libc::ENOENT))
@@ -194,7 +246,8 @@ impl Host for FakeHost {
             .collect::<Vec<_>>()
             .join(" ");
         self.record(format!("run {line}"));
-        match self.commands.get(&line) {
+        let once = self.once.borrow_mut().get_mut(&line).and_then(VecDeque::pop_front);
+        match once.as_ref().or_else(|| self.commands.get(&line)) {
             Some(Ok(out)) => Ok(out.clone()),
             Some(Err(code)) => Err(errno(*code)),
             None => Err(errno(libc::ENOENT)),

@@ -96,8 +96,31 @@ pub enum SeccompSupport {
     Filter { current_mode: i32 },
 }
 
+/// Which operating system the checks are for: it decides which checks apply (KVM or Hypervisor.framework) and
+/// whether loopback addresses need aliasing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Platform {
+    Linux,
+    MacOs,
+}
+
+impl Platform {
+    /// The platform this binary was built for. Every target but macOS is treated as Linux: those are the only two
+    /// bot-bottle supports.
+    pub const CURRENT: Self = if cfg!(target_os = "macos") {
+        Self::MacOs
+    } else {
+        Self::Linux
+    };
+}
+
 /// Everything the preflight checks observe. Production uses `RealHost`; tests inject a scripted fake.
 pub trait Host {
+    /// The operating system. A seam rather than a `#[cfg]` so that both platforms' checks run in unit tests on
+    /// either; the default, the build target, is right for every host that is not a test fake.
+    fn platform(&self) -> Platform {
+        Platform::CURRENT
+    }
     /// `stat(2)`, following symlinks.
     fn metadata(&self, path: &Path) -> io::Result<FileMeta>;
     /// `faccessat(path, W_OK, AT_EACCESS)`: would this process be allowed to write there?

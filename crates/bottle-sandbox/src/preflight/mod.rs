@@ -3,6 +3,7 @@
 
 mod container;
 mod host;
+mod loopback;
 mod namespace;
 mod smolmachines;
 mod state_dir;
@@ -14,7 +15,10 @@ use bottle_policy::Backend;
 use serde::Serialize;
 
 pub use container::DAEMON_REMEDY;
-pub use host::{CommandOutput, FileKind, FileMeta, Host, KvmProbe, NamespaceProbe, RealHost, SeccompSupport, Unshare};
+pub use host::{
+    CommandOutput, FileKind, FileMeta, Host, KvmProbe, NamespaceProbe, Platform, RealHost, SeccompSupport, Unshare,
+};
+pub use loopback::{AliasError, AliasOutcome, ensure_alias};
 pub use state_dir::state_dir_check;
 
 /// The verdict of one check.

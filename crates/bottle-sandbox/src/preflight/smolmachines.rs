@@ -1,10 +1,12 @@
-//! Checks for the smolmachines backend: a verified smolvm engine, a usable /dev/kvm (or Hypervisor.framework on
-//! macOS), the `kvm` group smolvm needs as root, `tar`, and the state dir (`state_dir.rs`). Trusts the `Host` seam.
+//! Checks for the smolmachines backend: a verified smolvm engine; on Linux a usable /dev/kvm and the `kvm` group
+//! smolvm needs as root, on macOS Hypervisor.framework and the lo0 alias pool (`loopback.rs`); `tar`; and the state
+//! dir (`state_dir.rs`). The platform comes from the `Host` seam, so both branches run in unit tests anywhere.
 
 use std::path::Path;
+use std::time::Duration;
 
-use super::host::{FileKind, Host};
-use super::{Check, Status};
+use super::host::{FileKind, Host, Platform};
+use super::{Check, Status, loopback};
 use crate::engine::{self, EngineError, VERIFIED_SMOLVM_VERSIONS};
 
 pub(super) const KVM_NOT_ENABLED_REMEDY: &str =
@@ -18,18 +20,21 @@ pub(super) const KVM_OWNER_REMEDY: &str =
 pub(super) const KVM_API_REMEDY: &str = "use a kernel whose KVM reports API version 12 (every kernel since 2.6.22)";
 pub(super) const NESTED_REASON: &str = "nested virtualization: KVM answers but guest boot could not be verified \
                                         (nested KVM often hangs guests)";
+const HVF_REMEDY: &str = "use a Mac whose CPU supports Hypervisor.framework (`sysctl kern.hv_support` must print 1)";
 pub(super) const TAR_REMEDY: &str = "install it: `sudo apt-get install tar`";
 pub(super) const ENV_ENGINE_REMEDY: &str = "point BOT_BOTTLE_SMOLVM at a smolvm binary, or unset it";
 const KVM_DEVICE: &str = "/dev/kvm";
+/// `sysctl -n` reads one kernel value; it answers in milliseconds.
+const SYSCTL_TIMEOUT: Duration = Duration::from_secs(5);
 /// The only KVM API version there has ever been (linux/kvm.h `KVM_API_VERSION`).
 const KVM_API_VERSION: i32 = 12;
 
 pub(super) fn checks(host: &dyn Host) -> Vec<Check> {
     let mut checks = vec![engine_check(host)];
-    #[cfg(target_os = "macos")]
-    checks.push(hypervisor_framework(host));
-    #[cfg(not(target_os = "macos"))]
-    checks.extend([kvm_device(host), kvm_group(host)]);
+    match host.platform() {
+        Platform::MacOs => checks.extend([hypervisor_framework(host), loopback::lo0_alias_pool(host)]),
+        Platform::Linux => checks.extend([kvm_device(host), kvm_group(host)]),
+    }
     checks.push(tar(host));
     checks.push(super::state_dir::smolvm_state_dir(host));
     checks
@@ -97,20 +102,18 @@ fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-#[cfg(target_os = "macos")]
 fn hypervisor_framework(host: &dyn Host) -> Check {
     const NAME: &str = "Hypervisor.framework";
-    const REMEDY: &str = "use a Mac whose CPU supports Hypervisor.framework (`sysctl kern.hv_support` must print 1)";
     let sysctl = Path::new("/usr/sbin/sysctl");
-    match host.run(sysctl, &["-n", "kern.hv_support"], std::time::Duration::from_secs(5)) {
+    match host.run(sysctl, &["-n", "kern.hv_support"], SYSCTL_TIMEOUT) {
         Ok(out) if out.success() && out.stdout.trim() == "1" => Check::ok(NAME, "kern.hv_support = 1"),
         Ok(out) => Check::new(
             NAME,
-            Status::missing(format!("kern.hv_support = {:?}", out.stdout.trim()), REMEDY),
+            Status::missing(format!("kern.hv_support = {:?}", out.stdout.trim()), HVF_REMEDY),
         ),
         Err(err) => Check::new(
             NAME,
-            Status::missing(format!("could not run sysctl kern.hv_support: {err}"), REMEDY),
+            Status::missing(format!("could not run sysctl kern.hv_support: {err}"), HVF_REMEDY),
         ),
     }
 }
@@ -231,7 +234,7 @@ fn tar(host: &dyn Host) -> Check {
 
 #[cfg(test)]
 mod tests {
-    use super::super::fake::{FakeHost, meta, output};
+    use super::super::fake::{FakeHost, LO0_DEFAULT, meta, output};
     use super::*;
 
     fn check(host: &FakeHost, name: &str) -> Check {
@@ -361,6 +364,84 @@ mod tests {
         host.euid = 1000;
         host.groups.clear();
         assert_eq!(check(&host, "kvm group").status, Status::Ok);
+    }
+
+    #[test]
+    fn linux_never_asks_for_hypervisor_framework_or_lo0() {
+        let host = FakeHost::healthy();
+        checks(&host);
+        assert!(
+            !host.called("run /usr/sbin/sysctl") && !host.called("run /sbin/ifconfig"),
+            "{:?}",
+            host.calls()
+        );
+    }
+
+    #[test]
+    fn healthy_mac_is_ok_without_kvm() {
+        let host = FakeHost::healthy_mac();
+        let checks = checks(&host);
+        assert!(checks.iter().all(|c| c.status == Status::Ok), "{checks:#?}");
+        let names: Vec<_> = checks.iter().map(|c| c.name).collect();
+        assert_eq!(
+            names,
+            [
+                "smolvm engine",
+                "Hypervisor.framework",
+                "lo0 alias pool",
+                "tar",
+                "state directory"
+            ]
+        );
+        assert!(
+            !host.called("open_kvm") && !host.called("metadata /dev/kvm") && !host.called("group_gid"),
+            "{:?}",
+            host.calls()
+        );
+        // Preflight only looks: it never adds the alias itself.
+        assert!(!host.called("run /usr/bin/sudo"), "{:?}", host.calls());
+    }
+
+    #[test]
+    fn mac_needs_hypervisor_framework() {
+        let mut host = FakeHost::healthy_mac();
+        assert_eq!(
+            check(&host, "Hypervisor.framework"),
+            Check::ok("Hypervisor.framework", "kern.hv_support = 1")
+        );
+        host.command("/usr/sbin/sysctl -n kern.hv_support", Ok(output(0, "0\n", "")));
+        let absent = check(&host, "Hypervisor.framework");
+        assert_eq!(
+            remedy(&absent),
+            "use a Mac whose CPU supports Hypervisor.framework (`sysctl kern.hv_support` must print 1)"
+        );
+        assert!(matches!(&absent.status, Status::Missing { reason, .. } if reason == "kern.hv_support = \"0\""));
+        // An unknown sysctl name makes sysctl(8) fail; that is no evidence of support.
+        host.command(
+            "/usr/sbin/sysctl -n kern.hv_support",
+            Ok(output(1, "", "sysctl: unknown oid 'kern.hv_support'\n")),
+        );
+        assert_eq!(remedy(&check(&host, "Hypervisor.framework")), HVF_REMEDY);
+        host.commands.remove("/usr/sbin/sysctl -n kern.hv_support");
+        let unrunnable = check(&host, "Hypervisor.framework");
+        assert_eq!(remedy(&unrunnable), HVF_REMEDY);
+        assert!(
+            matches!(&unrunnable.status, Status::Missing { reason, .. } if reason.starts_with("could not run sysctl"))
+        );
+    }
+
+    #[test]
+    fn mac_without_the_pool_alias_is_degraded_but_usable() {
+        let mut host = FakeHost::healthy_mac();
+        host.command("/sbin/ifconfig lo0", Ok(output(0, LO0_DEFAULT, "")));
+        let report = super::super::report(bottle_policy::Backend::Smolmachines, &host);
+        assert_eq!(report.worst(), super::super::Severity::Degraded, "{report:#?}");
+        assert!(report.usable());
+        let pool = report.check("lo0 alias pool").unwrap();
+        assert!(
+            matches!(&pool.status, Status::Degraded { reason } if reason.contains("sudo ifconfig lo0 alias 127.0.0.2 up")),
+            "{pool:?}"
+        );
     }
 
     #[test]
