@@ -64,6 +64,8 @@ use bottle_proxy::CA_KEY_FILE;
 pub enum StepError {
     #[error("step preflight: no usable smolvm engine")]
     Engine(#[source] engine::EngineError),
+    #[error("step lease: the bottle's loopback address cannot be used")]
+    Loopback(#[source] preflight::AliasError),
     #[error(
         "step plan: workspace {workspace} is not reachable by smolvm's per-VM uid: {path} lacks {need} for others; \
          run `chmod o+{need} {path}` or pick another workspace"
@@ -151,7 +153,7 @@ impl StepError {
     /// Host problems with a known remedy are preflight failures (122); the proxy's are 124; the rest 123.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Engine(_) => exit::PREFLIGHT,
+            Self::Engine(_) | Self::Loopback(_) => exit::PREFLIGHT,
             Self::Start { source, .. } if source.remedy().is_some() => exit::PREFLIGHT,
             Self::Listen { .. } | Self::Discover { .. } => exit::PROXY,
             _ => exit::SANDBOX,
@@ -255,6 +257,8 @@ fn launch(req: Request, engine: &Engine, root: &Path, tuning: Tuning, steps: &St
     let lease = Registry::new(root)
         .with_pool(recipe::lease_pool()?)
         .allocate(&name, std::process::id())?;
+    // macOS: 127.0.0.N exists only as an lo0 alias, added (sudo -n) only when missing; Linux: nothing to do.
+    preflight::ensure_alias(&RealHost, lease.addr()).map_err(StepError::Loopback)?;
     steps.done("lease");
 
     // step: state dir (a failure here drops, and so releases, the lease)
