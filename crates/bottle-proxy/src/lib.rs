@@ -24,6 +24,7 @@ mod session;
 mod standalone;
 mod transparent;
 mod upstream;
+mod write_through;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
