@@ -33,12 +33,9 @@ struct Creds {
 static FAMILY: OnceLock<Result<Creds, String>> = OnceLock::new();
 
 fn family() -> Option<&'static Creds> {
-    if scenario::skip() {
-        return None;
-    }
-    let f = scenario::shared(&FAMILY, setup);
-    f.runs.tools_present();
-    Some(f)
+    scenario::family(&FAMILY, setup, |f| {
+        f.runs.tools_present();
+    })
 }
 
 fn policy_toml() -> String {

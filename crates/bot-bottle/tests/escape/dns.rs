@@ -22,12 +22,9 @@ struct Dns {
 static FAMILY: OnceLock<Result<Dns, String>> = OnceLock::new();
 
 fn family() -> Option<&'static Dns> {
-    if scenario::skip() {
-        return None;
-    }
-    let f = scenario::shared(&FAMILY, setup);
-    f.runs.tools_present();
-    Some(f)
+    scenario::family(&FAMILY, setup, |f| {
+        f.runs.tools_present();
+    })
 }
 
 fn setup() -> Dns {

@@ -31,14 +31,11 @@ struct Ipc {
 static FAMILY: OnceLock<Result<Ipc, String>> = OnceLock::new();
 
 fn family() -> Option<&'static Ipc> {
-    if scenario::skip() {
-        return None;
-    }
-    let f = scenario::shared(&FAMILY, setup);
-    for r in &f.runs {
-        r.ran.tools_present();
-    }
-    Some(f)
+    scenario::family(&FAMILY, setup, |f| {
+        for r in &f.runs {
+            r.ran.tools_present();
+        }
+    })
 }
 
 const SYSCALLS_38: [&str; 13] = [

@@ -30,12 +30,9 @@ struct Policy {
 static FAMILY: OnceLock<Result<Policy, String>> = OnceLock::new();
 
 fn family() -> Option<&'static Policy> {
-    if scenario::skip() {
-        return None;
-    }
-    let f = scenario::shared(&FAMILY, setup);
-    f.runs.tools_present();
-    Some(f)
+    scenario::family(&FAMILY, setup, |f| {
+        f.runs.tools_present();
+    })
 }
 
 const NAMES: [&str; 10] = [

@@ -41,12 +41,9 @@ struct Raw {
 static FAMILY: OnceLock<Result<Raw, String>> = OnceLock::new();
 
 fn family() -> Option<&'static Raw> {
-    if scenario::skip() {
-        return None;
-    }
-    let f = scenario::shared(&FAMILY, setup);
-    f.runs.tools_present();
-    Some(f)
+    scenario::family(&FAMILY, setup, |f| {
+        f.runs.tools_present();
+    })
 }
 
 /// Names the lab's DNS server answers: allowed names that resolve into private space (cases 11, 12).

@@ -75,6 +75,21 @@ pub fn skip() -> bool {
 
 /// A family's one-time setup, shared by its tests. A setup that panics fails every test of the family with the
 /// same message (it is not retried).
+/// A family's shared scenario, set up once: `None` (a skip, said by `skip`) where bottles cannot run here; otherwise
+/// the scenario, after `tools_present` checked that its runs had what they needed.
+pub fn family<T: Send + Sync>(
+    cell: &'static OnceLock<Result<T, String>>,
+    setup: fn() -> T,
+    tools_present: fn(&T),
+) -> Option<&'static T> {
+    if skip() {
+        return None;
+    }
+    let f = shared(cell, setup);
+    tools_present(f);
+    Some(f)
+}
+
 pub fn shared<T: Send + Sync>(cell: &'static OnceLock<Result<T, String>>, setup: fn() -> T) -> &'static T {
     let result = cell.get_or_init(|| {
         std::panic::catch_unwind(setup).map_err(|e| {
