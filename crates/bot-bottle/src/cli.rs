@@ -59,6 +59,7 @@ pub enum Command {
     BottleExec {
         spec: PathBuf,
         init_pid: u32,
+        supervisor_pid: u32,
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },

@@ -12,7 +12,7 @@ use bottle_policy::{Backend, BottleName, Policy, preset::preset};
 use bottle_proxy::{Proxy, ProxyConfig};
 use bottle_sandbox::lease::{Lease, Registry};
 use bottle_sandbox::namespace::launch::{self, Stdio3};
-use bottle_sandbox::namespace::spec::{InitSpec, bottle_env};
+use bottle_sandbox::namespace::spec::{EarlySpec, InitSpec, bottle_env};
 use bottle_sandbox::preflight::{self, RealHost};
 use bottle_sandbox::state::{self, BottleState, StateDir, Status};
 
@@ -148,7 +148,15 @@ fn launch_and_run(
     } else {
         Stdio3::inherit()
     };
-    let mut sandbox = launch::spawn(&spec_path, stdio)?;
+    let uid = rustix::process::getuid().as_raw();
+    let gid = rustix::process::getgid().as_raw();
+    let early = EarlySpec {
+        name: bottle.state.name.clone(),
+        uid,
+        gid,
+        cgroup_ns,
+    };
+    let mut sandbox = launch::spawn(&spec_path, &early, stdio)?;
 
     bottle.dir.write_file(
         state::POLICY_FILE,
@@ -159,8 +167,10 @@ fn launch_and_run(
     )?;
 
     // step: mint CA + start bundle
+    // One worker: a bottle's proxy serves one agent, and each thread started here competes with the init for the
+    // CPU on the launch's critical path. (The standalone `proxy`, built for many clients, keeps more.)
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(1)
         .enable_all()
         .thread_name("bottle-proxy")
         .build()
@@ -200,12 +210,9 @@ fn launch_and_run(
         .and_then(|u| u.strip_prefix("http://"))
         .and_then(|a| a.parse().ok())
         .context("the bundle's urls.json has no proxy address")?;
-    bottle.set(|s| s.proxy_url = Some(proxy_url.clone()))?;
 
     steps.done("discover");
     // step: plan
-    let uid = rustix::process::getuid().as_raw();
-    let gid = rustix::process::getgid().as_raw();
     let home = PathBuf::from(if uid == 0 { "/root" } else { "/home/agent" });
     let mut env: BTreeMap<String, String> = policy.bottle.env.clone();
     for key in &policy.bottle.pass_env {
@@ -215,7 +222,7 @@ fn launch_and_run(
     }
     env.extend(proxy.placeholders());
     let spec = InitSpec {
-        name: bottle.state.name.clone(),
+        name: early.name.clone(),
         root: bottle.dir.file(state::ROOT_DIR),
         uid,
         gid,
@@ -234,7 +241,7 @@ fn launch_and_run(
     )?;
 
     steps.done("plan");
-    // step: launch (the init, started above, reads the spec now)
+    // step: launch (the init, started above, has built the namespaces meanwhile and reads the spec now)
     sandbox.spec_written()?;
     let listener = sandbox.proxy_listener(LISTENER_TIMEOUT)?;
     {
@@ -245,11 +252,12 @@ fn launch_and_run(
     steps.done("launch");
     // step: init + wait ready (the init proves from inside that the proxy answers and nothing else does)
     let master = sandbox.go_and_wait_ready(READY_TIMEOUT)?;
-    // One state write: `exec` joins a bottle through its init only once it is running.
+    // One state write (the proxy's URL with it): `exec` joins a bottle through its init only once it is running.
     let init_pid = sandbox.pid();
     bottle.set(|s| {
         s.status = Status::Running;
         s.init_pid = Some(init_pid);
+        s.proxy_url = Some(proxy_url);
     })?;
 
     steps.done("ready");

@@ -40,6 +40,7 @@ pub fn run(args: &ExecArgs) -> anyhow::Result<u8> {
         .arg(EXEC_SUBCOMMAND)
         .arg(dir.file(SPEC_FILE))
         .arg(init.to_string())
+        .arg(s.supervisor_pid.to_string())
         .arg("--")
         .args(&args.command)
         .exec();

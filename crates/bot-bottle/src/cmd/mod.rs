@@ -25,9 +25,10 @@ pub fn dispatch(command: Command, out: &Output) -> anyhow::Result<u8> {
         Command::BottleExec {
             spec,
             init_pid,
+            supervisor_pid,
             command,
         } => {
-            let code = bottle_sandbox::namespace::join::main(&spec, init_pid, &command);
+            let code = bottle_sandbox::namespace::join::main(&spec, init_pid, supervisor_pid, &command);
             Ok(u8::try_from(code).unwrap_or(crate::exit::SANDBOX))
         }
     }

@@ -1,10 +1,12 @@
-//! The bottle's init: runs in a child forked from the single-threaded launcher (descriptors and environment
-//! scrubbed first), enters new namespaces, builds the bottle, proves confinement from inside, then runs the agent as a child of the
-//! bottle's pid 1. Trusts its spec (written 0600 by the launcher); trusts nothing the agent does.
+//! The bottle's init: the bottle's pid 1, cloned by the single-threaded launcher straight into the bottle's new
+//! namespaces (descriptors and environment scrubbed first). It maps its ids, hands the launcher its proxy listener
+//! (while the launcher starts the proxy), then, given the spec, builds the bottle's filesystem, proves confinement
+//! from inside, and runs the agent as its child. Trusts its spec (written 0600 by the launcher); trusts nothing the
+//! agent does.
 //!
-//! Processes: the launcher spawns *outer* (host pid namespace) → outer forks *pid 1* (the bottle's pid
-//! namespace; reaps, forwards SIGTERM/SIGHUP) → pid 1 forks the *agent*. Each has PDEATHSIG = SIGKILL, so
-//! `kill -9` of the launcher takes the whole bottle down, and pid 1's death kills every process in the bottle.
+//! Processes: the launcher clones *pid 1* (reaps, forwards SIGTERM/SIGHUP) → pid 1 forks the *agent*. Both have
+//! PDEATHSIG = SIGKILL, so `kill -9` of the launcher takes the whole bottle down, and pid 1's death kills every
+//! process in the bottle.
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
@@ -19,7 +21,7 @@ use rustix::thread::UnshareFlags;
 use super::control::{self, Message};
 use super::harden::{self, Hardening, LandlockMode};
 use super::rootfs;
-use super::spec::{IN_BOTTLE_PROXY_PORT, InitSpec, RealFs, fs_plan};
+use super::spec::{EarlySpec, IN_BOTTLE_PROXY_PORT, InitSpec, RealFs, fs_plan};
 use crate::sys::ns::{self as sys, Forked};
 
 /// Exit code of outer/pid 1 when the bottle failed before the agent ran (the reason went over the channel).
@@ -40,12 +42,8 @@ pub enum InitError {
     Control { source: io::Error },
     #[error("cannot scrub the inherited environment")]
     Environment { source: io::Error },
-    #[error("cannot create the user namespace (`bot-bottle doctor` checks this)")]
-    UserNs { source: io::Error },
     #[error("cannot write {file}")]
     IdMap { file: &'static str, source: io::Error },
-    #[error("cannot unshare the mount/pid/net/ipc/uts namespaces")]
-    Unshare { source: io::Error },
     #[error("cannot fork")]
     Fork { source: io::Error },
     #[error("cannot set up the bottle network")]
@@ -64,10 +62,11 @@ pub enum InitError {
     Exec { program: String, source: io::Error },
 }
 
-/// Entry point of the init, in the child the launcher just forked (single-threaded): takes the control channel and
-/// the standard streams, drops everything else it inherited, then builds the bottle. Returns the process exit code
-/// (the agent's, or INIT_FAILED).
-pub(super) fn forked(spec_path: &Path, control: OwnedFd, stdio: [Option<OwnedFd>; 3]) -> i32 {
+/// Entry point of the init, in the child the launcher just cloned into the bottle's namespaces (single-threaded):
+/// takes the control channel and the standard streams, drops everything else it inherited, sets up what needs only
+/// `early` at once, and builds the filesystem once the launcher says the spec is written. Returns the process exit
+/// code (the agent's, or INIT_FAILED).
+pub(super) fn cloned(spec_path: &Path, early: &EarlySpec, control: OwnedFd, stdio: [Option<OwnedFd>; 3]) -> i32 {
     // SECURITY: the launcher's descriptors (lease lock, state files, sockets) and its environment (real credential
     // secrets) must not reach the bottle's pid 1: both go before anything else runs.
     let control = match sys::install_descriptors(control, stdio) {
@@ -77,19 +76,32 @@ pub(super) fn forked(spec_path: &Path, control: OwnedFd, stdio: [Option<OwnedFd>
     if let Err(source) = sys::scrub_environment() {
         return report(Some(&control), &InitError::Environment { source });
     }
-    match wait_for_spec(&control).and_then(|()| outer(spec_path, &control)) {
+    match start(spec_path, early, &control) {
         Ok(code) => code,
         Err(e) => report(Some(&control), &e),
     }
 }
 
-/// The launcher starts the init before the spec exists; it says when the spec is complete.
-fn wait_for_spec(control: &OwnedFd) -> Result<(), InitError> {
-    die_with_parent(true)?;
+/// The launcher starts the init before the spec exists; it says when the spec is complete. The spec must be
+/// for the namespaces already built.
+fn read_spec(spec_path: &Path, early: &EarlySpec, control: &OwnedFd) -> Result<InitSpec, InitError> {
     match control::recv(control, false).map_err(|source| InitError::Control { source })? {
-        Some((Message::Spec, _)) => Ok(()),
-        _ => Err(InitError::LauncherGone),
+        Some((Message::Spec, _)) => {}
+        _ => return Err(InitError::LauncherGone),
     }
+    let spec: InitSpec = std::fs::read(spec_path)
+        .and_then(|b| serde_json::from_slice(&b).map_err(io::Error::other))
+        .map_err(|source| InitError::Spec {
+            path: spec_path.display().to_string(),
+            source,
+        })?;
+    if !early.agrees_with(&spec) {
+        return Err(InitError::Spec {
+            path: spec_path.display().to_string(),
+            source: io::Error::other("its name, ids or namespaces differ from the ones the init was started with"),
+        });
+    }
+    Ok(spec)
 }
 
 fn report(control: Option<&OwnedFd>, err: &InitError) -> i32 {
@@ -109,69 +121,34 @@ fn report(control: Option<&OwnedFd>, err: &InitError) -> i32 {
     INIT_FAILED
 }
 
-fn outer(spec_path: &Path, control: &OwnedFd) -> Result<i32, InitError> {
-    let spec: InitSpec = std::fs::read(spec_path)
-        .and_then(|b| serde_json::from_slice(&b).map_err(io::Error::other))
-        .map_err(|source| InitError::Spec {
-            path: spec_path.display().to_string(),
-            source,
-        })?;
-    enter_user_namespace(&spec)?;
-    // SECURITY: there is deliberately no way to keep the host's network namespace.
-    let mut flags =
-        UnshareFlags::NEWNS | UnshareFlags::NEWPID | UnshareFlags::NEWIPC | UnshareFlags::NEWUTS | UnshareFlags::NEWNET;
-    if spec.cgroup_ns {
-        flags |= UnshareFlags::NEWCGROUP;
-    }
-    sys::unshare(flags).map_err(|source| InitError::Unshare { source })?;
-    // Only this process holds the write end: pid 1 sees EOF on the read end once we are gone.
-    let (alive_r, alive_w) =
-        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK)
-            .map_err(|e| InitError::Fork { source: e.into() })?;
-    match sys::fork().map_err(|source| InitError::Fork { source })? {
-        Forked::Child => {
-            drop(alive_w);
-            let code = match outer_alive(&alive_r).and_then(|()| pid_one(&spec, control)) {
-                Ok(code) => code,
-                Err(e) => report(Some(control), &e),
-            };
-            sys::exit_child(code)
-        }
-        Forked::Parent { child } => {
-            drop(alive_r);
-            sys::forward_signals_to(child).map_err(|source| InitError::Fork { source })?;
-            let code = wait_for(child);
-            drop(alive_w);
-            Ok(code)
-        }
-    }
+/// The init's first steps as the bottle's pid 1, in the namespaces the launcher cloned it into.
+fn start(spec_path: &Path, early: &EarlySpec, control: &OwnedFd) -> Result<i32, InitError> {
+    launcher_alive(control)?;
+    map_ids(early)?;
+    pid_one(spec_path, early, control)
 }
 
-/// Runs in pid 1 right after the fork: arms PDEATHSIG, then makes sure the outer init did not die before it was
-/// armed. SECURITY: pid 1 cannot ask `getppid()` (its parent is outside its pid namespace and reads as 0), so the
-/// check is the pipe whose only write end the outer init holds: EOF means it is gone, and so must we be.
-fn outer_alive(alive: &OwnedFd) -> Result<(), InitError> {
-    die_with_parent(false)?;
-    match rustix::io::read(alive, &mut [0u8; 1]) {
-        Err(rustix::io::Errno::AGAIN) => Ok(()),
-        _ => Err(InitError::LauncherGone),
-    }
-}
-
-/// Arms PDEATHSIG = SIGKILL. `check`: also verify the parent did not die before it was armed (pid 1 of a new
-/// pid namespace sees its parent as pid 0 and cannot check that way; see `outer_alive`).
-fn die_with_parent(check: bool) -> Result<(), InitError> {
+/// Arms PDEATHSIG = SIGKILL, then makes sure the launcher did not die before it was armed. SECURITY: pid 1 cannot
+/// ask `getppid()` (its parent is outside its pid namespace and reads as 0), so the check is the control channel,
+/// whose other end only the launcher holds: a hang-up means it is gone, and so must we be.
+fn launcher_alive(control: &OwnedFd) -> Result<(), InitError> {
     rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
-        .map_err(|e| InitError::Fork { source: e.into() })?;
-    if check && rustix::process::getppid().is_none_or(|p| p.as_raw_nonzero().get() == 1) {
+        .map_err(|e| InitError::Control { source: e.into() })?;
+    let mut fds = [rustix::event::PollFd::new(control, rustix::event::PollFlags::empty())];
+    let zero = rustix::event::Timespec { tv_sec: 0, tv_nsec: 0 };
+    rustix::event::poll(&mut fds, Some(&zero)).map_err(|e| InitError::Control { source: e.into() })?;
+    if fds[0]
+        .revents()
+        .intersects(rustix::event::PollFlags::HUP | rustix::event::PollFlags::ERR)
+    {
         return Err(InitError::LauncherGone);
     }
     Ok(())
 }
 
-/// Maps the invoking uid/gid to themselves: the agent owns what it writes in the workspace, and nothing else.
-fn enter_user_namespace(spec: &InitSpec) -> Result<(), InitError> {
-    sys::unshare(UnshareFlags::NEWUSER).map_err(|source| InitError::UserNs { source })?;
+/// Maps the invoking uid/gid to themselves in the new user namespace: the agent owns what it writes in the
+/// workspace, and nothing else.
+fn map_ids(spec: &EarlySpec) -> Result<(), InitError> {
     for (file, contents) in [
         ("/proc/self/setgroups", "deny".to_string()),
         ("/proc/self/uid_map", format!("{0} {0} 1\n", spec.uid)),
@@ -182,8 +159,23 @@ fn enter_user_namespace(spec: &InitSpec) -> Result<(), InitError> {
     Ok(())
 }
 
-fn pid_one(spec: &InitSpec, control: &OwnedFd) -> Result<i32, InitError> {
-    rustix::system::sethostname(spec.name.as_bytes()).map_err(|e| InitError::Network { source: e.into() })?;
+/// The namespaces of a bottle. SECURITY: there is deliberately no way to keep the host's network namespace.
+pub(super) fn namespaces(early: &EarlySpec) -> UnshareFlags {
+    let flags = UnshareFlags::NEWUSER
+        | UnshareFlags::NEWNS
+        | UnshareFlags::NEWPID
+        | UnshareFlags::NEWIPC
+        | UnshareFlags::NEWUTS
+        | UnshareFlags::NEWNET;
+    if early.cgroup_ns {
+        flags | UnshareFlags::NEWCGROUP
+    } else {
+        flags
+    }
+}
+
+fn pid_one(spec_path: &Path, early: &EarlySpec, control: &OwnedFd) -> Result<i32, InitError> {
+    rustix::system::sethostname(early.name.as_bytes()).map_err(|e| InitError::Network { source: e.into() })?;
     let listener = sys::loopback_up()
         .and_then(|()| TcpListener::bind((Ipv4Addr::LOCALHOST, IN_BOTTLE_PROXY_PORT)))
         .map_err(|source| InitError::Network { source })?;
@@ -192,6 +184,7 @@ fn pid_one(spec: &InitSpec, control: &OwnedFd) -> Result<i32, InitError> {
         .map_err(|source| InitError::Control { source })?;
     drop(listener);
 
+    let spec = &read_spec(spec_path, early, control)?;
     rootfs::build(&spec.root, &fs_plan(spec, &RealFs))?;
 
     match control::recv(control, false).map_err(|source| InitError::Control { source })? {

@@ -1,7 +1,8 @@
 //! `exec` into a running namespace bottle: a re-executed, single-threaded `bot-bottle __bottle-exec` joins the
 //! namespaces of the bottle's pid 1 (user first, so it holds capabilities in the others), forks so that the
 //! command lives in the bottle's pid namespace, and runs it with the same hardening as the agent.
-//! Trusts the bottle's spec; the target pid is re-checked to be the child of the recorded init.
+//! Trusts the bottle's spec; the recorded pid 1 is re-checked to be the child of the recorded launcher after its
+//! namespaces are opened, so a recycled pid is never joined.
 
 use std::fs::File;
 use std::os::fd::AsFd;
@@ -28,8 +29,8 @@ const NAMESPACES: [(&str, LinkNameSpaceType); 7] = [
 ];
 
 /// Entry point; returns the command's exit code, or INIT_FAILED with the reason on stderr.
-pub fn main(spec_path: &Path, init_pid: u32, argv: &[String]) -> i32 {
-    match join(spec_path, init_pid, argv) {
+pub fn main(spec_path: &Path, init_pid: u32, supervisor_pid: u32, argv: &[String]) -> i32 {
+    match join(spec_path, init_pid, supervisor_pid, argv) {
         Ok(code) => code,
         Err(why) => {
             eprintln!("bot-bottle exec: {why}");
@@ -38,11 +39,10 @@ pub fn main(spec_path: &Path, init_pid: u32, argv: &[String]) -> i32 {
     }
 }
 
-fn join(spec_path: &Path, init_pid: u32, argv: &[String]) -> Result<i32, String> {
+fn join(spec_path: &Path, pid_one: u32, supervisor_pid: u32, argv: &[String]) -> Result<i32, String> {
     let spec: InitSpec = std::fs::read(spec_path)
         .map_err(|e| format!("cannot read {}: {e}", spec_path.display()))
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("{} is damaged: {e}", spec_path.display())))?;
-    let pid_one = bottle_pid_one(init_pid)?;
     // Open every namespace before joining any: after joining the mount namespace, /proc is the bottle's.
     let mut fds = Vec::new();
     for (name, kind) in NAMESPACES {
@@ -53,6 +53,10 @@ fn join(spec_path: &Path, init_pid: u32, argv: &[String]) -> Result<i32, String>
             Err(e) => return Err(format!("cannot open {path}: {e}")),
         }
     }
+    // SECURITY: after the opens. If the pid is the launcher's child now, it has been since before the state named
+    // it (a pid is not reused while its process lives), so the namespaces opened are the bottle's. The launcher
+    // clones exactly one process.
+    check_parent(pid_one, supervisor_pid)?;
     for (name, kind, fd) in &fds {
         // Joining a namespace we are already in (cgroup when the bottle has none of its own) is harmless.
         move_into_link_name_space(fd.as_fd(), Some(*kind))
@@ -72,15 +76,38 @@ fn join(spec_path: &Path, init_pid: u32, argv: &[String]) -> Result<i32, String>
     }
 }
 
-/// The bottle's pid 1 is the only child of its outer init.
-fn bottle_pid_one(init_pid: u32) -> Result<u32, String> {
-    let path = format!("/proc/{init_pid}/task/{init_pid}/children");
-    let children = std::fs::read_to_string(&path).map_err(|e| format!("the bottle is not running ({path}: {e})"))?;
-    let mut pids = children.split_whitespace().filter_map(|p| p.parse::<u32>().ok());
-    match (pids.next(), pids.next()) {
-        (Some(p), None) => Ok(p),
-        _ => Err(format!(
-            "the bottle's init {init_pid} does not have exactly one child: {children:?}"
-        )),
+/// `pid` is a live child of `parent`.
+fn check_parent(pid: u32, parent: u32) -> Result<(), String> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).map_err(|e| format!("the bottle is not running ({path}: {e})"))?;
+    let ppid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|p| p.trim().parse::<u32>().ok());
+    if ppid != Some(parent) {
+        return Err(format!(
+            "pid {pid} is not the bottle's init (its parent is {ppid:?}, the bottle's launcher is {parent})"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_parent;
+
+    #[test]
+    fn only_a_child_of_the_recorded_launcher_is_joined() {
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let ours = std::process::id();
+        assert!(check_parent(child.id(), ours).is_ok());
+        // A pid that is alive but not the launcher's child (as a recycled pid would be) is refused.
+        let err = check_parent(ours, child.id()).unwrap_err();
+        assert!(err.contains("is not the bottle's init"), "{err}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // A pid that is gone is refused too.
+        let err = check_parent(child.id(), ours).unwrap_err();
+        assert!(err.contains("not running"), "{err}");
     }
 }

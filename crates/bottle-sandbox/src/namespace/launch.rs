@@ -1,11 +1,12 @@
-//! The launcher's side of a namespace bottle: fork the bottle init (early: it waits for the spec), take its
-//! in-namespace proxy listener, release it into the self-test, and wait until it reports ready. A `Bottle` that is
-//! dropped before the agent finished kills the init, and with it every process in the bottle.
+//! The launcher's side of a namespace bottle: clone the bottle init straight into the bottle's namespaces (early:
+//! it sets them up while the launcher starts the proxy, then waits for the spec), take its in-namespace proxy
+//! listener, release it into the self-test, and wait until it reports ready. A `Bottle` that is dropped before the
+//! agent finished kills the init (the bottle's pid 1), and with it every process in the bottle.
 //!
-//! The init is forked, not re-executed: an exec of this binary (loader, relocations, CPU feature probing) was the
-//! largest single cost of a launch. Forking is only sound while the launcher is single-threaded, so `spawn`
-//! checks that first and refuses otherwise; the child scrubs what it inherited (descriptors, environment) before
-//! it does anything else.
+//! The init is cloned, not re-executed: an exec of this binary (loader, relocations, CPU feature probing) was the
+//! largest single cost of a launch; and it is cloned into its namespaces in one step rather than forked, unshared
+//! and forked again. Cloning is only sound while the launcher is single-threaded, so `spawn` checks that first and
+//! refuses otherwise; the child scrubs what it inherited (descriptors, environment) before it does anything else.
 
 use std::net::TcpListener;
 use std::os::fd::OwnedFd;
@@ -19,19 +20,26 @@ use rustix::process::{Pid, WaitOptions};
 
 use super::control::{self, Message};
 use super::init;
+use super::spec::EarlySpec;
 use crate::ready::WaitError;
 use crate::sys::ns::{self as sys, Forked};
 
 /// How often a wait for the init also checks whether it is still alive.
 const CHILD_CHECK: Duration = Duration::from_millis(50);
+/// How long the launcher waits for the init's reason when the init stopped listening before it got its spec.
+const SPEC_REFUSED_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
-    #[error("cannot create the control channel")]
+    #[error("the control channel to the bottle init failed")]
     Control { source: std::io::Error },
     #[error("cannot start the bottle init")]
     Spawn { source: std::io::Error },
-    #[error("cannot fork the bottle init: the launcher runs {threads} threads (it must fork before starting any)")]
+    #[error(
+        "cannot create the bottle's user, mount, pid, network, ipc and uts namespaces (`bot-bottle doctor` checks this)"
+    )]
+    Namespaces { source: std::io::Error },
+    #[error("cannot clone the bottle init: the launcher runs {threads} threads (it must clone before starting any)")]
     Threads { threads: usize },
     #[error("the bottle init failed: {reason}")]
     Init { reason: String },
@@ -63,9 +71,10 @@ pub struct Bottle {
     finished: bool,
 }
 
-/// Forks the init, which waits for `spec_written` before it reads the spec at `spec_path`: the launcher starts it
-/// ahead of the proxy, so its start-up overlaps the bundle. Must be called before the launcher starts any thread.
-pub fn spawn(spec_path: &Path, stdio: Stdio3) -> Result<Bottle, LaunchError> {
+/// Clones the init into the bottle's namespaces; it sets them up from `early` at once and waits for `spec_written` before it
+/// reads the spec at `spec_path`: the launcher starts it ahead of the proxy, so its start-up overlaps the bundle.
+/// Must be called before the launcher starts any thread.
+pub fn spawn(spec_path: &Path, early: &EarlySpec, stdio: Stdio3) -> Result<Bottle, LaunchError> {
     let threads = std::fs::read_dir("/proc/self/task")
         .map_err(|source| LaunchError::Spawn { source })?
         .count();
@@ -73,14 +82,14 @@ pub fn spawn(spec_path: &Path, stdio: Stdio3) -> Result<Bottle, LaunchError> {
         return Err(LaunchError::Threads { threads });
     }
     let (ours, theirs) = control::pair().map_err(|source| LaunchError::Control { source })?;
-    match sys::fork().map_err(|source| LaunchError::Spawn { source })? {
+    match sys::clone_into(init::namespaces(early)).map_err(|source| LaunchError::Namespaces { source })? {
         Forked::Child => {
             drop(ours);
             // SECURITY: a panic must never unwind into the launcher's frames above: their destructors (the lease,
             // the state dir) belong to the parent, which still uses them.
             let streams = [stdio.stdin, stdio.stdout, stdio.stderr];
             let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-                init::forked(spec_path, theirs, streams)
+                init::cloned(spec_path, early, theirs, streams)
             }))
             .unwrap_or(init::INIT_FAILED);
             sys::exit_child(code)
@@ -88,7 +97,7 @@ pub fn spawn(spec_path: &Path, stdio: Stdio3) -> Result<Bottle, LaunchError> {
         Forked::Parent { child } => {
             drop(theirs);
             let pid = Pid::from_raw(child).ok_or_else(|| LaunchError::Spawn {
-                source: std::io::Error::other("fork returned pid 0 to the parent"),
+                source: std::io::Error::other("clone returned pid 0 to the parent"),
             })?;
             Ok(Bottle {
                 pid,
@@ -105,8 +114,15 @@ impl Bottle {
     }
 
     /// Lets the init read its spec (written completely by now).
-    pub fn spec_written(&self) -> Result<(), LaunchError> {
-        control::send(&self.control, &Message::Spec, None).map_err(|source| LaunchError::Control { source })
+    pub fn spec_written(&mut self) -> Result<(), LaunchError> {
+        let Err(source) = control::send(&self.control, &Message::Spec, None) else {
+            return Ok(());
+        };
+        // The init may have failed already, building the namespaces: its reason is waiting in our queue.
+        match self.next("the bottle namespaces", SPEC_REFUSED_GRACE) {
+            Err(e @ (LaunchError::Init { .. } | LaunchError::Exited { .. })) => Err(e),
+            _ => Err(LaunchError::Control { source }),
+        }
     }
 
     /// The listening socket the init created in the bottle's network namespace.

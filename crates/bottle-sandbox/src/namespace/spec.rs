@@ -46,6 +46,23 @@ pub const SYSTEM_ROOTS: [&str; 3] = [
 /// Top-level host entries provided from the host's `/usr` (merged-/usr systems make these symlinks).
 pub const USR_LINKS: [&str; 6] = ["bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 
+/// What the init needs before the spec exists: enough to build the bottle's namespaces and its proxy listener
+/// while the launcher mints the CA and starts the proxy. The spec repeats these and must agree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EarlySpec {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_ns: bool,
+}
+
+impl EarlySpec {
+    /// Whether `spec` was written for the namespaces this init already built.
+    pub fn agrees_with(&self, spec: &InitSpec) -> bool {
+        self.name == spec.name && self.uid == spec.uid && self.gid == spec.gid && self.cgroup_ns == spec.cgroup_ns
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InitSpec {
     pub name: String,

@@ -1,6 +1,7 @@
-//! Raw syscalls the bottle's init needs that rustix has no safe wrapper for: fork, bringing `lo` up, closing
-//! inherited descriptors, scrubbing the inherited environment, and forwarding termination signals to the agent.
-//! Trusts the kernel's documented ABI (fork(2), netdevice(7), close_range(2), sigaction(2), proc(5)).
+//! Raw syscalls the bottle's init needs that rustix has no safe wrapper for: fork, clone into new namespaces,
+//! bringing `lo` up, closing inherited descriptors, scrubbing the inherited environment, and forwarding termination
+//! signals to the agent. Trusts the kernel's documented ABI (fork(2), clone(2), netdevice(7), close_range(2),
+//! sigaction(2), proc(5)).
 
 use std::io;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -22,6 +23,26 @@ pub(crate) fn fork() -> io::Result<Forked> {
         -1 => Err(io::Error::last_os_error()),
         0 => Ok(Forked::Child),
         child => Ok(Forked::Parent { child }),
+    }
+}
+
+/// clone(2) into new namespaces, fork-like: no new stack, the child goes on with a copy of the caller's. Only from
+/// a single-threaded process (the launcher before its first thread, checked by the caller), for the same reason as
+/// `fork`. Unlike `fork`, glibc's fork handlers do not run: in the child, glibc's cached thread id is still the
+/// parent's, which only matters to `raise`/`pthread_kill` of itself (the child never signals itself; an `abort`
+/// still ends it) and to error-checking pthread mutexes (none are used).
+pub(crate) fn clone_into(namespaces: rustix::thread::UnshareFlags) -> io::Result<Forked> {
+    let flags = u64::from(namespaces.bits()) | libc::SIGCHLD as u64;
+    // SAFETY: the raw clone syscall with a null stack pointer and no CLONE_VM/CLONE_THREAD/CLONE_SETTLS duplicates
+    // the process like fork(2) does; the remaining arguments (parent/child tid pointers, tls) are unused without
+    // the flags that name them. The caller is single-threaded, so the child holds no lock of a vanished thread.
+    let pid = unsafe { libc::syscall(libc::SYS_clone, flags, 0usize, 0usize, 0usize, 0usize) };
+    match pid {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(Forked::Child),
+        child => Ok(Forked::Parent {
+            child: i32::try_from(child).map_err(|_| io::Error::other("clone returned an impossible pid"))?,
+        }),
     }
 }
 
@@ -98,14 +119,6 @@ pub(crate) fn exit_child(code: i32) -> ! {
     let _ = std::io::Write::flush(&mut std::io::stderr());
     // SAFETY: _exit takes a plain integer and never returns.
     unsafe { libc::_exit(code) }
-}
-
-/// unshare(2) for namespace flags only.
-pub(crate) fn unshare(flags: rustix::thread::UnshareFlags) -> io::Result<()> {
-    // SAFETY: unshare_unsafe is unsafe because CLONE_FILES/CLONE_FS/CLONE_SYSVSEM can invalidate assumptions
-    // of other threads about shared descriptors; callers pass only CLONE_NEW* flags, in a single-threaded
-    // process.
-    unsafe { rustix::thread::unshare_unsafe(flags) }.map_err(Into::into)
 }
 
 /// In a child just forked from the launcher: `stdio` onto 0, 1, 2 (None: keep the inherited one), `control` onto
