@@ -93,12 +93,9 @@ pub fn run(req: Request) -> anyhow::Result<u8> {
     steps.done("lease");
 
     // step: state dir
+    let state = state::starting(name.as_str(), backend.as_str(), &addr.to_string(), req.detached)?;
     let dir = StateDir::create(&root, name.as_str())?;
-    let mut bottle = Launching {
-        state: state::starting(name.as_str(), backend.as_str(), &addr.to_string(), req.detached),
-        dir,
-        lease,
-    };
+    let mut bottle = Launching { state, dir, lease };
     bottle.set(|_| {})?;
     let result = launch_and_run(&mut bottle, &req, argv, workspace, cgroup_ns, &steps).map_err(|e| {
         if e.chain()

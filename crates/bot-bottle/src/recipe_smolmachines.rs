@@ -262,15 +262,16 @@ fn launch(req: Request, engine: &Engine, root: &Path, tuning: Tuning, steps: &St
     steps.done("lease");
 
     // step: state dir (a failure here drops, and so releases, the lease)
+    let state = state::starting(
+        name.as_str(),
+        Backend::Smolmachines.as_str(),
+        &lease.addr().to_string(),
+        req.detached,
+    )?;
     let dir = StateDir::create(root, name.as_str())?;
     let mut bottle = Bottle {
         addr: lease.addr(),
-        state: state::starting(
-            name.as_str(),
-            Backend::Smolmachines.as_str(),
-            &lease.addr().to_string(),
-            req.detached,
-        ),
+        state,
         dir,
         root: root.to_path_buf(),
         lease: Some(lease),

@@ -218,16 +218,21 @@ pub fn list(root: &Path) -> Result<Vec<Result<BottleState, StateError>>, StateEr
         .collect())
 }
 
-/// A state for a bottle supervised by this process, starting now.
-pub fn starting(name: &str, backend: &str, addr: &str, detached: bool) -> BottleState {
+/// A state for a bottle supervised by this process, starting now. SECURITY: without this process's start time the
+/// state could not tell a live supervisor from a recycled pid, and `ls` would reap a running bottle's lease.
+pub fn starting(name: &str, backend: &str, addr: &str, detached: bool) -> Result<BottleState, StateError> {
     let pid = std::process::id();
-    BottleState {
+    let supervisor_start = pid_start_time(pid).ok_or_else(|| StateError::Read {
+        path: PathBuf::from(format!("/proc/{pid}/stat")),
+        source: io::Error::other("this process's start time is not readable"),
+    })?;
+    Ok(BottleState {
         name: name.to_string(),
         backend: backend.to_string(),
         addr: addr.to_string(),
         status: Status::Starting,
         supervisor_pid: pid,
-        supervisor_start: pid_start_time(pid).unwrap_or(0),
+        supervisor_start,
         init_pid: None,
         started_at: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -236,7 +241,7 @@ pub fn starting(name: &str, backend: &str, addr: &str, detached: bool) -> Bottle
         error: None,
         proxy_url: None,
         detached,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -248,7 +253,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = StateDir::create(tmp.path(), "b1").unwrap();
         assert!(matches!(StateDir::create(tmp.path(), "b1"), Err(StateError::Exists(_))));
-        let mut s = starting("b1", "namespace", "127.0.0.2", false);
+        let mut s = starting("b1", "namespace", "127.0.0.2", false).unwrap();
         dir.write(&s).unwrap();
         assert_eq!(dir.read().unwrap(), s);
         assert!(s.is_live());

@@ -286,7 +286,7 @@ fn fake_engine_boot_path_polls_until_ready_inits_runs_the_agent_and_tears_down()
     create("other", &[]);
     let alive = StateDir::create(&scene.root, "alive").unwrap();
     alive
-        .write(&state::starting("alive", "smolmachines", "127.0.0.200", true))
+        .write(&state::starting("alive", "smolmachines", "127.0.0.200", true).unwrap())
         .unwrap();
 
     let agent = r#"echo "proxy=$HTTPS_PROXY ca=$SSL_CERT_FILE foo=$FOO"; exit 7"#;
