@@ -168,6 +168,9 @@ t udp "echo x > /dev/udp/192.0.2.1/53"
 t ssh-key "cat $REAL_HOME/.ssh/id_ed25519"
 t host-etc-shadow "cat /etc/shadow"
 t write-usr "touch /usr/bot-bottle-escape"
+t rw-root-mount "! grep -qE '^([^ ]+ ){4}/ ro[, ]' /proc/self/mountinfo"
+t rw-usr-mount "! grep -qE '^([^ ]+ ){4}/usr ro[, ]' /proc/self/mountinfo"
+t rw-etc-ssl-mount "! grep -qE '^([^ ]+ ){4}/etc/ssl ro[, ]' /proc/self/mountinfo"
 t host-run "ls /run/docker.sock"
 grep -E '^(Seccomp|NoNewPrivs|CapEff|CapBnd):' /proc/self/status
 echo done
@@ -201,7 +204,7 @@ fn check_bottle(env: &Env, user: Option<u32>, name: &str) {
     {
         assert!(line.ends_with(" held"), "ESCAPE: {line}\n{all}");
     }
-    assert_eq!(stdout.lines().filter(|l| l.ends_with(" held")).count(), 8, "{all}");
+    assert_eq!(stdout.lines().filter(|l| l.ends_with(" held")).count(), 11, "{all}");
     assert_eq!(
         up.hits.load(Ordering::SeqCst),
         1,

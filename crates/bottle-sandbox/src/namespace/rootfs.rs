@@ -1,16 +1,14 @@
 //! Builds the bottle's root filesystem from the plan's steps, inside the bottle's own mount namespace, then
-//! pivots into it and makes `/` read-only. Trusts the plan (built by the launcher); trusts nothing on the host
-//! beyond the paths the plan names.
+//! pivots into it. The plan's `Seal` makes everything built before it read-only in one step (the root tmpfs with
+//! every read-only bind in it); what is mounted after it stays writable. Trusts the plan (built by the launcher);
+//! trusts nothing on the host beyond the paths the plan names.
 
 use std::fs;
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
-use rustix::fs::{StatVfsMountFlags, statvfs};
-use rustix::mount::{
-    MountFlags, MountPropagationFlags, UnmountFlags, mount, mount_bind, mount_change, mount_remount, unmount,
-};
+use rustix::mount::{MountFlags, MountPropagationFlags, UnmountFlags, mount, mount_bind, mount_change, unmount};
 
 use super::spec::FsStep;
 
@@ -48,7 +46,8 @@ fn under(root: &Path, inside: &Path) -> PathBuf {
     out
 }
 
-/// Runs every step, pivots into `root`, and remounts `/` read-only.
+/// Runs every step, pivots into `root`. A plan without a `Seal` is sealed at its end: nothing stays writable
+/// that the plan did not mount after one.
 pub fn build(root: &Path, steps: &[FsStep]) -> Result<(), RootfsError> {
     // SECURITY: nothing we mount may propagate back to the host's mount namespace.
     mount_change("/", MountPropagationFlags::REC | MountPropagationFlags::PRIVATE)
@@ -61,13 +60,51 @@ pub fn build(root: &Path, steps: &[FsStep]) -> Result<(), RootfsError> {
         Some(c"mode=0755"),
     )
     .map_err(|e| step_err("mount the root tmpfs", root)(e.into()))?;
-    for step in steps {
-        apply(root, step)?;
+    let mut sealed = false;
+    for (i, step) in steps.iter().enumerate() {
+        if *step == FsStep::Seal {
+            seal(root, &steps[i + 1..])?;
+            sealed = true;
+        } else {
+            apply(root, step, sealed)?;
+        }
+    }
+    if !sealed {
+        seal(root, &[])?;
     }
     pivot(root)
 }
 
-fn apply(root: &Path, step: &FsStep) -> Result<(), RootfsError> {
+/// Creates, in the root tmpfs, the mount points the steps after the seal need (it is read-only afterwards; mount
+/// points under a tmpfs those steps mount are made in that tmpfs when their turn comes), then makes the whole tree
+/// read-only.
+fn seal(root: &Path, after: &[FsStep]) -> Result<(), RootfsError> {
+    let mut writable: Vec<&Path> = Vec::new();
+    for step in after {
+        let (at, is_dir): (&Path, bool) = match step {
+            FsStep::Tmpfs { at, .. } => (at, true),
+            FsStep::Bind { from, at, .. } => (at, fs::metadata(from).is_ok_and(|m| m.is_dir())),
+            FsStep::Proc => (Path::new("/proc"), true),
+            FsStep::DevPts => (Path::new("/dev/pts"), true),
+            // Made in place when their turn comes, which must be under a writable mount.
+            FsStep::Symlink { .. } | FsStep::File { .. } | FsStep::CaBundle { .. } | FsStep::Seal => continue,
+        };
+        if !writable.iter().any(|w| at.starts_with(w)) {
+            let target = under(root, at);
+            if is_dir {
+                mkdir_p(&target).map_err(step_err("create a mount point", &target))?;
+            } else {
+                mount_point_file(&target)?;
+            }
+        }
+        if matches!(step, FsStep::Tmpfs { .. }) {
+            writable.push(at);
+        }
+    }
+    crate::sys::ns::make_tree_read_only(root).map_err(step_err("make the bottle root read-only", root))
+}
+
+fn apply(root: &Path, step: &FsStep, sealed: bool) -> Result<(), RootfsError> {
     match step {
         FsStep::Tmpfs { at, mode } => {
             let target = under(root, at);
@@ -84,7 +121,7 @@ fn apply(root: &Path, step: &FsStep) -> Result<(), RootfsError> {
             )
             .map_err(|e| step_err("mount a tmpfs", &target)(e.into()))
         }
-        FsStep::Bind { from, at, read_only } => bind(root, from, at, *read_only),
+        FsStep::Bind { from, at, read_only } => bind(root, from, at, *read_only, sealed),
         FsStep::Symlink { target, at } => {
             let link = under(root, at);
             if let Some(parent) = link.parent() {
@@ -128,6 +165,7 @@ fn apply(root: &Path, step: &FsStep) -> Result<(), RootfsError> {
             )
             .map_err(|e| step_err("mount proc", &target)(e.into()))
         }
+        FsStep::Seal => Ok(()),
         FsStep::DevPts => {
             let target = under(root, Path::new("/dev/pts"));
             mkdir_p(&target).map_err(step_err("create a directory", &target))?;
@@ -143,38 +181,25 @@ fn apply(root: &Path, step: &FsStep) -> Result<(), RootfsError> {
     }
 }
 
-fn bind(root: &Path, from: &Path, at: &Path, read_only: bool) -> Result<(), RootfsError> {
+fn bind(root: &Path, from: &Path, at: &Path, read_only: bool, sealed: bool) -> Result<(), RootfsError> {
     let target = under(root, at);
+    if !sealed && !read_only {
+        // SECURITY (fail closed): the seal would make it read-only behind the plan's back; a plan like that is wrong.
+        return Err(step_err("bind writable before the seal", &target)(io::Error::other(
+            "the plan binds a writable path before its read-only seal",
+        )));
+    }
     let meta = fs::metadata(from).map_err(step_err("find the bind source", from))?;
     if meta.is_dir() {
         mkdir_p(&target).map_err(step_err("create a directory", &target))?;
     } else {
-        if let Some(parent) = target.parent() {
-            mkdir_p(parent).map_err(step_err("create a directory", parent))?;
-        }
-        if !target.exists() {
-            fs::write(&target, b"").map_err(step_err("create a mount point", &target))?;
-        }
+        mount_point_file(&target)?;
     }
     mount_bind(from, &target).map_err(|e| step_err("bind-mount", &target)(e.into()))?;
-    if read_only {
-        // A bind remount must keep the flags the kernel locked for this user namespace (nosuid, nodev,
-        // noexec, atime), or it fails with EPERM; so read them from the source and add RDONLY.
-        let vfs = statvfs(from).map_err(|e| step_err("statvfs", from)(e.into()))?;
-        let mut flags = MountFlags::BIND | MountFlags::RDONLY;
-        for (st, mf) in [
-            (StatVfsMountFlags::NOSUID, MountFlags::NOSUID),
-            (StatVfsMountFlags::NODEV, MountFlags::NODEV),
-            (StatVfsMountFlags::NOEXEC, MountFlags::NOEXEC),
-            (StatVfsMountFlags::NOATIME, MountFlags::NOATIME),
-            (StatVfsMountFlags::NODIRATIME, MountFlags::NODIRATIME),
-            (StatVfsMountFlags::RELATIME, MountFlags::RELATIME),
-        ] {
-            if vfs.f_flag.contains(st) {
-                flags |= mf;
-            }
-        }
-        mount_remount(&target, flags, "").map_err(|e| step_err("remount read-only", &target)(e.into()))?;
+    // Before the seal, the seal makes it read-only with everything else. (Only RDONLY is added: the flags the
+    // kernel locked for this user namespace stay as they are.)
+    if read_only && sealed {
+        crate::sys::ns::make_tree_read_only(&target).map_err(step_err("make read-only", &target))?;
     }
     Ok(())
 }
@@ -184,19 +209,24 @@ fn pivot(root: &Path) -> Result<(), RootfsError> {
         root: root.to_path_buf(),
         source: e,
     };
-    let old = root.join(".oldroot");
-    mkdir_p(&old).map_err(pivot_err)?;
-    rustix::process::pivot_root(root, &old).map_err(|e| pivot_err(e.into()))?;
-    rustix::process::chdir("/").map_err(|e| pivot_err(e.into()))?;
+    // pivot_root(".", "."): the old root ends up stacked on the new one and is detached from there, so no
+    // directory for it is needed in the (already read-only) new root. pivot_root(2), "NOTES".
+    rustix::process::chdir(root).map_err(|e| pivot_err(e.into()))?;
+    rustix::process::pivot_root(".", ".").map_err(|e| pivot_err(e.into()))?;
     // SECURITY: detach the host's tree; after this nothing of the host is reachable but what was bound.
-    unmount("/.oldroot", UnmountFlags::DETACH).map_err(|e| pivot_err(e.into()))?;
-    fs::remove_dir("/.oldroot").map_err(pivot_err)?;
-    mount_remount(
-        "/",
-        MountFlags::BIND | MountFlags::RDONLY | MountFlags::NOSUID | MountFlags::NODEV,
-        "",
-    )
-    .map_err(|e| step_err("remount / read-only", Path::new("/"))(e.into()))
+    unmount(".", UnmountFlags::DETACH).map_err(|e| pivot_err(e.into()))?;
+    rustix::process::chdir("/").map_err(|e| pivot_err(e.into()))
+}
+
+/// An empty regular file to bind a file onto (its parents created as needed).
+fn mount_point_file(target: &Path) -> Result<(), RootfsError> {
+    if let Some(parent) = target.parent() {
+        mkdir_p(parent).map_err(step_err("create a directory", parent))?;
+    }
+    if !target.exists() {
+        fs::write(target, b"").map_err(step_err("create a mount point", target))?;
+    }
+    Ok(())
 }
 
 fn mkdir_p(path: &Path) -> io::Result<()> {

@@ -109,6 +109,9 @@ pub enum FsStep {
         system: Option<PathBuf>,
         bottle_ca: String,
     },
+    /// Everything built so far becomes read-only at once (one recursive mount attribute change, not a remount per
+    /// bind); what later steps mount stays writable. Read-only binds come before it, writable mounts after it.
+    Seal,
     /// Fresh procfs for the bottle's pid namespace.
     Proc,
     /// Fresh devpts instance.
@@ -207,6 +210,7 @@ pub fn fs_plan(spec: &InitSpec, host: &dyn HostFs) -> Vec<FsStep> {
             at: p("/etc/nsswitch.conf"),
             contents: "passwd: files\ngroup: files\nhosts: files\n".into(),
         },
+        FsStep::Seal,
         FsStep::Tmpfs {
             at: p("/tmp"),
             mode: 0o1777,
@@ -355,6 +359,24 @@ mod tests {
                 let writable = from == Path::new("/home/u/project") || from.starts_with("/dev");
                 assert_eq!(read_only, !writable, "{}", from.display());
             }
+        }
+    }
+
+    #[test]
+    fn read_only_binds_come_before_the_seal_and_writable_mounts_after_it() {
+        let steps = fs_plan(&spec(), &Debian);
+        let seal = steps.iter().position(|s| s == &FsStep::Seal).unwrap();
+        assert_eq!(steps.iter().filter(|s| **s == FsStep::Seal).count(), 1);
+        for (i, step) in steps.iter().enumerate() {
+            let writable = match step {
+                FsStep::Bind { read_only, .. } => !read_only,
+                FsStep::Tmpfs { .. } | FsStep::Proc | FsStep::DevPts => true,
+                // Written into the root tmpfs, which the seal makes read-only.
+                FsStep::File { .. } | FsStep::CaBundle { .. } => false,
+                FsStep::Symlink { at, .. } => at.starts_with("/dev"),
+                FsStep::Seal => continue,
+            };
+            assert_eq!(writable, i > seal, "{step:?} is on the wrong side of the seal");
         }
     }
 

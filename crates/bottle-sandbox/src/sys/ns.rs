@@ -46,6 +46,43 @@ pub(crate) fn clone_into(namespaces: rustix::thread::UnshareFlags) -> io::Result
     }
 }
 
+/// struct mount_attr of mount_setattr(2).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// MOUNT_ATTR_RDONLY (linux/mount.h).
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+
+/// mount_setattr(2) with AT_RECURSIVE: makes the mount at `path` and every mount below it read-only, in one call.
+/// Only RDONLY is added; the flags the kernel locked for this user namespace are left as they are.
+pub(crate) fn make_tree_read_only(path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: a NUL-terminated path and a mount_attr we own, with its exact size; the kernel only reads both.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            libc::AT_RECURSIVE as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
 /// Sets IFF_UP on the loopback interface of the current network namespace (netdevice(7)).
 pub(crate) fn loopback_up() -> io::Result<()> {
     let sock = rustix::net::socket(rustix::net::AddressFamily::INET, rustix::net::SocketType::DGRAM, None)?;
