@@ -155,7 +155,7 @@ fn launch_and_run(
     };
     let mut sandbox = launch::spawn(&spec_path, &early, stdio)?;
 
-    bottle.dir.write_file(
+    bottle.dir.create_file(
         state::POLICY_FILE,
         bottle_policy::Effective::of(policy)
             .to_toml()
@@ -191,7 +191,7 @@ fn launch_and_run(
         let proxy = proxy.clone();
         runtime.spawn(async move { proxy.serve_std_tcp(host_listener).await });
     }
-    bottle.dir.write_file(
+    bottle.dir.create_file(
         state::URLS_FILE,
         serde_json::json!({ "proxy": proxy_url }).to_string().as_bytes(),
     )?;
@@ -232,7 +232,7 @@ fn launch_and_run(
         canary: Some(canary),
         tty: terminal,
     };
-    bottle.dir.write_file(
+    bottle.dir.create_file(
         state::SPEC_FILE,
         &serde_json::to_vec(&spec).context("cannot encode the plan")?,
     )?;

@@ -184,6 +184,25 @@ impl StateDir {
         write().map_err(|source| StateError::Write { path, source })
     }
 
+    /// Writes a file the bottle writes once, into its fresh directory: created exclusively (an existing file is an
+    /// error, never overwritten), 0600, with no temporary file and rename. Only for files nothing reads before the
+    /// launch has written them.
+    pub fn create_file(&self, name: &str, bytes: &[u8]) -> Result<(), StateError> {
+        let path = self.file(name);
+        let write = || -> io::Result<()> {
+            let mut f = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?;
+            f.write_all(bytes)
+        };
+        write().map_err(|source| StateError::Write {
+            path: path.clone(),
+            source,
+        })
+    }
+
     pub fn remove(self) -> Result<(), StateError> {
         // The root mount point is empty unless a mount leaked; remove_dir_all never crosses into a mount's
         // contents it cannot unlink, so a leaked mount shows up as an error here rather than data loss.
@@ -263,6 +282,23 @@ mod tests {
         assert_eq!(all.len(), 1);
         dir.remove().unwrap();
         assert!(matches!(StateDir::open(tmp.path(), "b1"), Err(StateError::NotFound(_))));
+    }
+
+    #[test]
+    fn a_write_once_file_is_private_and_never_overwritten() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::create(tmp.path(), "b3").unwrap();
+        dir.create_file(URLS_FILE, b"first").unwrap();
+        let meta = fs::metadata(dir.file(URLS_FILE)).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+            0o600
+        );
+        assert!(matches!(
+            dir.create_file(URLS_FILE, b"second"),
+            Err(StateError::Write { .. })
+        ));
+        assert_eq!(fs::read(dir.file(URLS_FILE)).unwrap(), b"first");
     }
 
     #[test]
