@@ -28,19 +28,11 @@ use bottle_sandbox::smolmachines::{
 use rusqlite::Connection;
 use tempfile::TempDir;
 
-const COMPONENT: &str = "smolmachines";
+mod common;
+use common::{engine_without_kvm, os, script, skip};
+
 /// The interceptor address the plans use; nothing listens there, no guest ever boots.
 const INTERCEPTOR: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 9), 3128);
-
-/// Skips with a reason, unless `BOTTLE_TEST_REQUIRE` names smolmachines, in which case the skip is a failure.
-fn skip(why: &str) {
-    let required = std::env::var("BOTTLE_TEST_REQUIRE").unwrap_or_default();
-    assert!(
-        !required.split(',').any(|c| c.trim() == COMPONENT),
-        "{COMPONENT} required but unavailable: {why}"
-    );
-    eprintln!("skipping: {why}");
-}
 
 fn real_engine() -> Option<Engine> {
     match engine::discover_verified(&RealHost) {
@@ -159,34 +151,11 @@ fn assert_no_process_left(needle: &str) {
     }
 }
 
-/// Writes an executable script. A child `sh` does the writing, so the write descriptor never exists in this
-/// multi-threaded test process: a sibling test's fork would otherwise inherit it for an instant, and running the
-/// script then fails with ETXTBSY ("Text file busy").
-fn script(path: &Path, body: &str) {
-    use std::io::Write;
-    let mut sh = std::process::Command::new("/bin/sh")
-        .args(["-c", "cat > \"$1\" && chmod 755 \"$1\"", "sh"])
-        .arg(path)
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = sh.stdin.take().unwrap();
-    stdin
-        .write_all(format!("#!/bin/sh\nset -e\n{body}\n").as_bytes())
-        .unwrap();
-    drop(stdin);
-    assert!(sh.wait().unwrap().success(), "could not write {}", path.display());
-}
-
 /// A stand-in engine for what the real one cannot be made to do here.
 fn fake_smolvm(dir: &Path, body: &str) -> PathBuf {
     let path = dir.join("fake_smolvm");
     script(&path, body);
     path
-}
-
-fn os(args: &[&str]) -> Vec<OsString> {
-    args.iter().map(OsString::from).collect()
 }
 
 #[test]
@@ -480,30 +449,6 @@ fn can_fake_devices() -> bool {
         }
     }
     true
-}
-
-/// An engine path that runs the real engine with no /dev/kvm at all (research/smolvm.md §2.3, first row).
-fn engine_without_kvm(real: &Engine, dir: &Path) -> Engine {
-    let dev = dir.join("dev");
-    fs::create_dir(&dev).unwrap();
-    let inner = dir.join("nokvm.sh");
-    script(
-        &inner,
-        &format!(
-            "d={dev}\nmount -t tmpfs tmpfs \"$d\"\n\
-             for n in null zero urandom random full tty; do touch \"$d/$n\"; mount --bind \"/dev/$n\" \"$d/$n\"; done\n\
-             mkdir \"$d/pts\" \"$d/shm\"; mount --bind /dev/pts \"$d/pts\"; mount -t tmpfs tmpfs \"$d/shm\"\n\
-             ln -s /proc/self/fd \"$d/fd\"\nmount --move \"$d\" /dev\nexec {engine} \"$@\"",
-            dev = dev.display(),
-            engine = real.path.display()
-        ),
-    );
-    let outer = dir.join("smolvm-nokvm");
-    script(&outer, &format!("exec unshare -m {} \"$@\"", inner.display()));
-    Engine {
-        path: outer,
-        ..real.clone()
-    }
 }
 
 #[test]

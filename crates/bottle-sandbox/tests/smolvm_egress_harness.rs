@@ -11,7 +11,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
@@ -33,7 +32,9 @@ use bottle_sandbox::smolmachines::{
 };
 use serde::{Deserialize, Serialize};
 
-const COMPONENT: &str = "smolmachines";
+mod common;
+use common::{engine_without_kvm, os, skip};
+
 /// Set (by the stub libkrun) only in the scripted guest: the directory holding `probes.json` and `result.json`.
 const GUEST_DIR_ENV: &str = "BB_EGRESS_GUEST_DIR";
 const GUEST_MAC_ENV: &str = "BB_EGRESS_GUEST_MAC";
@@ -106,15 +107,6 @@ const ENGINE_ASSETS: &[&str] = &[
     "overlay-template.ext4.zst",
     "storage-template.ext4.zst",
 ];
-
-fn skip(why: &str) {
-    let required = std::env::var("BOTTLE_TEST_REQUIRE").unwrap_or_default();
-    assert!(
-        !required.split(',').any(|c| c.trim() == COMPONENT),
-        "{COMPONENT} required but unavailable: {why}"
-    );
-    eprintln!("skipping: {why}");
-}
 
 /// What the guest is asked to try.
 #[derive(Debug, Serialize, Deserialize)]
@@ -345,52 +337,6 @@ fn stub_engine(real: &Engine, cc: &Path, bin: &Path, guest_dir: &Path) -> Engine
         version: real.version.clone(),
         source: EngineSource::Env,
     }
-}
-
-/// Writes an executable script through a child `sh`, so that no sibling test's fork can inherit the write
-/// descriptor and make running the script fail with ETXTBSY (see smolvm_db.rs).
-fn script(path: &Path, body: &str) {
-    use std::io::Write;
-    let mut sh = std::process::Command::new("/bin/sh")
-        .args(["-c", "cat > \"$1\" && chmod 755 \"$1\"", "sh"])
-        .arg(path)
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = sh.stdin.take().unwrap();
-    stdin
-        .write_all(format!("#!/bin/sh\nset -e\n{body}\n").as_bytes())
-        .unwrap();
-    drop(stdin);
-    assert!(sh.wait().unwrap().success(), "could not write {}", path.display());
-}
-
-/// The real engine in a private mount namespace whose /dev has no kvm node (research/smolvm-harness/nokvm.sh).
-fn engine_without_kvm(real: &Engine, dir: &Path) -> Engine {
-    let dev = dir.join("dev");
-    fs::create_dir(&dev).unwrap();
-    let inner = dir.join("nokvm.sh");
-    script(
-        &inner,
-        &format!(
-            "d={dev}\nmount -t tmpfs tmpfs \"$d\"\n\
-             for n in null zero urandom random full tty; do touch \"$d/$n\"; mount --bind \"/dev/$n\" \"$d/$n\"; done\n\
-             mkdir \"$d/pts\" \"$d/shm\"; mount --bind /dev/pts \"$d/pts\"; mount -t tmpfs tmpfs \"$d/shm\"\n\
-             ln -s /proc/self/fd \"$d/fd\"\nmount --move \"$d\" /dev\nexec {engine} \"$@\"",
-            dev = dev.display(),
-            engine = real.path.display()
-        ),
-    );
-    let outer = dir.join("smolvm-nokvm");
-    script(&outer, &format!("exec unshare -m {} \"$@\"", inner.display()));
-    Engine {
-        path: outer,
-        ..real.clone()
-    }
-}
-
-fn os(args: &[&str]) -> Vec<OsString> {
-    args.iter().map(OsString::from).collect()
 }
 
 #[test]
