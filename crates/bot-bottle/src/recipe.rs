@@ -128,8 +128,8 @@ fn launch_and_run(
     steps: &Steps,
 ) -> anyhow::Result<u8> {
     let policy = &req.policy;
-    // The init is forked first (the launcher has no thread yet) and waits for its spec, so its start-up overlaps
-    // the bundle.
+    // The init is cloned first (the launcher has no thread yet) into the bottle's namespaces, which it sets up while
+    // the bundle starts; it waits for its spec only to build the filesystem.
     // Dropping `sandbox` on any failure below kills it.
     let spec_path = bottle.dir.file(state::SPEC_FILE);
     // An interactive run: the agent gets its own terminal inside the bottle, relayed to the user's.

@@ -24,7 +24,7 @@ use super::rootfs;
 use super::spec::{EarlySpec, IN_BOTTLE_PROXY_PORT, InitSpec, RealFs, fs_plan};
 use crate::sys::ns::{self as sys, Forked};
 
-/// Exit code of outer/pid 1 when the bottle failed before the agent ran (the reason went over the channel).
+/// Exit code of pid 1 when the bottle failed before the agent ran (the reason went over the channel).
 pub const INIT_FAILED: i32 = 123;
 
 /// The name the self-test asks the proxy for; never allowed (`.invalid`, RFC 2606), so the proxy must deny it.

@@ -158,7 +158,7 @@ pub(crate) fn exit_child(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-/// In a child just forked from the launcher: `stdio` onto 0, 1, 2 (None: keep the inherited one), `control` onto
+/// In a child just cloned from the launcher: `stdio` onto 0, 1, 2 (None: keep the inherited one), `control` onto
 /// descriptor 3, and every other descriptor the launcher had open (lease lock, state files, sockets) closed.
 /// Returns the control channel at 3.
 pub(crate) fn install_descriptors(
@@ -201,7 +201,7 @@ pub(crate) fn install_descriptors(
     Ok(control)
 }
 
-/// In a child forked from the launcher: empty the environment and overwrite the bytes of the environment block
+/// In a child cloned from the launcher: empty the environment and overwrite the bytes of the environment block
 /// the process was started with, so neither the child's own code nor `/proc/PID/environ` (of the bottle's
 /// pid 1) shows the launcher's environment, which holds real credential secrets.
 pub(crate) fn scrub_environment() -> io::Result<()> {
