@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use bottle_policy::BottleName;
 use bottle_sandbox::engine::{self, ENGINE_ENV, Engine, EngineError, EngineSource};
 use bottle_sandbox::preflight::{
-    CommandOutput, FileMeta, Host, KvmProbe, NamespaceProbe, RealHost, SeccompSupport, Unshare,
+    CommandOutput, FileMeta, Host, KernelCall, KvmProbe, NamespaceProbe, RealHost, SeccompSupport, Unshare,
 };
 use bottle_sandbox::smolmachines::cli::{ENGINE_LIBRARIES_REMEDY, KVM_NOT_AVAILABLE_REMEDY, KVM_PERMISSION_REMEDY};
 use bottle_sandbox::smolmachines::{
@@ -379,6 +379,9 @@ impl Host for EngineEnvHost {
     }
     fn seccomp(&self) -> io::Result<SeccompSupport> {
         RealHost.seccomp()
+    }
+    fn kernel_call(&self, call: KernelCall) -> io::Result<()> {
+        RealHost.kernel_call(call)
     }
     fn cpu_hypervisor_flag(&self) -> io::Result<bool> {
         RealHost.cpu_hypervisor_flag()

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::host::{
-    CommandOutput, FileKind, FileMeta, Host, KvmProbe, NamespaceProbe, Platform, SeccompSupport, Unshare,
+    CommandOutput, FileKind, FileMeta, Host, KernelCall, KvmProbe, NamespaceProbe, Platform, SeccompSupport, Unshare,
 };
 
 /// Scripted errors are raw errnos so that every call can build a fresh `io::Error`.
@@ -40,6 +40,8 @@ pub(crate) struct FakeHost {
     pub fork_error: Option<Errno>,
     pub landlock: Result<u32, Errno>,
     pub seccomp: Result<SeccompSupport, Errno>,
+    /// A missing key answers present.
+    pub kernel_calls: HashMap<KernelCall, Errno>,
     pub hypervisor: bool,
     pub sysctls: HashMap<String, String>,
     /// Keyed by (socket path, request target such as `/_ping`); a missing key answers ECONNREFUSED.
@@ -103,6 +105,7 @@ impl FakeHost {
             fork_error: None,
             landlock: Ok(7),
             seccomp: Ok(SeccompSupport::Filter { current_mode: 0 }),
+            kernel_calls: HashMap::new(),
             hypervisor: false,
             sysctls: HashMap::from([
                 ("kernel.osrelease".to_owned(), "6.18.44".to_owned()),
@@ -273,6 +276,14 @@ impl Host for FakeHost {
     fn seccomp(&self) -> io::Result<SeccompSupport> {
         self.record("seccomp".to_owned());
         self.seccomp.map_err(errno)
+    }
+
+    fn kernel_call(&self, call: KernelCall) -> io::Result<()> {
+        self.record(format!("kernel_call {}", call.name()));
+        match self.kernel_calls.get(&call) {
+            Some(code) => Err(errno(*code)),
+            None => Ok(()),
+        }
     }
 
     fn cpu_hypervisor_flag(&self) -> io::Result<bool> {

@@ -67,6 +67,34 @@ pub struct KvmProbe {
     pub create_vm: io::Result<()>,
 }
 
+/// A system call a bottle's launch needs that older kernels lack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelCall {
+    /// `close_range(2)` (Linux 5.9): the init and the agent close every inherited descriptor.
+    CloseRange,
+    /// `mount_setattr(2)` (Linux 5.12): the bottle's root is made read-only in one step.
+    MountSetattr,
+}
+
+impl KernelCall {
+    pub const ALL: [KernelCall; 2] = [KernelCall::CloseRange, KernelCall::MountSetattr];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KernelCall::CloseRange => "close_range",
+            KernelCall::MountSetattr => "mount_setattr",
+        }
+    }
+
+    /// The Linux release that added it.
+    pub fn since(self) -> &'static str {
+        match self {
+            KernelCall::CloseRange => "5.9",
+            KernelCall::MountSetattr => "5.12",
+        }
+    }
+}
+
 /// Which namespaces one unshare probe asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum NamespaceProbe {
@@ -140,6 +168,9 @@ pub trait Host {
     /// The Landlock ABI version (`landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION)`).
     fn landlock_abi(&self) -> io::Result<u32>;
     fn seccomp(&self) -> io::Result<SeccompSupport>;
+    /// Whether the kernel has `call`, by calling it with arguments it must refuse: `Ok` when it answers anything but
+    /// ENOSYS (or EPERM from a seccomp profile), which are returned as errors.
+    fn kernel_call(&self, call: KernelCall) -> io::Result<()>;
     /// Does /proc/cpuinfo list the `hypervisor` CPU flag (we are a guest)?
     fn cpu_hypervisor_flag(&self) -> io::Result<bool>;
     /// The trimmed contents of /proc/sys for a dotted sysctl name, e.g. `user.max_user_namespaces`.
@@ -251,6 +282,10 @@ impl Host for RealHost {
 
     fn landlock_abi(&self) -> io::Result<u32> {
         sys::landlock_abi_version()
+    }
+
+    fn kernel_call(&self, call: KernelCall) -> io::Result<()> {
+        sys::kernel_call_present(call)
     }
 
     fn seccomp(&self) -> io::Result<SeccompSupport> {

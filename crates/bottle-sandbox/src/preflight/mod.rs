@@ -16,7 +16,8 @@ use serde::Serialize;
 
 pub use container::DAEMON_REMEDY;
 pub use host::{
-    CommandOutput, FileKind, FileMeta, Host, KvmProbe, NamespaceProbe, Platform, RealHost, SeccompSupport, Unshare,
+    CommandOutput, FileKind, FileMeta, Host, KernelCall, KvmProbe, NamespaceProbe, Platform, RealHost, SeccompSupport,
+    Unshare,
 };
 pub use loopback::{AliasError, AliasOutcome, ensure_alias};
 pub use state_dir::state_dir_check;

@@ -1,9 +1,9 @@
 //! Checks for the namespace backend: user/mount/pid/net/ipc/uts/cgroup namespaces, seccomp, Landlock,
-//! no_new_privs. Trusts the `Host` probes; decides verdicts and remedies.
+//! no_new_privs, and the system calls a launch needs. Trusts the `Host` probes; decides verdicts and remedies.
 
 use std::io;
 
-use super::host::{Host, NamespaceProbe, SeccompSupport, Unshare};
+use super::host::{Host, KernelCall, NamespaceProbe, SeccompSupport, Unshare};
 use super::{Check, Status};
 
 pub(super) const NOT_LINUX_REMEDY: &str = "run bot-bottle on Linux, or use the container or smolmachines backend";
@@ -15,6 +15,8 @@ pub(super) const USERNS_KERNEL_REMEDY: &str = "no sysctl forbids user namespaces
 pub(super) const ISOLATION_KERNEL_REMEDY: &str = "use a kernel built with CONFIG_PID_NS, CONFIG_NET_NS, CONFIG_IPC_NS \
      and CONFIG_UTS_NS, outside any seccomp profile that forbids unshare(2)";
 pub(super) const KERNEL_UPGRADE_REMEDY: &str = "upgrade to Linux 3.5 or newer";
+pub(super) const SYSCALL_FORBIDDEN_REMEDY: &str = "a seccomp profile or security module forbids it (as inside a \
+     container): run bot-bottle directly on the host";
 /// PR_SET_NO_NEW_PRIVS appeared in Linux 3.5 (prctl(2)).
 const NO_NEW_PRIVS_SINCE: (u32, u32) = (3, 5);
 
@@ -31,7 +33,42 @@ pub(super) fn checks(host: &dyn Host) -> Vec<Check> {
         seccomp(host),
         landlock(host),
         no_new_privs(host),
+        kernel_calls(host),
     ]
+}
+
+/// The system calls a launch cannot do without (it fails closed on them; this says so before it is tried).
+fn kernel_calls(host: &dyn Host) -> Check {
+    const NAME: &str = "system calls";
+    let names: Vec<&str> = KernelCall::ALL.iter().map(|c| c.name()).collect();
+    for call in KernelCall::ALL {
+        match host.kernel_call(call) {
+            Ok(()) => {}
+            Err(err) if err.raw_os_error() == Some(libc::EPERM) => {
+                return Check::new(
+                    NAME,
+                    Status::missing(
+                        format!("{}(2) is forbidden here: {err}", call.name()),
+                        SYSCALL_FORBIDDEN_REMEDY,
+                    ),
+                );
+            }
+            Err(err) => {
+                return Check::new(
+                    NAME,
+                    Status::missing(
+                        format!(
+                            "this kernel lacks {}(2), added in Linux {}: {err}",
+                            call.name(),
+                            call.since()
+                        ),
+                        format!("upgrade to Linux {} or newer", call.since()),
+                    ),
+                );
+            }
+        }
+    }
+    Check::ok(NAME, names.join(", "))
 }
 
 pub(super) fn not_linux() -> Check {
@@ -240,6 +277,28 @@ mod tests {
         assert!(checks.iter().all(|c| c.status == Status::Ok), "{checks:#?}");
         assert_eq!(check(&checks, "landlock").detail.as_deref(), Some("ABI 7"));
         assert_eq!(check(&checks, "no_new_privs").detail.as_deref(), Some("kernel 6.18.44"));
+    }
+
+    #[test]
+    fn a_kernel_without_mount_setattr_is_missing_with_the_release_that_added_it() {
+        let mut host = FakeHost::healthy();
+        host.kernel_calls.insert(KernelCall::MountSetattr, libc::ENOSYS);
+        let found = checks(&host);
+        let calls = check(&found, "system calls");
+        assert_eq!(remedy(calls), "upgrade to Linux 5.12 or newer");
+        assert!(matches!(&calls.status, Status::Missing { reason, .. } if reason.contains("mount_setattr(2)")));
+        // A forbidding profile is named as such, not blamed on the kernel's age.
+        let mut host = FakeHost::healthy();
+        host.kernel_calls.insert(KernelCall::CloseRange, libc::EPERM);
+        assert_eq!(remedy(check(&checks(&host), "system calls")), SYSCALL_FORBIDDEN_REMEDY);
+    }
+
+    #[test]
+    fn this_kernel_has_every_call_a_launch_needs() {
+        // The real probes, on this host (Linux 6.x in CI): both calls exist, and probing them has no effect.
+        for call in KernelCall::ALL {
+            assert!(crate::preflight::RealHost.kernel_call(call).is_ok(), "{}", call.name());
+        }
     }
 
     #[test]

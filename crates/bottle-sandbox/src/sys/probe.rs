@@ -11,7 +11,7 @@ mod linux {
     use std::io;
     use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
-    use crate::preflight::NamespaceProbe;
+    use crate::preflight::{KernelCall, NamespaceProbe};
 
     /// `KVM_GET_API_VERSION` = `_IO(KVMIO, 0x00)` (linux/kvm.h).
     const KVM_GET_API_VERSION: u32 = 0xAE00;
@@ -138,6 +138,35 @@ mod linux {
         u32::try_from(rc).map_err(|_| io::Error::other(format!("landlock returned an out-of-range ABI {rc}")))
     }
 
+    /// Calls `call` with arguments every kernel that has it refuses without acting (close_range with first > last,
+    /// mount_setattr with a zero-sized attr): Ok for any answer but ENOSYS and EPERM.
+    pub(crate) fn kernel_call_present(call: KernelCall) -> io::Result<()> {
+        let rc = match call {
+            // SAFETY: first > last is refused with EINVAL before any descriptor is looked at (close_range(2)).
+            KernelCall::CloseRange => unsafe { libc::syscall(libc::SYS_close_range, u32::MAX, 0u32, 0u32) },
+            // SAFETY: a NULL attr with size 0 is refused with EINVAL before any path or memory is used
+            // (mount_setattr(2): size below MOUNT_ATTR_SIZE_VER0).
+            KernelCall::MountSetattr => unsafe {
+                libc::syscall(
+                    libc::SYS_mount_setattr,
+                    -1 as libc::c_int,
+                    std::ptr::null::<libc::c_char>(),
+                    0 as libc::c_uint,
+                    std::ptr::null::<libc::c_void>(),
+                    0 as libc::size_t,
+                )
+            },
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::ENOSYS | libc::EPERM) => Err(err),
+            _ => Ok(()),
+        }
+    }
+
     /// `prctl(PR_GET_SECCOMP)`: the calling thread's seccomp mode; EINVAL when the kernel lacks CONFIG_SECCOMP.
     pub(crate) fn seccomp_mode() -> io::Result<i32> {
         // SAFETY: PR_GET_SECCOMP reads no pointer arguments.
@@ -192,6 +221,9 @@ mod other {
         Err(unsupported())
     }
     pub(crate) fn seccomp_mode() -> io::Result<i32> {
+        Err(unsupported())
+    }
+    pub(crate) fn kernel_call_present(_: crate::preflight::KernelCall) -> io::Result<()> {
         Err(unsupported())
     }
     pub(crate) fn seccomp_filter_probe() -> io::Error {
