@@ -81,17 +81,19 @@ pub fn build(root: &Path, steps: &[FsStep]) -> Result<(), RootfsError> {
 fn seal(root: &Path, after: &[FsStep]) -> Result<(), RootfsError> {
     let mut writable: Vec<&Path> = Vec::new();
     for step in after {
-        let (at, is_dir): (&Path, bool) = match step {
-            FsStep::Tmpfs { at, .. } => (at, true),
-            FsStep::Bind { from, at, .. } => (at, fs::metadata(from).is_ok_and(|m| m.is_dir())),
-            FsStep::Proc => (Path::new("/proc"), true),
-            FsStep::DevPts => (Path::new("/dev/pts"), true),
+        // `Some(from)`: a bind, whose mount point is a directory or a file like its source.
+        let (at, bind_from): (&Path, Option<&Path>) = match step {
+            FsStep::Tmpfs { at, .. } => (at, None),
+            FsStep::Bind { from, at, .. } => (at, Some(from)),
+            FsStep::Proc => (Path::new("/proc"), None),
+            FsStep::DevPts => (Path::new("/dev/pts"), None),
             // Made in place when their turn comes, which must be under a writable mount.
             FsStep::Symlink { .. } | FsStep::File { .. } | FsStep::CaBundle { .. } | FsStep::Seal => continue,
         };
+        // Under a tmpfs mounted after the seal, the step makes its own mount point when its turn comes.
         if !writable.iter().any(|w| at.starts_with(w)) {
             let target = under(root, at);
-            if is_dir {
+            if bind_from.is_none_or(|from| fs::metadata(from).is_ok_and(|m| m.is_dir())) {
                 mkdir_p(&target).map_err(step_err("create a mount point", &target))?;
             } else {
                 mount_point_file(&target)?;
