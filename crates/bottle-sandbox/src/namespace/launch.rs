@@ -167,11 +167,6 @@ impl Bottle {
         }
     }
 
-    /// Asks the bottle to stop (SIGTERM reaches the agent through init and pid 1).
-    pub fn terminate(&self) {
-        let _ = rustix::process::kill_process(self.pid, rustix::process::Signal::TERM);
-    }
-
     /// The init's next message. Event-driven: the wait wakes when a message arrives or the init's end closes,
     /// never on a polling schedule (a sleep-and-check loop put whole backoff periods into every launch).
     fn next(&mut self, step: &'static str, timeout: Duration) -> Result<(Message, Option<OwnedFd>), LaunchError> {
