@@ -231,6 +231,10 @@ fn launch_and_run(
         cgroup_ns,
         canary: Some(canary),
         tty: terminal,
+        tty_size: terminal
+            .then(|| rustix::termios::tcgetwinsize(std::io::stdin()).ok())
+            .flatten()
+            .map(|w| (w.ws_row, w.ws_col)),
     };
     bottle.dir.create_file(
         state::SPEC_FILE,

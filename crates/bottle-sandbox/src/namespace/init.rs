@@ -194,7 +194,7 @@ fn pid_one(spec_path: &Path, early: &EarlySpec, control: &OwnedFd) -> Result<i32
     self_test(proxy_addr, spec.canary).map_err(InitError::SelfTest)?;
 
     let terminal = if spec.tty {
-        Some(open_terminal().map_err(|source| InitError::Terminal { source })?)
+        Some(open_terminal(spec.tty_size).map_err(|source| InitError::Terminal { source })?)
     } else {
         None
     };
@@ -221,11 +221,21 @@ fn pid_one(spec_path: &Path, early: &EarlySpec, control: &OwnedFd) -> Result<i32
     Ok(reap_until(agent))
 }
 
-/// A new terminal of the bottle's own devpts instance (`/dev/ptmx` is `pts/ptmx` inside): (master, peer).
-fn open_terminal() -> io::Result<(OwnedFd, OwnedFd)> {
+/// A new terminal of the bottle's own devpts instance (`/dev/ptmx` is `pts/ptmx` inside), of the user's size:
+/// (master, peer).
+fn open_terminal(size: Option<(u16, u16)>) -> io::Result<(OwnedFd, OwnedFd)> {
     use rustix::pty::OpenptFlags;
     let master = rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
     rustix::pty::unlockpt(&master)?;
+    if let Some((rows, cols)) = size {
+        let size = rustix::termios::Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        rustix::termios::tcsetwinsize(&master, size)?;
+    }
     // TIOCGPTPEER: the peer of exactly this master, with no path lookup in between.
     let peer = rustix::pty::ioctl_tiocgptpeer(&master, OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
     Ok((master, peer))

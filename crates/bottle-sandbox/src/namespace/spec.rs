@@ -84,6 +84,10 @@ pub struct InitSpec {
     /// master side and relays the user's terminal to it. Otherwise the agent inherits the launcher's streams.
     #[serde(default)]
     pub tty: bool,
+    /// The user's terminal size (rows, columns) when the launch began: the agent's terminal has it before the agent
+    /// starts (the relay only follows later changes, and an agent may ask at once).
+    #[serde(default)]
+    pub tty_size: Option<(u16, u16)>,
 }
 
 /// One step of the filesystem the init builds, in order.
@@ -313,6 +317,7 @@ mod tests {
             cgroup_ns: true,
             canary: None,
             tty: false,
+            tty_size: None,
         }
     }
 
