@@ -44,7 +44,9 @@ impl PrivateKind {
             Self::Broadcast => "the broadcast address",
             Self::Reserved => "a reserved address",
             Self::Documentation => "a documentation address",
-            Self::Ipv4Mapped => "an IPv4-mapped/translated IPv6 address of a private IPv4 address",
+            Self::Ipv4Mapped => {
+                "an IPv6 address that embeds a private IPv4 address (mapped, translated, NAT64, 6to4 or Teredo)"
+            }
         }
     }
 }
@@ -85,15 +87,36 @@ fn private_v6(ip: Ipv6Addr) -> Option<PrivateKind> {
     if ip.is_loopback() {
         return Some(PrivateKind::Loopback);
     }
-    // SECURITY: ::ffff:a.b.c.d, NAT64 64:ff9b::/96 and ::a.b.c.d carry an IPv4 address; judge that address.
+    // SECURITY: every IPv6 form that carries an IPv4 address is judged by that address (a translator or relay on
+    // the path would deliver it there): IPv4-mapped `::ffff:a.b.c.d`, IPv4-compatible `::a.b.c.d`, SIIT's
+    // IPv4-translated `::ffff:0:a.b.c.d` (RFC 7915), the NAT64 well-known prefix `64:ff9b::/96` (RFC 6052),
+    // 6to4 `2002:aabb:ccdd::/48` (RFC 3056) and Teredo `2001:0::/32` (RFC 4380: server and obfuscated client).
+    // The local-use NAT64 prefix `64:ff9b:1::/48` (RFC 8215) may embed the IPv4 address in any RFC 6052 layout
+    // chosen by the network, so the whole prefix is refused.
     let seg = ip.segments();
-    let embedded_v4 = ip.to_ipv4_mapped().or_else(|| {
-        let nat64 = seg[0] == 0x64 && seg[1] == 0xff9b && seg[2..6] == [0, 0, 0, 0];
-        let compat = seg[..6] == [0, 0, 0, 0, 0, 0];
-        (nat64 || compat).then(|| Ipv4Addr::new((seg[6] >> 8) as u8, seg[6] as u8, (seg[7] >> 8) as u8, seg[7] as u8))
-    });
-    if let Some(v4) = embedded_v4 {
-        return private_v4(v4).map(|_| PrivateKind::Ipv4Mapped);
+    if seg[0] == 0x64 && seg[1] == 0xff9b && seg[2] == 1 {
+        return Some(PrivateKind::Ipv4Mapped);
+    }
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
+    let embedded: Vec<Ipv4Addr> = if let Some(mapped) = ip.to_ipv4_mapped() {
+        vec![mapped]
+    } else if seg[..6] == [0, 0, 0, 0, 0, 0]
+        || seg[..6] == [0, 0, 0, 0, 0xffff, 0]
+        || (seg[0] == 0x64 && seg[1] == 0xff9b && seg[2..6] == [0, 0, 0, 0])
+    {
+        vec![v4(seg[6], seg[7])]
+    } else if seg[0] == 0x2002 {
+        vec![v4(seg[1], seg[2])]
+    } else if seg[0] == 0x2001 && seg[1] == 0 {
+        vec![v4(seg[2], seg[3]), v4(!seg[6], !seg[7])]
+    } else {
+        Vec::new()
+    };
+    if !embedded.is_empty() {
+        return embedded
+            .into_iter()
+            .any(|v4| private_v4(v4).is_some())
+            .then_some(PrivateKind::Ipv4Mapped);
     }
     let kind = match seg[0] {
         0xfd00 if seg[1..] == [0x0ec2, 0, 0, 0, 0, 0, 0x254] => PrivateKind::Metadata, // AWS IMDS over IPv6
@@ -158,6 +181,15 @@ mod tests {
             ("::ffff:127.0.0.1", PrivateKind::Ipv4Mapped),
             ("::ffff:10.0.0.1", PrivateKind::Ipv4Mapped),
             ("64:ff9b::a9fe:a9fe", PrivateKind::Ipv4Mapped),
+            ("64:ff9b:1::a00:1", PrivateKind::Ipv4Mapped),
+            ("64:ff9b:1:a00:1::", PrivateKind::Ipv4Mapped),
+            ("::ffff:0:a00:1", PrivateKind::Ipv4Mapped),
+            ("::ffff:0:7f00:1", PrivateKind::Ipv4Mapped),
+            ("::a00:1", PrivateKind::Ipv4Mapped),
+            ("2002:a00:1::1", PrivateKind::Ipv4Mapped),
+            ("2002:c0a8:101::", PrivateKind::Ipv4Mapped),
+            ("2001:0:4136:e378:8000:63bf:f5ff:fffe", PrivateKind::Ipv4Mapped),
+            ("2001:0:a00:1::1", PrivateKind::Ipv4Mapped),
             ("224.0.0.1", PrivateKind::Multicast),
             ("255.255.255.255", PrivateKind::Broadcast),
             ("ff02::1", PrivateKind::Multicast),
@@ -169,7 +201,16 @@ mod tests {
 
     #[test]
     fn public_addresses_are_public() {
-        for ip in ["8.8.8.8", "1.1.1.1", "172.32.0.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
+        for ip in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "172.32.0.1",
+            "2606:4700::1111",
+            "::ffff:8.8.8.8",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
+            "2001:0:4136:e378:8000:63bf:f7f7:f7f7",
+        ] {
             assert_eq!(kind(ip), None, "{ip}");
         }
     }

@@ -2,8 +2,10 @@
 //!
 //! Trusts nothing: every string here comes from a policy file, a command-line flag or the network.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::OnceLock;
 
 /// Ports a pattern without an explicit port admits: HTTPS and plain HTTP.
 pub const DEFAULT_PORTS: [u16; 2] = [443, 80];
@@ -18,14 +20,26 @@ const MAX_LABEL_LEN: usize = 63;
 pub enum HostError {
     #[error("host is empty")]
     Empty,
-    #[error("`{0}` is an IP address; hosts are names, allow addresses with allow_cidr (e.g. \"{0}/32\")")]
+    #[error(
+        "`{0}` is an IP address without a port: an address is allowed only with its port, e.g. \"{0}:443\" (or \"[{0}]:443\" for IPv6)"
+    )]
     IpLiteral(String),
+    #[error("`{0}` is an IP address: {1}")]
+    IpEntry(String, &'static str),
     #[error("`{name}` is not a valid host name: {reason}")]
     Invalid { name: String, reason: &'static str },
     #[error(
         "`{0}` is too broad: a wildcard must sit under a registrable domain (e.g. \"*.example.com\"), not a public suffix"
     )]
     TooBroad(String),
+    #[error(
+        "`{pattern}` spans independent registrants: `{beneath}` under it is a public suffix (Public Suffix List), so names below it belong to different owners; name the hosts you need, or a wildcard under a name you control, e.g. \"{narrower}\""
+    )]
+    SpansRegistrants {
+        pattern: String,
+        beneath: String,
+        narrower: String,
+    },
     #[error("`*` alone is not a host pattern; list the hosts to allow, or leave the list empty to allow none")]
     Star,
     #[error("`{0}`: a wildcard is only allowed as the whole leftmost label, as in \"*.example.com\"")]
@@ -129,11 +143,13 @@ impl PortSpec {
     }
 }
 
-/// Exact name or `*.suffix` (which matches any depth below the suffix, never the suffix itself).
+/// Exact name, `*.suffix` (which matches any depth below the suffix, never the suffix itself), or one IP address
+/// (always with an exact port: an address entry names one destination).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum NamePattern {
     Exact(HostName),
     Subdomains(HostName),
+    Address(IpAddr),
 }
 
 /// A host pattern with its port semantics, e.g. `api.github.com`, `*.githubusercontent.com`, `localhost:8443`.
@@ -158,6 +174,9 @@ impl HostPattern {
         if raw == "*" || raw.starts_with("*:") {
             return Err(HostError::Star);
         }
+        if let Some(address) = parse_address_entry(raw, usage)? {
+            return Ok(address);
+        }
         let (host, port) = split_port(raw)?;
         let name = match host.strip_prefix("*.") {
             Some(suffix) => {
@@ -165,8 +184,8 @@ impl HostPattern {
                     return Err(HostError::MisplacedWildcard(raw.to_string()));
                 }
                 let suffix = HostName::parse(suffix)?;
-                if usage == PatternUse::Allow && is_public_suffix(&suffix) {
-                    return Err(HostError::TooBroad(raw.to_string()));
+                if usage == PatternUse::Allow {
+                    check_wildcard_breadth(raw, &suffix)?;
                 }
                 NamePattern::Subdomains(suffix)
             }
@@ -182,10 +201,16 @@ impl HostPattern {
         Ok(Self { name, port })
     }
 
+    /// True when this pattern admits the IP-literal destination `ip:port` (IPv4-mapped IPv6 counts as IPv4).
+    pub fn matches_address(&self, ip: IpAddr, port: u16) -> bool {
+        matches!(self.name, NamePattern::Address(a) if a == canonical_ip(ip)) && self.port.admits(port)
+    }
+
     pub fn matches_name(&self, host: &HostName) -> bool {
         match &self.name {
             NamePattern::Exact(name) => name == host,
             NamePattern::Subdomains(suffix) => host.is_strict_subdomain_of(suffix),
+            NamePattern::Address(_) => false,
         }
     }
 
@@ -197,7 +222,7 @@ impl HostPattern {
     pub fn exact_name(&self) -> Option<&HostName> {
         match &self.name {
             NamePattern::Exact(name) => Some(name),
-            NamePattern::Subdomains(_) => None,
+            NamePattern::Subdomains(_) | NamePattern::Address(_) => None,
         }
     }
 }
@@ -207,6 +232,8 @@ impl fmt::Display for HostPattern {
         match &self.name {
             NamePattern::Exact(name) => write!(f, "{name}")?,
             NamePattern::Subdomains(suffix) => write!(f, "*.{suffix}")?,
+            NamePattern::Address(IpAddr::V6(v6)) => write!(f, "[{v6}]")?,
+            NamePattern::Address(ip) => write!(f, "{ip}")?,
         }
         match self.port {
             PortSpec::Default => Ok(()),
@@ -223,14 +250,10 @@ impl serde::Serialize for HostPattern {
 }
 
 fn split_port(raw: &str) -> Result<(&str, PortSpec), HostError> {
-    // Bracketed IPv6 literals are refused by HostName::parse; only split a trailing `:port` off names.
+    // Addresses and multi-colon forms were handled by `parse_address_entry`; only split a trailing `:port` off names.
     let Some((host, port)) = raw.rsplit_once(':') else {
         return Ok((raw, PortSpec::Default));
     };
-    if host.contains(':') {
-        // An unbracketed IPv6 literal such as `fd00::1`.
-        return Err(HostError::IpLiteral(raw.to_string()));
-    }
     if port == "*" {
         return Ok((host, PortSpec::Any));
     }
@@ -248,12 +271,141 @@ fn ends_in_number(name: &str) -> bool {
     last.bytes().all(|b| b.is_ascii_digit()) || hex == Some(true)
 }
 
+/// `1.2.3.4:PORT` or `[v6]:PORT`: an IP address, allowed only with an exact port. `None` when `raw` is no address.
+fn parse_address_entry(raw: &str, usage: PatternUse) -> Result<Option<HostPattern>, HostError> {
+    if raw.contains("://") {
+        return Err(HostError::Invalid {
+            name: raw.to_string(),
+            reason: "that is a URL; write the host alone, e.g. \"example.com\" or \"example.com:8080\"",
+        });
+    }
+    let (host, port) = if let Some(rest) = raw.strip_prefix('[') {
+        let Some((inside, after)) = rest.split_once(']') else {
+            return Err(HostError::IpEntry(raw.to_string(), "a `[` without its `]`"));
+        };
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => return Err(HostError::IpEntry(raw.to_string(), "expected `:PORT` after `]`")),
+        };
+        (inside, port)
+    } else if raw.matches(':').count() > 1 {
+        if raw.parse::<IpAddr>().is_ok() {
+            return Err(HostError::IpLiteral(raw.to_string()));
+        }
+        return Err(HostError::Invalid {
+            name: raw.to_string(),
+            reason: "it has more than one `:`; write HOST or HOST:PORT (and IPv6 addresses as \"[fd00::1]:443\")",
+        });
+    } else {
+        match raw.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (raw, None),
+        }
+    };
+    let Ok(ip) = host.parse::<IpAddr>() else {
+        return if raw.starts_with('[') {
+            Err(HostError::IpEntry(
+                raw.to_string(),
+                "only IPv6 addresses go in brackets",
+            ))
+        } else {
+            Ok(None)
+        };
+    };
+    // SECURITY: a deny entry for an address without a port (or with `*`) denies it on every port.
+    if usage == PatternUse::Deny && matches!(port, None | Some("*")) {
+        return Ok(Some(HostPattern {
+            name: NamePattern::Address(canonical_ip(ip)),
+            port: PortSpec::Any,
+        }));
+    }
+    let port = match port {
+        None => return Err(HostError::IpLiteral(host.to_string())),
+        Some("*") => {
+            return Err(HostError::IpEntry(
+                raw.to_string(),
+                "an address entry names exactly one port, not `*`",
+            ));
+        }
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n != 0 && p.bytes().all(|b| b.is_ascii_digit()) => n,
+            _ => return Err(HostError::Port(p.to_string())),
+        },
+    };
+    Ok(Some(HostPattern {
+        name: NamePattern::Address(canonical_ip(ip)),
+        port: PortSpec::Exact(port),
+    }))
+}
+
+/// IPv4-mapped IPv6 (`::ffff:a.b.c.d`) is the IPv4 address on a dual-stack socket; compare it as one.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
 /// True when the name is a public suffix (`com`, `co.uk`, `github.io`) or a lone label.
 fn is_public_suffix(name: &HostName) -> bool {
     if !name.as_str().contains('.') {
         return true;
     }
     psl::suffix(name.as_str().as_bytes()).is_some_and(|s| s.as_bytes().len() == name.as_str().len())
+}
+
+/// SECURITY: `*.S` admits every name under S. It is too broad when S is a public suffix, and also when a public
+/// suffix lies *beneath* S: a PSL wildcard rule (`*.kawasaki.jp`: every `x.kawasaki.jp` is a suffix) or a
+/// private-section suffix (`s3.amazonaws.com` under `amazonaws.com`), since names there belong to independent
+/// registrants (every S3 bucket, every city's sites).
+fn check_wildcard_breadth(raw: &str, suffix: &HostName) -> Result<(), HostError> {
+    if is_public_suffix(suffix) {
+        return Err(HostError::TooBroad(raw.to_string()));
+    }
+    let Some(rule) = suffixes_beneath().get(suffix.as_str()) else {
+        return Ok(());
+    };
+    let beneath = match rule.strip_prefix("*.") {
+        Some(parent) => format!("every name directly under {parent}"),
+        None => (*rule).to_string(),
+    };
+    let narrower = match rule.strip_prefix("*.") {
+        Some(parent) => format!("*.yourname.LABEL.{parent}"),
+        None => format!("*.yourname.{rule}"),
+    };
+    Err(HostError::SpansRegistrants {
+        pattern: raw.to_string(),
+        beneath,
+        narrower,
+    })
+}
+
+/// Every name with a Public Suffix List rule strictly beneath it, mapped to one such rule (for the message).
+fn suffixes_beneath() -> &'static HashMap<&'static str, &'static str> {
+    static BENEATH: OnceLock<HashMap<&'static str, &'static str>> = OnceLock::new();
+    BENEATH.get_or_init(|| {
+        let mut map = HashMap::new();
+        let rules = include_str!("../data/public-suffix-rules.txt");
+        for rule in rules.lines().map(str::trim) {
+            if rule.is_empty() || rule.starts_with("//") || rule.starts_with('!') {
+                continue;
+            }
+            // `*.x.y`: every child of x.y is a suffix, so x.y has suffixes beneath it. `a.x.y`: x.y and y do.
+            let mut rest = rule
+                .strip_prefix("*.")
+                .unwrap_or_else(|| rule.split_once('.').map_or("", |(_, r)| r));
+            if rule.starts_with("*.") {
+                map.entry(rest).or_insert(rule);
+                rest = rest.split_once('.').map_or("", |(_, r)| r);
+            }
+            while !rest.is_empty() {
+                map.entry(rest).or_insert(rule);
+                rest = rest.split_once('.').map_or("", |(_, r)| r);
+            }
+        }
+        map
+    })
 }
 
 #[cfg(test)]
@@ -301,6 +453,69 @@ mod tests {
         }
         assert!(HostPattern::parse("*.ru", PatternUse::Deny).is_ok());
         assert!(HostPattern::parse("*", PatternUse::Deny).is_err());
+    }
+
+    #[test]
+    fn wildcards_over_independent_registrants_are_refused_with_a_narrower_pattern() {
+        for s in [
+            "*.kawasaki.jp",
+            "*.sch.uk",
+            "*.nom.br",
+            "*.amazonaws.com",
+            "*.githubusercontent.com",
+        ] {
+            let err = HostPattern::parse(s, PatternUse::Allow).unwrap_err();
+            assert!(
+                matches!(err, HostError::SpansRegistrants { .. } | HostError::TooBroad(_)),
+                "{s}: {err}"
+            );
+        }
+        let err = HostPattern::parse("*.amazonaws.com", PatternUse::Allow)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("public suffix") && err.contains("e.g. \"*.yourname."),
+            "{err}"
+        );
+        for ok in [
+            "*.github.com",
+            "*.example.com",
+            "*.city.kawasaki.jp",
+            "*.mybucket.s3.amazonaws.com",
+        ] {
+            assert!(HostPattern::parse(ok, PatternUse::Allow).is_ok(), "{ok}");
+        }
+        // Denying more is always safe.
+        assert!(HostPattern::parse("*.amazonaws.com", PatternUse::Deny).is_ok());
+    }
+
+    #[test]
+    fn an_ip_entry_names_one_address_and_one_port() {
+        let p = allow("10.0.0.5:8443");
+        assert!(p.matches_address("10.0.0.5".parse().unwrap(), 8443));
+        assert!(p.matches_address("::ffff:10.0.0.5".parse().unwrap(), 8443));
+        assert!(!p.matches_address("10.0.0.5".parse().unwrap(), 443));
+        assert!(!p.matches_address("10.0.0.6".parse().unwrap(), 8443));
+        assert!(!p.matches_name(&name("example.com")));
+        let v6 = allow("[fd00::1]:443");
+        assert!(v6.matches_address("fd00::1".parse().unwrap(), 443));
+        assert_eq!(v6.to_string(), "[fd00::1]:443");
+        assert_eq!(allow("[::ffff:10.0.0.5]:80").to_string(), "10.0.0.5:80");
+        for bad in [
+            "10.0.0.5",
+            "10.0.0.5:*",
+            "[fd00::1]",
+            "fd00::1",
+            "[fd00::1]:0",
+            "[example.com]:443",
+        ] {
+            assert!(HostPattern::parse(bad, PatternUse::Allow).is_err(), "{bad}");
+        }
+        let deny = HostPattern::parse("10.0.0.5", PatternUse::Deny).unwrap();
+        assert!(
+            deny.matches_address("10.0.0.5".parse().unwrap(), 22),
+            "a port-less deny covers every port"
+        );
     }
 
     #[test]

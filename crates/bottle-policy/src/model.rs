@@ -9,8 +9,8 @@ use std::str::FromStr;
 use ipnet::IpNet;
 
 use crate::address::{PrivateKind, private_kind};
-use crate::host::{HostName, HostPattern, NamePattern, PortSpec};
-use crate::rules::RequestRule;
+use crate::host::{HostName, HostPattern, NamePattern, PortSpec, canonical_ip};
+use crate::rules::{RequestRule, RuleRefusal, check_request};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
@@ -179,6 +179,8 @@ pub struct HostRule {
     pub tls: TlsMode,
     /// Empty: every request to the host passes. Otherwise a request must pass one rule.
     pub rules: Vec<RequestRule>,
+    /// Protocols other than WebSocket that a request may switch to (`Upgrade`), lowercase; opt-in per host.
+    pub upgrades: Vec<String>,
     pub origin: Origin,
 }
 
@@ -229,10 +231,14 @@ pub enum HostVerdict<'a> {
 }
 
 /// The verdict on an IP-literal destination.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AddressVerdict {
-    Allow(IpNet),
-    /// Public or private, an IP literal is denied unless a CIDR allows it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AddressVerdict<'a> {
+    /// An allow entry names exactly this address and port.
+    Allow(&'a HostRule),
+    /// A deny entry names this address (deny wins).
+    Denied(&'a HostPattern),
+    /// Public or private, an IP literal is denied unless an entry names it with its port (`allow_cidr` never
+    /// admits an address: it only lets allowed *names* resolve into a private range).
     NotAllowed,
 }
 
@@ -259,14 +265,21 @@ impl Network {
             .map(|h| h.tls)
     }
 
-    /// An IP-literal destination (`CONNECT 1.2.3.4:443`, `http://[::1]/`): allowed only inside an allow_cidr.
-    pub fn decide_ip_literal(&self, ip: IpAddr) -> AddressVerdict {
-        self.cidr_for(ip)
+    /// An IP-literal destination (`CONNECT 1.2.3.4:443`, `http://[::1]:8080/`): allowed only by an entry that
+    /// names this address with this port.
+    pub fn decide_ip_literal(&self, ip: IpAddr, port: u16) -> AddressVerdict<'_> {
+        if let Some(deny) = self.deny.iter().find(|d| d.matches_address(ip, port)) {
+            return AddressVerdict::Denied(deny);
+        }
+        self.hosts
+            .iter()
+            .find(|h| h.pattern.matches_address(ip, port))
             .map_or(AddressVerdict::NotAllowed, AddressVerdict::Allow)
     }
 
-    /// SECURITY: the check on every address a name resolved to, before dialling it (DNS rebinding). Public
-    /// addresses pass; private ones only inside an allow_cidr.
+    /// SECURITY: the check on every address a name resolved to (DNS answers and `[network.resolve]` pins), before
+    /// dialling it (DNS rebinding). Public addresses pass; private ones only inside an allow_cidr. An allow_cidr
+    /// never admits an address as a destination of its own (see `decide_ip_literal`).
     pub fn check_resolved(&self, ip: IpAddr) -> Result<(), PrivateKind> {
         match private_kind(ip) {
             None => Ok(()),
@@ -276,18 +289,19 @@ impl Network {
     }
 
     fn cidr_for(&self, ip: IpAddr) -> Option<IpNet> {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
+        let ip = canonical_ip(ip);
         self.allow_cidr.iter().copied().find(|net| net.contains(&ip))
     }
 }
 
 impl HostRule {
-    /// Passes the request when the host has no rules or one rule admits it.
+    /// Passes the request when the host has no rules or one rule admits it (decoded, see `rules`).
+    pub fn check_request(&self, method: &str, path: &str, query: Option<&str>) -> Result<(), RuleRefusal> {
+        check_request(&self.rules, method, path, query)
+    }
+
     pub fn admits_request(&self, method: &str, path: &str, query: Option<&str>) -> bool {
-        self.rules.is_empty() || self.rules.iter().any(|r| r.admits(method, path, query))
+        self.check_request(method, path, query).is_ok()
     }
 }
 
@@ -298,10 +312,11 @@ impl Policy {
     }
 }
 
-fn specificity(p: &HostPattern) -> (u8, usize, u8) {
+pub(crate) fn specificity(p: &HostPattern) -> (u8, usize, u8) {
     let (exact, len) = match &p.name {
         NamePattern::Exact(n) => (1, n.as_str().len()),
         NamePattern::Subdomains(s) => (0, s.as_str().len()),
+        NamePattern::Address(_) => (2, 0),
     };
     let port = match p.port {
         PortSpec::Exact(_) => 2,

@@ -81,6 +81,8 @@ pub struct RawHost {
     pub name: S<String>,
     pub tls: Option<S<String>>,
     #[serde(default)]
+    pub upgrades: Vec<S<String>>,
+    #[serde(default)]
     pub rule: Vec<S<RawRule>>,
 }
 

@@ -54,6 +54,8 @@ struct EHost {
     name: String,
     tls: TlsMode,
     #[serde(skip_serializing_if = "Vec::is_empty")]
+    upgrades: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     rule: Vec<ERule>,
 }
 
@@ -91,7 +93,7 @@ impl Effective {
     pub fn of(p: &Policy) -> Self {
         let b = &p.bottle;
         let n = &p.network;
-        let plain = |h: &&HostRule| h.tls == TlsMode::Intercept && h.rules.is_empty();
+        let plain = |h: &&HostRule| h.tls == TlsMode::Intercept && h.rules.is_empty() && h.upgrades.is_empty();
         Self {
             bottle: EBottle {
                 name: b.name.as_ref().map(|n| n.to_string()),
@@ -128,6 +130,7 @@ fn host(h: &HostRule) -> EHost {
     EHost {
         name: h.pattern.to_string(),
         tls: h.tls,
+        upgrades: h.upgrades.clone(),
         rule: h
             .rules
             .iter()

@@ -9,11 +9,13 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 
 use crate::address::check_allow_cidr;
+use crate::address::{PrivateKind, private_kind};
 use crate::error::PolicyError;
 use crate::host::{HostName, HostPattern, PatternUse};
+use crate::host::{NamePattern, PortSpec};
 use crate::model::{
     Agent, Backend, Bottle, BottleName, Credential, HostRule, HostVerdict, Network, Origin, Placement, Policy,
-    Resources, SecretSource, TlsMode,
+    Resources, SecretSource, TlsMode, specificity,
 };
 use crate::preset::preset;
 use crate::raw::{RawBottle, RawCredential, RawHost, RawPolicy, RawRule, S};
@@ -253,19 +255,27 @@ impl Validator<'_> {
 
     fn network(&self, raw: &RawPolicy, agent: Agent) -> R<Network> {
         let mut hosts: Vec<HostRule> = Vec::new();
+        let mut places: Vec<Place> = Vec::new();
         for h in preset(agent).hosts {
             let pattern = HostPattern::parse(h, PatternUse::Allow)
                 .map_err(|e| PolicyError::at_flag("--agent", agent.as_str(), e.to_string()))?;
             hosts.push(plain_rule(pattern, Origin::Preset));
+            places.push(Place::Preset(agent));
         }
         // File entries replace preset entries for the same pattern; two file entries for one pattern are an error.
-        let add_file = |rule: HostRule, span: Range<usize>, hosts: &mut Vec<HostRule>| -> R<()> {
+        let add_file = |rule: HostRule, span: Range<usize>, hosts: &mut Vec<HostRule>, places: &mut Vec<Place>| {
             match hosts.iter().position(|h| h.pattern == rule.pattern) {
-                Some(i) if hosts[i].origin == Origin::Preset => hosts[i] = rule,
+                Some(i) if hosts[i].origin == Origin::Preset => {
+                    hosts[i] = rule;
+                    places[i] = Place::Span(span);
+                }
                 Some(_) => {
                     return Err(self.err(span, format!("host `{}` is declared twice", rule.pattern)));
                 }
-                None => hosts.push(rule),
+                None => {
+                    hosts.push(rule);
+                    places.push(Place::Span(span));
+                }
             }
             Ok(())
         };
@@ -273,10 +283,10 @@ impl Validator<'_> {
             let pattern = self.at(a, |s| {
                 HostPattern::parse(s, PatternUse::Allow).map_err(|e| e.to_string())
             })?;
-            add_file(plain_rule(pattern, Origin::File), a.span(), &mut hosts)?;
+            add_file(plain_rule(pattern, Origin::File), a.span(), &mut hosts, &mut places)?;
         }
         for h in &raw.host {
-            add_file(self.host(h)?, h.name.span(), &mut hosts)?;
+            add_file(self.host(h)?, h.name.span(), &mut hosts, &mut places)?;
         }
         for a in &self.overrides.allow {
             let pattern = Self::flag("--allow", a, |s| {
@@ -284,8 +294,10 @@ impl Validator<'_> {
             })?;
             if !hosts.iter().any(|h| h.pattern == pattern) {
                 hosts.push(plain_rule(pattern, Origin::Flag));
+                places.push(Place::Flag(a.clone()));
             }
         }
+        self.rules_on_every_port(&mut hosts, &places)?;
         let mut deny = Vec::new();
         for d in &raw.network.deny {
             deny.push(self.at(d, |s| {
@@ -339,10 +351,15 @@ impl Validator<'_> {
         for r in &h.rule {
             rules.push(self.rule(r.get_ref())?);
         }
+        let mut upgrades = Vec::new();
+        for u in &h.upgrades {
+            upgrades.push(self.at(u, |s| upgrade_protocol(s, tls))?);
+        }
         Ok(HostRule {
             pattern,
             tls,
             rules,
+            upgrades,
             origin: Origin::File,
         })
     }
@@ -509,6 +526,7 @@ fn plain_rule(pattern: HostPattern, origin: Origin) -> HostRule {
         pattern,
         tls: TlsMode::Intercept,
         rules: Vec::new(),
+        upgrades: Vec::new(),
         origin,
     }
 }
@@ -598,11 +616,141 @@ fn addresses(items: Vec<&str>) -> Result<Vec<IpAddr>, String> {
             a.trim()
                 .parse::<IpAddr>()
                 .map_err(|_| format!("`{a}` is not an IP address"))
+                .and_then(pin_address)
         })
         .collect()
 }
 
+/// Where an allow entry came from, for errors found after all entries are known.
+enum Place {
+    Preset(Agent),
+    Span(Range<usize>),
+    Flag(String),
+}
+
+impl Validator<'_> {
+    fn err_at(&self, place: &Place, msg: String) -> PolicyError {
+        match place {
+            Place::Preset(agent) => PolicyError::at_flag("--agent", agent.as_str(), msg),
+            Place::Span(span) => self.err(span.clone(), msg),
+            Place::Flag(value) => PolicyError::at_flag("--allow", value, msg),
+        }
+    }
+
+    /// SECURITY: the rules of a host apply on every port it is reachable on, whichever entry admitted the port.
+    /// An entry that would win over a rule host on some port it admits (more specific: an exact port over the
+    /// default ports, an exact name under a wildcard) and does not carry rules of its own would silently drop
+    /// those rules there: refused. A plain entry for the same name on other ports takes the host's rules.
+    fn rules_on_every_port(&self, hosts: &mut [HostRule], places: &[Place]) -> R<()> {
+        for (r, rule_host) in hosts.iter().enumerate() {
+            if rule_host.rules.is_empty() {
+                continue;
+            }
+            for (e, entry) in hosts.iter().enumerate() {
+                let unrestricted = entry.rules.is_empty() || entry.tls == TlsMode::Passthrough;
+                if e == r || !unrestricted || !overlaps(&entry.pattern, &rule_host.pattern) {
+                    continue;
+                }
+                if specificity(&entry.pattern) > specificity(&rule_host.pattern) {
+                    return Err(self.err_at(
+                        &places[e],
+                        format!(
+                            "`{}` would admit what [[host]] `{}` also admits, without that host's rules (the more specific entry wins): remove it, or give it a [[host]] entry with its own rules",
+                            entry.pattern, rule_host.pattern
+                        ),
+                    ));
+                }
+            }
+        }
+        for e in 0..hosts.len() {
+            let entry = &hosts[e];
+            if !entry.rules.is_empty() {
+                continue;
+            }
+            let same_name: Vec<&HostRule> = hosts
+                .iter()
+                .filter(|h| !h.rules.is_empty() && h.pattern.name == entry.pattern.name)
+                .collect();
+            let Some(first) = same_name.first() else { continue };
+            if entry.tls == TlsMode::Passthrough {
+                return Err(self.err_at(
+                    &places[e],
+                    format!(
+                        "`{}` is passthrough, so the rules of [[host]] `{}` could not be enforced on its port: use tls = \"intercept\" and the same rules",
+                        entry.pattern, first.pattern
+                    ),
+                ));
+            }
+            if same_name.iter().any(|h| h.rules != first.rules || h.tls != first.tls) {
+                return Err(self.err_at(
+                    &places[e],
+                    format!(
+                        "`{}` has no rules, and the [[host]] entries for the same name on other ports carry different ones: give it a [[host]] entry with its own rules",
+                        entry.pattern
+                    ),
+                ));
+            }
+            let (rules, upgrades) = (first.rules.clone(), first.upgrades.clone());
+            hosts[e].rules = rules;
+            hosts[e].upgrades = upgrades;
+        }
+        Ok(())
+    }
+}
+
+/// True when some destination matches both patterns.
+fn overlaps(a: &HostPattern, b: &HostPattern) -> bool {
+    let names = match (&a.name, &b.name) {
+        (NamePattern::Exact(x), NamePattern::Exact(y)) => x == y,
+        (NamePattern::Exact(x), NamePattern::Subdomains(_)) => b.matches_name(x),
+        (NamePattern::Subdomains(_), NamePattern::Exact(y)) => a.matches_name(y),
+        (NamePattern::Subdomains(x), NamePattern::Subdomains(y)) => x == y || a.matches_name(y) || b.matches_name(x),
+        (NamePattern::Address(x), NamePattern::Address(y)) => x == y,
+        _ => false,
+    };
+    let ports = match (a.port, b.port) {
+        (PortSpec::Any, _) | (_, PortSpec::Any) | (PortSpec::Default, PortSpec::Default) => true,
+        (PortSpec::Exact(p), other) | (other, PortSpec::Exact(p)) => other.admits(p),
+    };
+    names && ports
+}
+
+/// A protocol a host may switch to besides WebSocket (always policed: its 101 must answer the request's key).
+fn upgrade_protocol(s: &str, tls: TlsMode) -> Result<String, String> {
+    let lower = s.trim().to_ascii_lowercase();
+    let token = !lower.is_empty()
+        && lower
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~/".contains(&b));
+    if !token {
+        return Err(format!(
+            "`{s}` is not a protocol name as `Upgrade` carries it (e.g. \"tcp\")"
+        ));
+    }
+    if tls == TlsMode::Passthrough {
+        return Err("a passthrough host's requests are never seen, so upgrades cannot be allowed on it".into());
+    }
+    match lower.as_str() {
+        "h2c" => Err("`h2c` would open an HTTP/2 channel that the proxy cannot police; it is always stripped".into()),
+        "websocket" => Err("WebSocket upgrades are allowed on every allowed host already; do not list them".into()),
+        _ => Ok(lower),
+    }
+}
+
+/// A `[resolve]` pin to an address nothing could be reached at is refused now rather than at every request.
+fn pin_address(ip: IpAddr) -> Result<IpAddr, String> {
+    match private_kind(ip) {
+        Some(kind @ (PrivateKind::Unspecified | PrivateKind::Multicast | PrivateKind::Broadcast)) => Err(format!(
+            "`{ip}` is {}, which no service can be reached at",
+            kind.describe()
+        )),
+        _ => Ok(ip),
+    }
+}
+
 /// A `[resolve]` entry that points at a private address nothing allows would fail at every request; say so now.
+/// The remedy is the narrow one: a /32 (or /128) lets allowed names resolve to that one address, and never admits
+/// the address itself as a destination.
 fn covered(network: &Network, host: &HostName, ips: &[IpAddr]) -> Result<(), String> {
     for ip in ips {
         if let Err(kind) = network.check_resolved(*ip) {

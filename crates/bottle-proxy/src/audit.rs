@@ -51,6 +51,9 @@ pub struct Event {
     pub rule: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub credentials: Vec<String>,
+    /// The protocol a request switched to (`websocket`, or one a host opted into).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<String>,
     pub bytes_up: u64,
     pub bytes_down: u64,
     pub duration_ms: u64,
@@ -142,11 +145,21 @@ impl Pending {
     }
 
     /// The exchange failed after it was allowed (upstream error, failed upgrade).
+    /// Records why the exchange failed. The first cause wins: a scanner that cut a body makes the upstream
+    /// request fail too, and the audit line must name the cut, not its consequence.
     pub fn fail(&self, rule: &str) {
-        if let Ok(mut e) = self.event.lock() {
+        if let Ok(mut e) = self.event.lock()
+            && e.decision != Verdict::Error
+        {
             e.decision = Verdict::Error;
             e.rule = rule.to_string();
         }
+    }
+
+    /// The failure recorded so far, if any.
+    pub fn failure(&self) -> Option<String> {
+        let e = self.event.lock().ok()?;
+        (e.decision == Verdict::Error).then(|| e.rule.clone())
     }
 
     pub fn add(&self, up: u64, down: u64) {

@@ -13,7 +13,10 @@ use http_body_util::combinators::UnsyncBoxBody;
 
 use crate::audit::Pending;
 
-pub type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+pub use crate::secrets::BodyError;
+
+/// Errors of a relayed body: hyper's, or a scanner that stopped a real credential value (`secrets`).
+pub type ProxyBody = UnsyncBoxBody<Bytes, BodyError>;
 
 pub fn full(bytes: impl Into<Bytes>) -> ProxyBody {
     http_body_util::Full::new(bytes.into())
@@ -87,7 +90,9 @@ pub fn metered<B>(inner: B, pending: &Arc<Pending>, direction: Direction) -> Pro
 where
     B: Body<Data = Bytes, Error = hyper::Error> + Unpin + Send + 'static,
 {
-    Metered::new(inner, Arc::clone(pending), direction).boxed_unsync()
+    Metered::new(inner, Arc::clone(pending), direction)
+        .map_err(BodyError::Hyper)
+        .boxed_unsync()
 }
 
 /// The client side of an upgraded or passthrough stream, counted into the pending audit record: bytes read from

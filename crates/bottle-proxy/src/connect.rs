@@ -88,9 +88,7 @@ pub async fn handle(session: Arc<Session>, mut req: Request<Incoming>) -> Respon
             return deny::upstream_error(&target.to_string(), port, &upstream::describe(&e));
         }
     };
-    event.rule = allowed
-        .rule
-        .map_or_else(|| "allow_cidr".into(), |r| r.pattern.to_string());
+    event.rule = allowed.rule.pattern.to_string();
     event.duration_ms = audit::elapsed_ms(start);
     proxy.inner.audit.write(&event);
     let tunnel = Tunnel {

@@ -15,6 +15,7 @@ use http::header::HeaderMap;
 use http::uri::{PathAndQuery, Uri};
 
 use crate::decide::DenyReason;
+use crate::secrets::Needle;
 
 /// Every placeholder starts with this, so one substring search tells whether a value needs a closer look.
 pub const PLACEHOLDER_PREFIX: &str = "bottle-placeholder-";
@@ -51,6 +52,8 @@ struct Bound {
 
 pub struct Credentials {
     bound: Vec<Bound>,
+    /// The real values long enough to search for, with their placeholders (`secrets`).
+    needles: std::sync::Arc<[Needle]>,
 }
 
 impl fmt::Debug for Credentials {
@@ -84,7 +87,45 @@ impl Credentials {
                 value,
             });
         }
-        Ok(Self { bound })
+        let needles = bound
+            .iter()
+            .filter(|b| b.value.len() >= MIN_REDACT_LEN)
+            .map(|b| Needle {
+                env: b.env.clone(),
+                value: b.value.as_bytes().to_vec(),
+                placeholder: b.placeholder.as_bytes().to_vec(),
+            })
+            .collect();
+        Ok(Self { bound, needles })
+    }
+
+    /// The real values to search streams for; empty when the bottle has no credential.
+    pub fn needles(&self) -> std::sync::Arc<[Needle]> {
+        std::sync::Arc::clone(&self.needles)
+    }
+
+    /// True when a credential is bound to `host`: its answers may echo a real value.
+    pub fn is_bound(&self, host: &HostName) -> bool {
+        self.bound.iter().any(|b| &b.host == host)
+    }
+
+    /// SECURITY: the bottle must never hold a real value; a request that carries one (in the URL or a header,
+    /// before any placeholder is substituted) is refused wherever it goes.
+    fn refuse_real_values(&self, uri: &Uri, headers: &HeaderMap) -> Result<(), DenyReason> {
+        let carries = |haystack: &[u8]| {
+            self.needles
+                .iter()
+                .find(|n| memchr::memmem::find(haystack, &n.value).is_some())
+        };
+        let found = carries(uri.to_string().as_bytes()).or_else(|| {
+            headers
+                .iter()
+                .find_map(|(name, value)| carries(name.as_str().as_bytes()).or_else(|| carries(value.as_bytes())))
+        });
+        match found {
+            Some(n) => Err(DenyReason::SecretLeak { env: n.env.clone() }),
+            None => Ok(()),
+        }
     }
 
     /// `(variable, placeholder)` pairs for the bottle's environment.
@@ -108,6 +149,7 @@ impl Credentials {
         if self.bound.is_empty() {
             return Ok(injected);
         }
+        self.refuse_real_values(uri, headers)?;
         if let Some(new_uri) = self.apply_uri(uri, host, &mut injected)? {
             *uri = new_uri;
         }
@@ -182,7 +224,7 @@ impl Credentials {
     }
 
     /// SECURITY: an upstream that echoes the real value back (an error page, a debug endpoint) would hand it to
-    /// the bottle; put the placeholder back in response headers. Bodies are not scanned.
+    /// the bottle; put the placeholder back in response headers (also a 101's). Bodies go through `secrets`.
     pub fn redact_response(&self, headers: &mut HeaderMap) {
         for b in self.bound.iter().filter(|b| b.value.len() >= MIN_REDACT_LEN) {
             for value in headers.values_mut() {
@@ -374,6 +416,22 @@ mod tests {
         ));
         c.required = false;
         assert!(Credentials::load(&[c], &|_| None).unwrap().placeholders().is_empty());
+    }
+
+    #[test]
+    fn a_request_carrying_a_real_value_is_refused_wherever_it_goes() {
+        let c = creds();
+        let host = HostName::parse("api.example.com").unwrap();
+        let mut uri: Uri = "/v1".parse().unwrap();
+        let mut h = HeaderMap::new();
+        h.insert("x-anything", "Bearer real-API_KEY value".parse().unwrap());
+        let err = c.apply(&mut uri, &mut h, Some(&host)).unwrap_err();
+        assert_eq!(err.code(), "secret-leak");
+        let mut uri: Uri = "/real-API_KEY".parse().unwrap();
+        assert!(
+            c.apply(&mut uri, &mut HeaderMap::new(), None).is_ok(),
+            "a prefix alone is no value"
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 
 use bottle_policy::address::PrivateKind;
 use bottle_policy::host::{HostError, HostName};
+use bottle_policy::rules::RuleRefusal;
 use bottle_policy::{AddressVerdict, HostRule, HostVerdict, Network, TlsMode};
 
 /// A destination as the bottle named it: a normalised DNS name or an IP literal.
@@ -93,6 +94,20 @@ pub enum DenyReason {
         method: String,
         path: String,
     },
+    /// A rule admits the method and path but not this query parameter (decoded name).
+    QueryRule {
+        name: String,
+    },
+    /// Where rules apply, a request that servers could read two ways.
+    Ambiguous(&'static str),
+    /// A protocol switch the proxy cannot police, or one the host did not opt into.
+    Upgrade {
+        protocol: String,
+    },
+    /// The request carries the real value of a credential, which the bottle must never hold.
+    SecretLeak {
+        env: String,
+    },
     BadPath(&'static str),
     BadTarget,
     /// SNI, `Host` or `:authority` names another host than the CONNECT target (domain fronting).
@@ -121,6 +136,10 @@ impl DenyReason {
             Self::IpLiteral => "ip-literal",
             Self::PrivateAddress { .. } => "private-address",
             Self::RequestRule { .. } => "request-rule",
+            Self::QueryRule { .. } => "query-rule",
+            Self::Ambiguous(_) => "ambiguous-request",
+            Self::Upgrade { .. } => "upgrade",
+            Self::SecretLeak { .. } => "secret-leak",
             Self::BadPath(_) => "bad-path",
             Self::BadTarget => "bad-target",
             Self::HostMismatch { .. } => "host-mismatch",
@@ -140,9 +159,17 @@ impl DenyReason {
         match self {
             Self::HostDenied { pattern } => format!("the host matches the deny entry `{pattern}`"),
             Self::HostNotAllowed => "the host is not in the bottle's allow list".into(),
-            Self::IpLiteral => "IP-literal destinations are denied unless an allow_cidr covers them".into(),
+            Self::IpLiteral => {
+                "IP-literal destinations are denied unless an allow entry names the address with its port".into()
+            }
             Self::PrivateAddress { ip, kind } => format!("the host resolves to {ip}, {}", kind.describe()),
             Self::RequestRule { method, path } => format!("no rule for this host admits {method} {path}"),
+            Self::QueryRule { name } => format!("no rule for this host admits the query parameter `{name}` as given"),
+            Self::Ambiguous(why) => format!("the request could be read two ways: {why}"),
+            Self::Upgrade { protocol } => format!("switching to `{protocol}` is not allowed on this host"),
+            Self::SecretLeak { env } => {
+                format!("the request carries the real value of credential `{env}`, which the bottle must never hold")
+            }
             Self::BadPath(why) => format!("the request path is refused: {why}"),
             Self::BadTarget => "the request target is not a valid host[:port]".into(),
             Self::HostMismatch { seen } => format!("the request names `{seen}`, not the tunnel's host"),
@@ -165,11 +192,18 @@ impl DenyReason {
             Self::HostNotAllowed => format!("bot-bottle run --allow {host}:{port}"),
             Self::HostDenied { pattern } => format!("remove `{pattern}` from network.deny"),
             Self::IpLiteral => match host.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
-                Ok(ip) => format!("bot-bottle run --allow-cidr {}", host_cidr(ip)),
+                Ok(ip) => match bottle_policy::host::canonical_ip(ip) {
+                    IpAddr::V6(v6) => format!("bot-bottle run --allow [{v6}]:{port}"),
+                    v4 => format!("bot-bottle run --allow {v4}:{port}"),
+                },
                 Err(_) => "use a host name".into(),
             },
+            // Lets allowed names resolve to this one address; it never admits the address as a destination.
             Self::PrivateAddress { ip, .. } => format!("bot-bottle run --allow-cidr {}", host_cidr(*ip)),
             Self::RequestRule { method, path } => format!("a [[host.rule]] for {host} admitting {method} {path}"),
+            Self::QueryRule { name } => format!("a [[host.rule]] for {host} whose query admits `{name}`"),
+            Self::Upgrade { protocol } => format!("upgrades = [\"{protocol}\"] on the [[host]] entry for {host}"),
+            Self::SecretLeak { env } => format!("send the placeholder in `{env}`, never the real value"),
             Self::PlaceholderLeak { env, .. } => format!("send `{env}` only to its bound host, over https"),
             Self::HostMismatch { seen } => format!("open a separate CONNECT to {seen}"),
             Self::HttpsInPlainRequest => format!("CONNECT {host}:{port}"),
@@ -197,26 +231,21 @@ fn host_cidr(ip: IpAddr) -> String {
 #[derive(Debug, Clone, Copy)]
 pub struct Allowed<'a> {
     pub tls: TlsMode,
-    /// `None` for an IP literal allowed by a CIDR (no L7 rules apply).
-    pub rule: Option<&'a HostRule>,
+    /// The allow entry that admitted the destination (its rules apply to every request).
+    pub rule: &'a HostRule,
 }
 
 /// Host-level decision, before any request is seen (CONNECT, or the first step of a plain request).
 pub fn decide_target<'a>(net: &'a Network, target: &Target, port: u16) -> Result<Allowed<'a>, DenyReason> {
     match target {
         Target::Name(name) => match net.decide_host(name, port) {
-            HostVerdict::Allow(rule) => Ok(Allowed {
-                tls: rule.tls,
-                rule: Some(rule),
-            }),
+            HostVerdict::Allow(rule) => Ok(Allowed { tls: rule.tls, rule }),
             HostVerdict::Denied(p) => Err(DenyReason::HostDenied { pattern: p.to_string() }),
             HostVerdict::NotAllowed => Err(DenyReason::HostNotAllowed),
         },
-        Target::Ip(ip) => match net.decide_ip_literal(*ip) {
-            AddressVerdict::Allow(_) => Ok(Allowed {
-                tls: TlsMode::Intercept,
-                rule: None,
-            }),
+        Target::Ip(ip) => match net.decide_ip_literal(*ip, port) {
+            AddressVerdict::Allow(rule) => Ok(Allowed { tls: rule.tls, rule }),
+            AddressVerdict::Denied(p) => Err(DenyReason::HostDenied { pattern: p.to_string() }),
             AddressVerdict::NotAllowed => Err(DenyReason::IpLiteral),
         },
     }
@@ -233,14 +262,17 @@ pub fn decide_request<'a>(
 ) -> Result<Allowed<'a>, DenyReason> {
     let allowed = decide_target(net, target, port)?;
     check_path(path)?;
-    if let Some(rule) = allowed.rule
-        && !rule.admits_request(method, path, query)
-    {
-        return Err(DenyReason::RequestRule {
-            method: method.to_string(),
-            path: path.to_string(),
-        });
-    }
+    allowed
+        .rule
+        .check_request(method, path, query)
+        .map_err(|refusal| match refusal {
+            RuleRefusal::Method | RuleRefusal::Path => DenyReason::RequestRule {
+                method: method.to_string(),
+                path: path.to_string(),
+            },
+            RuleRefusal::Query { name } => DenyReason::QueryRule { name },
+            RuleRefusal::Ambiguous(why) => DenyReason::Ambiguous(why),
+        })?;
     Ok(allowed)
 }
 
@@ -319,11 +351,21 @@ mod tests {
 
     #[test]
     fn ip_literals_need_a_cidr() {
-        let n = net("[network]\nallow_cidr = [\"10.1.0.0/16\"]\n");
+        let n = net("[network]\nallow_cidr = [\"10.1.0.0/16\"]\nallow = [\"10.1.2.3:443\"]\n");
         assert!(decide_target(&n, &name("10.1.2.3"), 443).is_ok());
         assert_eq!(
-            decide_target(&n, &name("10.2.0.1"), 443).unwrap_err(),
-            DenyReason::IpLiteral
+            decide_target(&n, &name("10.1.2.3"), 8443).unwrap_err(),
+            DenyReason::IpLiteral,
+            "the entry names one port"
+        );
+        assert_eq!(
+            decide_target(&n, &name("10.1.2.4"), 443).unwrap_err(),
+            DenyReason::IpLiteral,
+            "allow_cidr never admits an address"
+        );
+        assert_eq!(
+            DenyReason::IpLiteral.hint("10.1.2.4", 443),
+            "bot-bottle run --allow 10.1.2.4:443"
         );
         assert_eq!(
             decide_target(&n, &name("[::1]"), 443).unwrap_err(),

@@ -8,16 +8,20 @@ use std::time::Instant;
 use bottle_policy::Policy;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version, request};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use crate::audit::{self, Event, Pending, Verdict};
 use crate::body::{Direction, MeteredIo, ProxyBody, empty, metered};
+use crate::credentials::Credentials;
 use crate::decide::{self, DenyReason, Target};
 use crate::deny;
 use crate::idle;
+use crate::secrets::{Found, GuardedRead, Mode, Scanned, Scanner};
 use crate::session::{Scope, Session};
+use crate::switch::{self, Switch, connection_tokens};
 use crate::upstream;
 
 pub async fn handle(session: Arc<Session>, req: Request<Incoming>) -> Response<ProxyBody> {
@@ -45,7 +49,7 @@ pub async fn handle(session: Arc<Session>, req: Request<Incoming>) -> Response<P
         return refuse(&session, event, &reason, start);
     }
     let policy = session.proxy.policy();
-    let rule = match decide::decide_request(
+    let (rule, switch) = match decide::decide_request(
         &policy.network,
         &target,
         port,
@@ -53,9 +57,10 @@ pub async fn handle(session: Arc<Session>, req: Request<Incoming>) -> Response<P
         parts.uri.path(),
         parts.uri.query(),
     ) {
-        Ok(allowed) => allowed
-            .rule
-            .map_or_else(|| "allow_cidr".to_string(), |r| r.pattern.to_string()),
+        Ok(allowed) => match switch::police(&mut parts, allowed.rule) {
+            Ok(switch) => (allowed.rule.pattern.to_string(), switch),
+            Err(reason) => return refuse(&session, event, &reason, start),
+        },
         Err(reason) => return refuse(&session, event, &reason, start),
     };
     // SECURITY: secrets only inside interception, only for the bound host; anything else is a leak.
@@ -79,7 +84,8 @@ pub async fn handle(session: Arc<Session>, req: Request<Incoming>) -> Response<P
         Verdict::Inject
     };
     event.credentials = injected;
-    relay(&session, &policy, parts, body, &target, port, event, start).await
+    event.upgrade = switch.protocol().map(str::to_string);
+    relay(&session, &policy, parts, body, &target, port, switch, event, start).await
 }
 
 /// Which target a request goes to, by scope.
@@ -156,11 +162,23 @@ async fn relay(
     body: Incoming,
     target: &Target,
     port: u16,
+    switch: Switch,
     mut event: Event,
     start: Instant,
 ) -> Response<ProxyBody> {
-    let upgrade = wants_upgrade(&parts);
+    let upgrade = switch.is_upgrade();
+    let head_request = parts.method == Method::HEAD;
     let client_upgrade = parts.extensions.remove::<OnUpgrade>().filter(|_| upgrade);
+    let creds = &session.proxy.inner.creds;
+    // SECURITY: answers from a credentialed host may echo the real value; ask for a body the proxy can search
+    // (no compression, no WebSocket compression) and search it (`secrets`).
+    let scan_answers = target.name().is_some_and(|n| creds.is_bound(n)) && !creds.needles().is_empty();
+    if scan_answers {
+        parts
+            .headers
+            .insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        parts.headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+    }
     let (mut sender, addr) = match session.upstream(&policy.network, target, port, upgrade).await {
         Ok(s) => s,
         Err(e) => {
@@ -181,7 +199,7 @@ async fn relay(
     let out_body = if upgrade {
         empty()
     } else {
-        metered(body, &pending, Direction::Up)
+        refuse_real_values(metered(body, &pending, Direction::Up), creds, &pending)
     };
     let out = match outbound(parts, out_body, target, port, tls, h2, upgrade) {
         Ok(r) => r,
@@ -197,32 +215,90 @@ async fn relay(
     let mut resp = match sent.await {
         Ok(r) => r,
         Err(e) => {
+            if pending.failure().as_deref() == Some("secret-leak") {
+                let env = creds.needles().first().map(|n| n.env.clone()).unwrap_or_default();
+                return deny::response(&DenyReason::SecretLeak { env }, &target.to_string(), port);
+            }
             tracing::info!(host = %target, port, error = %e, "upstream request failed");
             pending.fail("upstream-error");
             return deny::upstream_error(&target.to_string(), port, "the upstream connection failed");
         }
     };
-    if upgrade && resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        return splice_upgrade(session, client_upgrade, resp, pending);
+    if let Err(why) = switch::answered(&switch, &resp) {
+        tracing::info!(host = %target, port, why, "protocol switch refused");
+        pending.fail("bad-upgrade");
+        return deny::upstream_error(&target.to_string(), port, why);
+    }
+    creds.redact_response(resp.headers_mut());
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        return splice_upgrade(session, client_upgrade, resp, pending, scan_answers);
     }
     strip_hop_by_hop(resp.headers_mut(), false);
-    session.proxy.inner.creds.redact_response(resp.headers_mut());
+    let scan_body = scan_answers && !head_request && status_has_body(resp.status());
+    if scan_body {
+        let encoding = resp.headers().get(header::CONTENT_ENCODING);
+        if encoding.is_some_and(|e| !e.as_bytes().eq_ignore_ascii_case(b"identity")) {
+            tracing::info!(host = %target, port, "credentialed host answered with a compressed body");
+            pending.fail("unscannable-encoding");
+            return deny::upstream_error(
+                &target.to_string(),
+                port,
+                "the host holds a credential and answered with a compressed body, which the proxy cannot search for the real value",
+            );
+        }
+        // The length may change: a real value and its placeholder differ in length.
+        resp.headers_mut().remove(header::CONTENT_LENGTH);
+    }
     let (mut head, body) = resp.into_parts();
     head.version = Version::HTTP_11;
-    Response::from_parts(head, metered(body, &pending, Direction::Down))
+    let body = metered(body, &pending, Direction::Down);
+    let body = if scan_body {
+        let scanner = Scanner::new(creds.needles(), Mode::Redact);
+        Scanned::new(body, scanner, Box::new(|_| {})).boxed_unsync()
+    } else {
+        body
+    };
+    Response::from_parts(head, body)
 }
 
-/// WebSocket (or any HTTP/1.1 upgrade) after the request was allowed and the upstream agreed: splice the two
-/// upgraded streams. The upgraded connection stays on the host it was decided for.
+/// SECURITY: a request body that carries a real value is cut before the value leaves (the upstream sees a broken
+/// message, never a complete one), and audited.
+fn refuse_real_values(body: ProxyBody, creds: &Credentials, pending: &Arc<Pending>) -> ProxyBody {
+    let needles = creds.needles();
+    if needles.is_empty() {
+        return body;
+    }
+    let pending = Arc::clone(pending);
+    let report = Box::new(move |found: &Found| {
+        tracing::warn!(env = %found.env, "a request body carried a real credential value; cut");
+        pending.fail("secret-leak");
+    });
+    Scanned::new(body, Scanner::new(needles, Mode::Refuse), report).boxed_unsync()
+}
+
+/// RFC 9110 §6.4.1: 1xx, 204 and 304 answers have no content.
+fn status_has_body(status: StatusCode) -> bool {
+    !(status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED)
+}
+
+/// A switch the upstream answered as asked (`switch::answered`): splice the two upgraded streams. The upgraded
+/// connection stays on the host it was decided for; what comes back from a credentialed host is searched for
+/// real values, and the stream is cut before one reaches the bottle.
 fn splice_upgrade(
     session: &Session,
     client: Option<OnUpgrade>,
     mut resp: Response<Incoming>,
     pending: Arc<Pending>,
+    scan_answers: bool,
 ) -> Response<ProxyBody> {
     let upstream = hyper::upgrade::on(&mut resp);
     let activity = session.peer.activity.clone();
     let idle = session.proxy.inner.limits.idle_timeout;
+    let needles = if scan_answers {
+        session.proxy.inner.creds.needles()
+    } else {
+        Arc::from(Vec::new())
+    };
     tokio::spawn(async move {
         let Some(client) = client else { return };
         let (Ok(client), Ok(upstream)) = (client.await, upstream.await) else {
@@ -230,31 +306,18 @@ fn splice_upgrade(
             return;
         };
         let mut a = MeteredIo::new(TokioIo::new(client), Arc::clone(&pending));
-        let mut b = TokioIo::new(upstream);
-        if idle::watch(tokio::io::copy_bidirectional(&mut a, &mut b), &activity, idle)
-            .await
-            .is_none()
-        {
-            pending.fail("idle-timeout");
+        let mut b = GuardedRead::new(TokioIo::new(upstream), Scanner::new(needles, Mode::Refuse));
+        match idle::watch(tokio::io::copy_bidirectional(&mut a, &mut b), &activity, idle).await {
+            None => pending.fail("idle-timeout"),
+            Some(Err(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                tracing::warn!("an upgraded stream carried a real credential value; cut");
+                pending.fail("secret-leak");
+            }
+            Some(_) => {}
         }
     });
     let (head, _) = resp.into_parts();
     Response::from_parts(head, empty())
-}
-
-fn wants_upgrade(parts: &request::Parts) -> bool {
-    parts.version == Version::HTTP_11
-        && parts.headers.contains_key(header::UPGRADE)
-        && connection_tokens(&parts.headers).any(|t| t.eq_ignore_ascii_case("upgrade"))
-}
-
-fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
 }
 
 /// The request as the upstream gets it: origin-form plus `Host` for HTTP/1.1, absolute URI for HTTP/2.

@@ -96,9 +96,7 @@ impl Proxy {
                 return self.inner.audit.write(&event);
             }
         };
-        event.rule = allowed
-            .rule
-            .map_or_else(|| "allow_cidr".into(), |r| r.pattern.to_string());
+        event.rule = allowed.rule.pattern.to_string();
         event.duration_ms = audit::elapsed_ms(start);
         self.inner.audit.write(&event);
         let tunnel = Tunnel {

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bottle_policy::Network;
-use bottle_policy::address::PrivateKind;
+use bottle_policy::address::{PrivateKind, private_kind};
+use bottle_policy::{AddressVerdict, Network};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
@@ -116,7 +116,7 @@ impl Checked {
 /// list serves every later dial of the tunnel: the name is never resolved again.
 pub async fn resolve(net: &Network, target: &Target, port: u16, timeout: Duration) -> Result<Checked, DialError> {
     let name = match target {
-        // IP literals were judged by `decide_ip_literal` (a CIDR must cover them); check again for symmetry.
+        // IP literals were judged by `decide_ip_literal` (an entry names them with their port); check again.
         Target::Ip(ip) => {
             recheck(net, target, SocketAddr::new(*ip, port))?;
             return Ok(Checked {
@@ -161,13 +161,21 @@ pub async fn resolve(net: &Network, target: &Target, port: u16, timeout: Duratio
     }
 }
 
-/// The address check alone, for a connection kept across a policy reload.
+/// The address check alone, for a connection kept across a policy reload. An IP literal was admitted by an entry
+/// naming that address and port; a name's answer must be public, pinned for that name, or inside an allow_cidr.
 pub fn recheck(net: &Network, target: &Target, addr: SocketAddr) -> Result<(), DialError> {
-    net.check_resolved(addr.ip()).map_err(|kind| DialError::Private {
+    let private = |kind| DialError::Private {
         host: target.to_string(),
         ip: addr.ip(),
         kind,
-    })
+    };
+    match target {
+        Target::Ip(ip) => match net.decide_ip_literal(*ip, addr.port()) {
+            AddressVerdict::Allow(_) if *ip == addr.ip() => Ok(()),
+            _ => Err(private(private_kind(addr.ip()).unwrap_or(PrivateKind::Reserved))),
+        },
+        Target::Name(_) => net.check_resolved(addr.ip()).map_err(private),
+    }
 }
 
 /// Dials the checked addresses in order; the first that answers wins.

@@ -45,7 +45,7 @@ async fn denied_host_gets_403_at_connect_with_the_hint() {
 }
 
 #[tokio::test]
-async fn ip_literals_are_denied_unless_a_cidr_covers_them() {
+async fn ip_literals_are_denied_unless_an_entry_names_them_with_their_port() {
     let w = World::start().await;
     for target in [
         format!("127.0.0.2:{}", w.tls.port()),
@@ -60,8 +60,9 @@ async fn ip_literals_are_denied_unless_a_cidr_covers_them() {
             denied(&headers)
         );
     }
-    // 127.0.0.1 is inside allow_cidr: the literal passes.
-    assert!(w.lab.connect(&format!("127.0.0.1:{}", w.tls.port())).await.is_ok());
+    // 127.0.0.1 is inside allow_cidr, which only lets allowed names resolve there: the literal is refused.
+    let (status, headers) = w.lab.connect(&format!("127.0.0.1:{}", w.tls.port())).await.unwrap_err();
+    assert_eq!((status, denied(&headers).contains("rule=ip-literal")), (403, true));
     assert_eq!(w.tls_rec.requests().len(), 0);
 }
 
@@ -148,15 +149,18 @@ async fn passthrough_relays_only_after_a_matching_sni() {
 
 #[tokio::test]
 async fn an_allowed_ip_literal_is_intercepted_with_an_ip_certificate() {
-    let w = World::start().await;
-    let at = format!("127.0.0.1:{}", w.tls.port());
+    let dir = tempfile::tempdir().unwrap();
+    let ca = test_ca(dir.path());
+    let (tls, _) = tls_upstream(&ca).await;
+    let at = format!("127.0.0.1:{}", tls.port());
+    let lab = Lab::start(dir, ca, &format!("[network]\nallow = [\"{at}\"]\n")).await;
     // An IP server name: the client sends no SNI; the leaf carries the IP.
-    let tls = w.lab.tls_tunnel(&at, "127.0.0.1", &[b"http/1.1"]).await.unwrap();
-    let mut client = h1(tls).await;
+    let tunnel = lab.tls_tunnel(&at, "127.0.0.1", &[b"http/1.1"]).await.unwrap();
+    let mut client = h1(tunnel).await;
     let (status, _, body) = text(client.send_request(get("/ip", &at)).await.unwrap()).await;
     assert_eq!(status, 200, "{body}");
-    let line = w.lab.wait_audit(|v| v["event"] == "request").await;
-    assert_eq!(line["rule"], "allow_cidr");
+    let line = lab.wait_audit(|v| v["event"] == "request").await;
+    assert_eq!(line["rule"], at.as_str());
 }
 
 #[tokio::test]

@@ -683,6 +683,7 @@ fn rule(pattern: HostPattern) -> HostRule {
         pattern,
         tls: TlsMode::Intercept,
         rules: Vec::new(),
+        upgrades: Vec::new(),
         origin: Origin::Flag,
     }
 }
