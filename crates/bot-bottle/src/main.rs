@@ -2,6 +2,7 @@
 
 mod cli;
 mod cmd;
+mod credential_sources;
 mod exit;
 mod output;
 mod policy_args;

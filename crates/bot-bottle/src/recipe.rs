@@ -16,6 +16,7 @@ use bottle_sandbox::namespace::spec::{EarlySpec, InitSpec, bottle_env};
 use bottle_sandbox::preflight::{self, RealHost};
 use bottle_sandbox::state::{self, BottleState, StateDir, Status};
 
+use crate::credential_sources::{self, Shown};
 use crate::exit::{PreflightFailed, Unavailable};
 
 /// How long the init may take to hand over its proxy listener, and to pass its self-test.
@@ -58,11 +59,22 @@ impl Launching {
 }
 
 /// Runs the agent to completion in a new bottle; returns its exit code.
-pub fn run(req: Request) -> anyhow::Result<u8> {
+pub fn run(mut req: Request) -> anyhow::Result<u8> {
     if req.policy.bottle.backend == Backend::Smolmachines {
         return crate::recipe_smolmachines::run(req);
     }
     let steps = Steps(std::time::Instant::now());
+    if req.policy.bottle.backend == Backend::Namespace {
+        let root = state::state_root()?;
+        let workspace = workspace(&req.policy, &root)?;
+        let mut shown = vec![Shown::new(&workspace, "the workspace")];
+        shown.extend(
+            bottle_sandbox::namespace::spec::visible_host_paths(&bottle_sandbox::namespace::spec::RealFs)
+                .iter()
+                .map(|p| Shown::new(p, "the read-only host path")),
+        );
+        credential_sources::resolve(&mut req.policy, &shown)?;
+    }
     let policy = &req.policy;
     // step: preflight
     let backend = policy.bottle.backend;

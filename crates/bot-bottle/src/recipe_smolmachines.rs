@@ -243,9 +243,11 @@ fn preflight_step(host: &dyn Host) -> anyhow::Result<Engine> {
 }
 
 /// Everything after preflight, against `engine` and bot-bottle's state `root`.
-fn launch(req: Request, engine: &Engine, root: &Path, tuning: Tuning, steps: &Steps) -> anyhow::Result<u8> {
+fn launch(mut req: Request, engine: &Engine, root: &Path, tuning: Tuning, steps: &Steps) -> anyhow::Result<u8> {
     let argv = recipe::command(&req)?;
     let workspace = recipe::workspace(&req.policy, root)?;
+    let shown = [crate::credential_sources::Shown::new(&workspace, "the workspace")];
+    crate::credential_sources::resolve(&mut req.policy, &shown)?;
     guest_can_reach(&workspace, rustix::process::geteuid().is_root())?;
     let smolvm = smolvm_for(engine, root, tuning.timeouts)?;
 

@@ -359,3 +359,46 @@ fn exec_goes_by_the_bottles_backend_and_refuses_what_is_not_running() {
         .code(UNAVAILABLE)
         .stderr(predicate::str::contains("backend `container`"));
 }
+
+#[test]
+fn a_credential_file_the_bottle_could_read_is_refused_before_anything_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let work = tmp.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    std::fs::write(work.join("token"), "real-secret\n").unwrap();
+    std::os::unix::fs::symlink(work.join("token"), tmp.path().join("token-link")).unwrap();
+    for from_file in ["token", "../token-link"] {
+        std::fs::write(
+            work.join("bottle.toml"),
+            format!(
+                "[network]\nallow = [\"api.test\"]\n[[credential]]\nhost = \"api.test\"\nheader = \"authorization\"\n\
+                 from_file = \"{from_file}\"\nenv = \"API_TOKEN\"\n"
+            ),
+        )
+        .unwrap();
+        bb(tmp.path())
+            .current_dir(&work)
+            .args(["run", "--backend", "namespace", "--", "true"])
+            .assert()
+            .code(POLICY)
+            .stderr(predicate::str::contains("inside the workspace"));
+        assert!(!tmp.path().join("state").exists(), "a refused launch wrote state");
+    }
+}
+
+#[test]
+fn every_toml_block_in_the_readme_passes_policy_check() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let blocks: Vec<&str> = readme
+        .split("```toml\n")
+        .skip(1)
+        .map(|rest| rest.split("```").next().unwrap())
+        .collect();
+    assert!(!blocks.is_empty(), "README.md has no TOML block");
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, block) in blocks.iter().enumerate() {
+        let file = tmp.path().join(format!("readme-{i}.toml"));
+        std::fs::write(&file, block).unwrap();
+        bb(tmp.path()).args(["policy", "check"]).arg(&file).assert().success();
+    }
+}

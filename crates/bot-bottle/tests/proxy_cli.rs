@@ -185,10 +185,27 @@ impl RunningProxy {
     /// Starts `bot-bottle proxy <args>` in `dir` (so no stray ./bottle.toml is read) and waits for its one line
     /// of output, `listening on <addr>`. `args` is split on whitespace (temporary paths hold none).
     fn start(dir: &Path, args: &str) -> Self {
-        let stderr_path = dir.join("proxy.stderr");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_bot-bottle"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bot-bottle"));
+        cmd.arg("proxy").args(args.split_whitespace());
+        Self::spawn(cmd, dir)
+    }
+
+    /// As `start`, with the proxy in a private mount namespace where `hosts` is its `/etc/hosts`: the system
+    /// resolver (getaddrinfo) then gives the proxy these answers, as a DNS server would. Needs root.
+    fn start_with_hosts(dir: &Path, args: &str, hosts: &Path) -> Self {
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(r#"mount --bind "$0" /etc/hosts && exec "$@""#)
+            .arg(hosts)
+            .arg(env!("CARGO_BIN_EXE_bot-bottle"))
             .arg("proxy")
-            .args(args.split_whitespace())
+            .args(args.split_whitespace());
+        Self::spawn(cmd, dir)
+    }
+
+    fn spawn(mut cmd: Command, dir: &Path) -> Self {
+        let stderr_path = dir.join("proxy.stderr");
+        let mut child = cmd
             .current_dir(dir)
             .env_remove("BOT_BOTTLE_LOG")
             .stdin(Stdio::null())
@@ -584,5 +601,56 @@ fn a_deny_entry_without_a_port_wins_on_every_port() {
         "deny did not win on port {tls_port}:\n{}",
         other_port.verbose
     );
+    assert_eq!(proxy.terminate().code(), Some(0));
+}
+
+/// Regression: AAAA answers in IPv6 forms that embed a private IPv4 address (local-use NAT64, SIIT, 6to4, Teredo)
+/// were dialled. The answers come from the real system resolver (an `/etc/hosts` in the proxy's own mount
+/// namespace), not from `--resolve`.
+#[test]
+fn aaaa_answers_that_embed_a_private_ipv4_address_are_never_dialled() {
+    need_curl!();
+    if !rustix::process::geteuid().is_root() {
+        let required = std::env::var("BOTTLE_TEST_REQUIRE").unwrap_or_default();
+        assert!(
+            !required.contains("namespace"),
+            "BOTTLE_TEST_REQUIRE={required} but this test needs root (a private mount namespace for /etc/hosts)"
+        );
+        eprintln!("skipped: needs root to give the proxy its own /etc/hosts");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    let names = [
+        ("64:ff9b:1::a00:1", "nat64.test"),
+        ("::ffff:0:a00:1", "siit.test"),
+        ("2002:a00:1::1", "sixtofour.test"),
+        ("2001:0:4136:e378:8000:63bf:f5ff:fffe", "teredo.test"),
+    ];
+    let text: String = names.iter().map(|(ip, name)| format!("{ip} {name}\n")).collect();
+    std::fs::write(&hosts, format!("127.0.0.1 localhost\n{text}")).unwrap();
+    let state = dir.path().join("state");
+    let allow: String = names.iter().map(|(_, n)| format!(" --allow {n}")).collect();
+    let proxy = RunningProxy::start_with_hosts(
+        dir.path(),
+        &format!(
+            "--listen 127.0.0.1:{port} --state-dir {state}{allow}",
+            port = free_port(),
+            state = state.display()
+        ),
+        &hosts,
+    );
+    for (ip, name) in names {
+        let out = curl(proxy.addr, None, &format!("http://{name}/"));
+        assert_eq!(
+            out.status,
+            403,
+            "{name} ({ip}) was not refused:\n{}\n{}",
+            out.verbose,
+            proxy.stderr()
+        );
+        let why = out.header("x-bottle-denied").unwrap_or_default().to_string();
+        assert!(why.contains("rule=private-address"), "{name}: {why}");
+    }
     assert_eq!(proxy.terminate().code(), Some(0));
 }

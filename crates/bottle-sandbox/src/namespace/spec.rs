@@ -139,6 +139,25 @@ impl HostFs for RealFs {
     }
 }
 
+/// Host paths the namespace backend shows inside every bottle (read-only), whatever the spec: the system tree and
+/// the few `/etc` entries tools need. A secret under one of them is readable by the agent.
+pub fn visible_host_paths(host: &dyn HostFs) -> Vec<PathBuf> {
+    let mut paths = vec![PathBuf::from("/usr")];
+    for name in USR_LINKS {
+        let host_path = Path::new("/").join(name);
+        if host.symlink_target(&host_path).is_none() && host.exists(&host_path) {
+            paths.push(host_path);
+        }
+    }
+    for name in ETC_READ_ONLY {
+        let host_path = Path::new("/etc").join(name);
+        if host.exists(&host_path) {
+            paths.push(host_path);
+        }
+    }
+    paths
+}
+
 /// The ordered filesystem steps for a spec, as seen from inside the new root ("/x" means "<root>/x").
 pub fn fs_plan(spec: &InitSpec, host: &dyn HostFs) -> Vec<FsStep> {
     let p = PathBuf::from;
