@@ -5,6 +5,8 @@
 #   MODE intercept    TLS interception for localhost:18443, leaves signed with the bench CA the client trusts
 #   MODE passthrough  the same hosts, but localhost:18443 is `tls = "passthrough"` (a [[host]] entry in a policy
 #                     file): the proxy checks the ClientHello's SNI, then relays the tunnel
+#   MODE credential   as intercept, with a credential bound to the HTTPS host (value from BENCH_TOKEN), so every
+#                     answer from it is searched for the real value (bench/redact.sh compares it with intercept)
 #
 # Needs BB_BIN (the release binary). Execs the proxy, so the harness measures its process and nothing else.
 set -euo pipefail
@@ -47,6 +49,23 @@ allow_cidr = ["127.0.0.1/32"]
 [[host]]
 name = "$https"
 tls = "passthrough"
+TOML
+	args=(--policy "$policy")
+	;;
+credential)
+	policy=$state/credential.toml
+	cat >"$policy" <<TOML
+[network]
+allow = ["$http", "$https"]
+allow_cidr = ["127.0.0.1/32"]
+
+[network.resolve]
+"$BENCH_ALLOW_HOST" = "127.0.0.1"
+
+[[credential]]
+host = "$BENCH_ALLOW_HOST"
+header = "x-bench-token"
+from_env = "BENCH_TOKEN"
 TOML
 	args=(--policy "$policy")
 	;;

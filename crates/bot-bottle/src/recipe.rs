@@ -13,6 +13,7 @@ use bottle_proxy::{Proxy, ProxyConfig};
 use bottle_sandbox::lease::{Lease, Registry};
 use bottle_sandbox::namespace::launch::{self, Stdio3};
 use bottle_sandbox::namespace::spec::{EarlySpec, InitSpec, bottle_env};
+use bottle_sandbox::namespace::{self};
 use bottle_sandbox::preflight::{self, RealHost};
 use bottle_sandbox::state::{self, BottleState, StateDir, Status};
 
@@ -64,20 +65,8 @@ pub fn run(mut req: Request) -> anyhow::Result<u8> {
         return crate::recipe_smolmachines::run(req);
     }
     let steps = Steps(std::time::Instant::now());
-    if req.policy.bottle.backend == Backend::Namespace {
-        let root = state::state_root()?;
-        let workspace = workspace(&req.policy, &root)?;
-        let mut shown = vec![Shown::new(&workspace, "the workspace")];
-        shown.extend(
-            bottle_sandbox::namespace::spec::visible_host_paths(&bottle_sandbox::namespace::spec::RealFs)
-                .iter()
-                .map(|p| Shown::new(p, "the read-only host path")),
-        );
-        credential_sources::resolve(&mut req.policy, &shown)?;
-    }
-    let policy = &req.policy;
     // step: preflight
-    let backend = policy.bottle.backend;
+    let backend = req.policy.bottle.backend;
     if backend != Backend::Namespace {
         return Err(Unavailable {
             verb: "run",
@@ -90,7 +79,15 @@ pub fn run(mut req: Request) -> anyhow::Result<u8> {
     let cgroup_ns = Path::new("/proc/self/ns/cgroup").exists();
     let argv = command(&req)?;
     let root = state::state_root()?;
-    let workspace = workspace(policy, &root)?;
+    let workspace = workspace(&req.policy, &root)?;
+    let mut shown = vec![Shown::new(&workspace, "the workspace")];
+    shown.extend(
+        namespace::spec::visible_host_paths(&namespace::spec::RealFs)
+            .iter()
+            .map(|p| Shown::new(p, "the read-only host path")),
+    );
+    credential_sources::resolve(&mut req.policy, &shown)?;
+    let policy = &req.policy;
     steps.done("preflight");
 
     // step: lease

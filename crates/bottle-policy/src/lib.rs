@@ -29,8 +29,14 @@ pub use validate::{
 /// Reads and validates a policy file. The read is bounded: a file over `MAX_POLICY_BYTES` is refused unread.
 pub fn load_file(path: &Path, overrides: &Overrides) -> Result<Policy, PolicyError> {
     use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let read = || -> std::io::Result<Vec<u8>> {
-        let file = std::fs::File::open(path)?;
+        // O_NONBLOCK: opening a FIFO (or a device) must not wait for a writer; such a file is refused below, and a
+        // regular file ignores the flag.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)?;
         if !file.metadata()?.is_file() {
             return Err(std::io::Error::other("not a regular file"));
         }

@@ -10,6 +10,23 @@ use globset::{GlobBuilder, GlobMatcher};
 /// Methods a rule may name (RFC 9110 §9 plus PATCH, RFC 5789). CONNECT is the proxy's business, not a rule's.
 pub const KNOWN_METHODS: [&str; 8] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"];
 
+/// Longest glob a rule may hold, and most alternation groups (`{a,b}`) and classes (`[ab]`) in one: bounds the
+/// matcher a policy can make the proxy build.
+const MAX_GLOB_CHARS: usize = 1024;
+const MAX_GLOB_GROUPS: usize = 32;
+
+fn bounded_glob(raw: &str, what: &str) -> Result<(), String> {
+    if raw.chars().count() > MAX_GLOB_CHARS {
+        return Err(format!("{what} is longer than {MAX_GLOB_CHARS} characters"));
+    }
+    if raw.matches(['{', '[']).count() > MAX_GLOB_GROUPS {
+        return Err(format!(
+            "{what} has more than {MAX_GLOB_GROUPS} `{{…}}` and `[…]` groups; split it into several globs"
+        ));
+    }
+    Ok(())
+}
+
 /// A glob over request paths (`*` stays within one segment, `**` crosses segments).
 #[derive(Debug, Clone)]
 pub struct PathGlob {
@@ -19,6 +36,7 @@ pub struct PathGlob {
 
 impl PathGlob {
     pub fn parse(raw: &str) -> Result<Self, String> {
+        bounded_glob(raw, "a path glob")?;
         if !raw.starts_with('/') {
             return Err(format!("path glob `{raw}` must start with `/`"));
         }
@@ -64,6 +82,7 @@ pub struct ValueGlob {
 
 impl ValueGlob {
     pub fn parse(raw: &str) -> Result<Self, String> {
+        bounded_glob(raw, "a query glob")?;
         let matcher = GlobBuilder::new(raw)
             .backslash_escape(true)
             .build()

@@ -327,6 +327,28 @@ fn setup() -> Policy {
         &["proxy-get", &format!("http://plain.test:{p}/c30-after")],
     );
     // Our own
+    // Issue #11: allow_cidr (here for the pinned names) never admits the bare address; rules see what the
+    // upstream decodes; requests that read two ways are refused; h2c is stripped, never spliced.
+    sc.probe(
+        "x-bare-ip-via-cidr",
+        &["proxy-get", &format!("http://127.0.0.1:{p}/x-bare-ip")],
+    )
+    .probe("x-bare-ip-connect", &["proxy-connect", &format!("127.0.0.1:{t}")])
+    .shell(
+        "x-encoded-query-name",
+        &curl(&format!("'{git}/info/refs?servic%65=git-receive-pack'")),
+    )
+    .shell(
+        "x-path-parameter",
+        &curl(&format!("--path-as-is https://rules.test:{t}/allowed/..;/x-path-param")),
+    );
+    sc.shell(
+        "x-h2c-upgrade",
+        &curl(&format!(
+            "--http1.1 -H 'Connection: Upgrade, HTTP2-Settings' -H 'Upgrade: h2c' \
+             -H 'HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA' http://rules.test:{p}/allowed/x-h2c"
+        )),
+    );
     sc.shell(
         "x-connect-then-plaintext",
         &curl(&format!("-p -H 'Host: denied.test' http://upstream.test:{p}/x-plain")),
@@ -570,6 +592,58 @@ fn case_23_websocket_upgrades_are_policed_and_stay_on_their_host() {
             got.plain,
             got.tls
         );
+    }
+}
+
+#[test]
+fn issue_11_allow_cidr_never_admits_the_bare_address() {
+    let Some(f) = family() else { return };
+    f.runs.refused("x-bare-ip-via-cidr");
+    f.runs.refused("x-bare-ip-connect");
+    never_seen(f, "/x-bare-ip");
+}
+
+#[test]
+fn issue_11_rules_decide_on_what_the_upstream_decodes() {
+    let Some(f) = family() else { return };
+    f.runs.held("x-encoded-query-name");
+    f.runs.held("x-path-parameter");
+    never_seen(f, "servic%65");
+    never_seen(f, "x-path-param");
+}
+
+#[test]
+fn issue_11_h2c_is_stripped_and_answered_as_http_1_1() {
+    let Some(f) = family() else { return };
+    f.runs.reached("x-h2c-upgrade");
+    for up in [&f.tls, &f.plain] {
+        let upgrades: Vec<String> = up
+            .seen()
+            .iter()
+            .filter(|s| s.header("upgrade").is_some() || s.header("http2-settings").is_some())
+            .map(|s| s.target.clone())
+            .collect();
+        assert!(
+            upgrades.iter().all(|t| t == "/ws/ok"),
+            "an h2c upgrade reached an upstream: {upgrades:?}"
+        );
+    }
+    for (who, got) in per_run(f) {
+        assert!(
+            seen(&got.plain, "/allowed/x-h2c"),
+            "{who}: the stripped request reached the upstream"
+        );
+    }
+}
+
+#[test]
+fn issue_11_wildcards_over_independent_registrants_are_refused() {
+    let Some(f) = family() else { return };
+    for (name, pattern) in [
+        ("x-star-amazonaws", "*.amazonaws.com"),
+        ("x-star-kawasaki", "*.kawasaki.jp"),
+    ] {
+        refused_launch(f, name, &["--allow".to_string(), pattern.to_string()]);
     }
 }
 
