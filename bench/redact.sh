@@ -52,14 +52,24 @@ fetch() { # mode path
 	echo "curl -sS -o /dev/null --fail -x http://127.0.0.1:${port[$1]} --cacert $CA_CERT https://$ALLOW_HOST:$UPSTREAM_HTTPS_PORT$2"
 }
 for mode in intercept credential; do $(fetch "$mode" /small); done # both answer, or stop here
+cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; } # utime + stime, in clock ticks
 {
 	echo "# Redaction cost, $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) vCPU, $BB_BIN"
 	echo
 	for path in /large /small; do
+		table=$(mktemp)
 		hyperfine -N --style none --warmup "$warmup" --runs "$runs" \
 			-n "intercept $path" "$(fetch intercept "$path")" \
 			-n "credential $path" "$(fetch credential "$path")" \
-			--export-markdown /dev/stdout 2>/dev/null | sed -n '/^|/p'
+			--export-markdown "$table" >/dev/null 2>&1
+		cat "$table"
+		rm -f "$table"
 		echo
 	done
+	# Both proxies served the same requests: their CPU time is the cost of each, without the client's noise.
+	hz=$(getconf CLK_TCK)
+	echo "| proxy | CPU time for all requests above [ms] |"
+	echo "|:---|---:|"
+	echo "| intercept | $(($(cpu "${pids[0]}") * 1000 / hz)) |"
+	echo "| credential | $(($(cpu "${pids[1]}") * 1000 / hz)) |"
 } | tee "$out"

@@ -78,6 +78,14 @@ impl Scanner {
         Ok(out)
     }
 
+    /// True when `input` can pass exactly as it is (nothing held, no value in it, no value starting at its end):
+    /// the common case, which then costs one search and no copy.
+    pub fn passes_whole(&self, input: &[u8]) -> bool {
+        self.held.is_empty()
+            && self.needles.iter().all(|n| memchr::memmem::find(input, &n.value).is_none())
+            && self.partial_match_len(input) == 0
+    }
+
     /// The end of the stream: whatever was held back cannot start a match any more.
     pub fn finish(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.held)
@@ -174,6 +182,9 @@ where
                     return Poll::Ready(Some(Ok(Frame::data(Bytes::from(tail)))));
                 }
             };
+            if self.scanner.passes_whole(&data) {
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
             match self.scanner.feed(&data) {
                 Ok(out) if out.is_empty() => continue,
                 Ok(out) => return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out))))),
@@ -322,6 +333,14 @@ mod tests {
         assert_eq!(s.feed(b"data: hello\n\n").unwrap(), b"data: hello\n\n");
         assert_eq!(s.feed(b"data: s3c").unwrap(), b"data: ");
         assert_eq!(s.feed(b"ond\n").unwrap(), b"s3cond\n");
+    }
+
+    #[test]
+    fn clean_chunks_pass_whole_and_a_chunk_ending_in_a_prefix_does_not() {
+        let s = Scanner::new(needles(), Mode::Redact);
+        assert!(s.passes_whole(b"nothing to see"));
+        assert!(!s.passes_whole(b"ends in s3cr"));
+        assert!(!s.passes_whole(b"has s3cret-value inside"));
     }
 
     #[test]
