@@ -15,8 +15,9 @@ use crate::policy_args::PolicyArgs;
     long_about = "Run AI coding agents (Claude Code, Codex, Gemini CLI, aider) in a bottle: an isolated sandbox \
 whose only way out is a host-side egress proxy that enforces the bottle's policy, intercepts TLS with a CA minted \
 for that bottle, injects credentials so secrets never enter the bottle, and logs every decision.\n\n\
-Exit codes: 0 success; 2 usage; 120 not available yet; 121 invalid policy; 122 preflight failed; \
-123 sandbox failed; 124 proxy failed; 125 other bot-bottle error; otherwise the agent's own exit code."
+Exit codes: 0 success; 2 usage; 119 no such bottle, or not in a state for this verb; 120 not available yet; \
+121 invalid policy; 122 preflight failed; 123 sandbox failed; 124 proxy failed; 125 other bot-bottle error; \
+otherwise the agent's own exit code."
 )]
 pub struct Cli {
     /// Machine-readable output: one JSON document on stdout, errors as JSON on stderr.

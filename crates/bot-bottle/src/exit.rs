@@ -1,5 +1,5 @@
-//! Exit codes: bot-bottle's own failures use 2 and 120–125 so that an agent's exit code (passed through by `run`
-//! and `exec`) stays distinguishable, as docker does with 125–127. Documented in README.md.
+//! Exit codes: bot-bottle's own failures use 2 and 119–125 so that an agent's exit code (passed through by `run`
+//! and `exec`) stays distinguishable, as docker does with 125–127. Documented in README.md (a test walks the table).
 
 use bottle_policy::PolicyError;
 use bottle_proxy::ProxyError;
@@ -7,8 +7,11 @@ use bottle_sandbox::lease::LeaseError;
 use bottle_sandbox::namespace::launch::LaunchError;
 use bottle_sandbox::state::StateError;
 
-/// Bad command line (clap's convention).
+/// Bad command line (clap's convention), or a bad value in bot-bottle's environment (`BOT_BOTTLE_POOL`).
 pub const USAGE: u8 = 2;
+/// The named bottle does not exist, is not in a state for the verb (not running, still running), or the name is
+/// taken.
+pub const TARGET: u8 = 119;
 /// The verb exists but is not available yet, or not on this platform.
 pub const UNAVAILABLE: u8 = 120;
 /// The policy (file, preset or flags) is invalid.
@@ -21,6 +24,21 @@ pub const SANDBOX: u8 = 123;
 pub const PROXY: u8 = 124;
 /// Any other bot-bottle failure.
 pub const INTERNAL: u8 = 125;
+
+/// The command line or bot-bottle's environment is wrong: what, and what would be valid.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Usage(pub String);
+
+/// The bottle a verb names is not in a state for it (still running, not running).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct WrongState(pub String);
+
+/// A bottle's launch failed inside the sandbox (seen by `run -d`, which waits for the supervisor's record).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SandboxFailed(pub String);
 
 /// A verb that a later issue fills in. Never pretends to work.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +64,27 @@ pub fn classify(err: &anyhow::Error) -> u8 {
         if cause.is::<PolicyError>() {
             return POLICY;
         }
+        if cause.is::<Usage>() {
+            return USAGE;
+        }
+        if cause.is::<WrongState>() {
+            return TARGET;
+        }
+        if cause.is::<SandboxFailed>() {
+            return SANDBOX;
+        }
+        if let Some(e) = cause.downcast_ref::<StateError>() {
+            return match e {
+                StateError::NotFound(_) | StateError::NotRunning(_) | StateError::Exists(_) => TARGET,
+                _ => INTERNAL,
+            };
+        }
+        if let Some(e) = cause.downcast_ref::<LeaseError>() {
+            return match e {
+                LeaseError::NameInUse { .. } => TARGET,
+                _ => INTERNAL,
+            };
+        }
         if cause.is::<Unavailable>() {
             return UNAVAILABLE;
         }
@@ -55,7 +94,7 @@ pub fn classify(err: &anyhow::Error) -> u8 {
         if cause.is::<ProxyError>() {
             return PROXY;
         }
-        if cause.is::<LaunchError>() || cause.is::<LeaseError>() || cause.is::<StateError>() {
+        if cause.is::<LaunchError>() {
             return SANDBOX;
         }
     }
@@ -65,6 +104,7 @@ pub fn classify(err: &anyhow::Error) -> u8 {
 pub fn kind(code: u8) -> &'static str {
     match code {
         USAGE => "usage",
+        TARGET => "target",
         UNAVAILABLE => "unavailable",
         POLICY => "policy",
         PREFLIGHT => "preflight",

@@ -87,3 +87,16 @@ impl PolicyArgs {
         Ok((policy, file))
     }
 }
+
+/// A bad `--upstream-ca` is a bad flag (exit 121), refused before anything starts.
+pub fn check_upstream_ca(paths: &[std::path::PathBuf]) -> Result<(), bottle_policy::PolicyError> {
+    bottle_proxy::check_upstream_ca(paths).map_err(|(path, e)| {
+        let mut text = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            text.push_str(&format!(": {c}"));
+            cause = c.source();
+        }
+        bottle_policy::PolicyError::at_flag("--upstream-ca", &path.display().to_string(), text)
+    })
+}

@@ -352,14 +352,20 @@ pub(crate) fn command(req: &Request) -> anyhow::Result<Vec<String>> {
         .map(|s| s.to_string())
         .collect();
     if from_preset.is_empty() {
-        bail!("no command to run: give one after `--`, set bottle.command, or pick an agent with --agent");
+        return Err(crate::exit::Usage(
+            "no command to run: give one after `--`, set bottle.command, or pick an agent with --agent".into(),
+        )
+        .into());
     }
     Ok(from_preset)
 }
 
 /// The workspace: the policy's (relative to the policy file), else the current directory. Never `/` or the
 /// user's home itself, which would hand the agent `~/.ssh` and every other secret there.
+/// A refused workspace is a policy error (exit 121): the workspace is part of what the bottle is, and nothing has
+/// started yet.
 pub(crate) fn workspace(policy: &Policy, state_root: &Path) -> anyhow::Result<PathBuf> {
+    let refuse = |msg: String| anyhow::Error::new(bottle_policy::PolicyError::whole_file(None, msg));
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
     let raw = match (&policy.bottle.workspace, &policy.bottle.base_dir) {
         (Some(w), Some(base)) => base.join(w),
@@ -368,27 +374,27 @@ pub(crate) fn workspace(policy: &Policy, state_root: &Path) -> anyhow::Result<Pa
     };
     let path = raw
         .canonicalize()
-        .with_context(|| format!("workspace {} does not exist", raw.display()))?;
+        .map_err(|e| refuse(format!("workspace {} does not exist ({e})", raw.display())))?;
     if !path.is_dir() {
-        bail!("workspace {} is not a directory", path.display());
+        return Err(refuse(format!("workspace {} is not a directory", path.display())));
     }
     let home = std::env::var_os("HOME")
         .map(PathBuf::from)
         .and_then(|h| h.canonicalize().ok());
     if path == Path::new("/") || home.as_ref().is_some_and(|h| h.starts_with(&path)) {
-        bail!(
+        return Err(refuse(format!(
             "refusing workspace {}: it contains your home directory; run from a project directory or set bottle.workspace",
             path.display()
-        );
+        )));
     }
     // SECURITY: the state root holds every bottle's CA key and audit log; a workspace over it would hand them over.
     let state_root = state_root.canonicalize().unwrap_or_else(|_| state_root.to_path_buf());
     if state_root.starts_with(&path) || path.starts_with(&state_root) {
-        bail!(
+        return Err(refuse(format!(
             "refusing workspace {}: it overlaps bot-bottle's state directory {}",
             path.display(),
             state_root.display()
-        );
+        )));
     }
     Ok(path)
 }
@@ -403,7 +409,10 @@ pub(crate) fn lease_pool() -> anyhow::Result<std::ops::RangeInclusive<u8>> {
         .and_then(|(a, b)| Some((a.trim().parse::<u8>().ok()?, b.trim().parse::<u8>().ok()?)));
     match parsed {
         Some((first, last)) if (2..=254).contains(&first) && (first..=254).contains(&last) => Ok(first..=last),
-        _ => bail!("BOT_BOTTLE_POOL={raw:?} is not valid: write FIRST-LAST with 2 <= FIRST <= LAST <= 254"),
+        _ => Err(crate::exit::Usage(format!(
+            "BOT_BOTTLE_POOL={raw:?} is not valid: write FIRST-LAST with 2 <= FIRST <= LAST <= 254"
+        ))
+        .into()),
     }
 }
 

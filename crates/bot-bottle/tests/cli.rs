@@ -10,6 +10,7 @@ use predicates::prelude::*;
 const POLICY: i32 = 121;
 const UNAVAILABLE: i32 = 120;
 const USAGE: i32 = 2;
+const TARGET: i32 = 119;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -224,13 +225,13 @@ fn lifecycle_verbs_on_unknown_bottles_say_so() {
         bb(tmp.path())
             .args(args)
             .assert()
-            .code(123)
+            .code(TARGET)
             .stderr(predicate::str::contains("no bottle named `b1`"));
     }
     bb(tmp.path())
         .args(["logs", "../etc"])
         .assert()
-        .code(125)
+        .code(USAGE)
         .stderr(predicate::str::contains("not valid"));
     bb(tmp.path())
         .arg("ls")
@@ -258,7 +259,7 @@ fn run_without_a_command_or_agent_says_what_to_do() {
         .env("HOME", tmp.path())
         .arg("run")
         .assert()
-        .code(125)
+        .code(USAGE)
         .stderr(predicate::str::contains("no command to run"));
 }
 
@@ -350,7 +351,7 @@ fn exec_goes_by_the_bottles_backend_and_refuses_what_is_not_running() {
         bb(tmp.path())
             .args(["exec", name, "--", "true"])
             .assert()
-            .code(123)
+            .code(TARGET)
             .stderr(predicate::str::contains("is not running"));
     }
     bb(tmp.path())
@@ -401,4 +402,90 @@ fn every_toml_block_in_the_readme_passes_policy_check() {
         std::fs::write(&file, block).unwrap();
         bb(tmp.path()).args(["policy", "check"]).arg(&file).assert().success();
     }
+}
+
+/// Every row of README.md's exit-code table, produced by the verb it describes. 123 (the sandbox failed) needs a
+/// sabotaged lab and is asserted by the escape suite's case 46; the agent's own code needs a real bottle (root).
+#[test]
+fn the_readme_exit_code_table_matches_what_each_verb_returns() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let table = readme.split("| code | meaning |").nth(1).unwrap();
+    let documented: Vec<String> = table
+        .lines()
+        .skip(2)
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| l.split('|').nth(1).unwrap().trim().to_string())
+        .collect();
+    let covered = ["0", "2", "119", "120", "121", "122", "123", "124", "125", "other"];
+    assert_eq!(documented, covered, "README's table and this test disagree");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let example = repo().join("examples/minimal.toml");
+    let code = |args: &[&str], env: &[(&str, &str)]| {
+        let mut cmd = bb(dir);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.args(args).output().unwrap().status.code()
+    };
+    let check = |want: i32, got: Option<i32>, what: &str| assert_eq!(got, Some(want), "{what}");
+    check(
+        0,
+        code(&["policy", "check", example.to_str().unwrap()], &[]),
+        "policy check of an example",
+    );
+    check(2, code(&["--no-such-flag"], &[]), "an unknown flag");
+    check(2, code(&["stop", "Not A Name"], &[]), "an invalid bottle name");
+    std::fs::create_dir(dir.join("w")).unwrap();
+    let w = dir.join("w");
+    let mut run = bb(dir);
+    run.current_dir(&w)
+        .env("BOT_BOTTLE_POOL", "9-3")
+        .args(["run", "--", "true"]);
+    check(2, run.output().unwrap().status.code(), "a bad BOT_BOTTLE_POOL");
+    check(119, code(&["stop", "nosuch"], &[]), "no bottle of that name");
+    check(
+        120,
+        code(&["run", "--backend", "container", "--", "true"], &[]),
+        "an unwired backend",
+    );
+    check(
+        121,
+        code(&["policy", "check", "--allow", "*.com"], &[]),
+        "an over-broad allow",
+    );
+    let junk = dir.join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    let mut run = bb(dir);
+    run.current_dir(&w)
+        .args(["run", "--upstream-ca", junk.to_str().unwrap(), "--", "true"]);
+    check(121, run.output().unwrap().status.code(), "a junk --upstream-ca");
+    assert!(!dir.join("state").exists(), "a refused run wrote state");
+    check(
+        122,
+        code(
+            &["run", "--backend", "smolmachines", "--", "true"],
+            &[("BOT_BOTTLE_SMOLVM", "/nonexistent/smolvm")],
+        ),
+        "smolmachines without its engine",
+    );
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = busy.local_addr().unwrap().to_string();
+    let state = dir.join("proxy-state");
+    check(
+        124,
+        code(
+            &["proxy", "--listen", &listen, "--state-dir", state.to_str().unwrap()],
+            &[],
+        ),
+        "a proxy whose port is taken",
+    );
+    let file = dir.join("not-a-dir");
+    std::fs::write(&file, "").unwrap();
+    check(
+        125,
+        code(&["ls"], &[("XDG_STATE_HOME", file.to_str().unwrap())]),
+        "a state home that is a file",
+    );
 }

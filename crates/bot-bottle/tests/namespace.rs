@@ -274,7 +274,7 @@ fn two_bottles_cannot_share_a_name() {
     let first = env.bb(None, &["run", "--name", "same", "--", "true"]);
     assert!(first.status.success(), "{}", text(&first));
     let second = env.bb(None, &["run", "--name", "same", "--", "true"]);
-    assert_eq!(second.status.code(), Some(123), "{}", text(&second));
+    assert_eq!(second.status.code(), Some(119), "{}", text(&second));
     assert!(
         String::from_utf8_lossy(&second.stderr).contains("already exists"),
         "{}",
@@ -376,7 +376,7 @@ fn detached_bottle_lifecycle_ls_exec_logs_stop_rm() {
     let out = env.bb(None, &["exec", "life", "--", "true"]);
     assert_eq!(
         out.status.code(),
-        Some(123),
+        Some(119),
         "exec into a stopped bottle: {}",
         text(&out)
     );
@@ -485,7 +485,7 @@ fn workspace_over_the_state_directory_is_refused() {
         .env("XDG_STATE_HOME", env.state())
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(125), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(121), "{}", text(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("overlaps bot-bottle's state directory"),
         "{}",

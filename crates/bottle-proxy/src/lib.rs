@@ -39,6 +39,15 @@ pub use interceptor::{Interceptor, Refusal, Route};
 pub use proxy::{Limits, Proxy, ProxyConfig, ProxyError};
 pub use upstream::RootsError;
 
+/// Checks `--upstream-ca` files before anything starts (each must hold a PEM certificate), so that a bad one is
+/// refused as a bad flag rather than after a bottle was half-launched.
+pub fn check_upstream_ca(paths: &[PathBuf]) -> Result<(), (PathBuf, RootsError)> {
+    for path in paths {
+        upstream::read_extra_ca(std::slice::from_ref(path)).map_err(|e| (path.clone(), e))?;
+    }
+    Ok(())
+}
+
 /// The parsers that read bottle-controlled bytes, for the stable-Rust fuzz harness (`tests/fuzz.rs`,
 /// `fuzz/README.md`). Not an API: no stability promise, hidden from the docs.
 #[doc(hidden)]

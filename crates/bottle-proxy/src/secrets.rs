@@ -82,7 +82,10 @@ impl Scanner {
     /// the common case, which then costs one search and no copy.
     pub fn passes_whole(&self, input: &[u8]) -> bool {
         self.held.is_empty()
-            && self.needles.iter().all(|n| memchr::memmem::find(input, &n.value).is_none())
+            && self
+                .needles
+                .iter()
+                .all(|n| memchr::memmem::find(input, &n.value).is_none())
             && self.partial_match_len(input) == 0
     }
 

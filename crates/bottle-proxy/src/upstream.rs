@@ -235,6 +235,24 @@ async fn connect_addr(addr: SocketAddr) -> std::io::Result<TcpStream> {
     socket.connect(addr).await
 }
 
+/// Reads extra upstream CA files (`--upstream-ca`): each must hold at least one PEM certificate.
+pub fn read_extra_ca(paths: &[PathBuf]) -> Result<Vec<CertificateDer<'static>>, RootsError> {
+    let mut extra = Vec::new();
+    for path in paths {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .and_then(|it| it.collect::<Result<_, _>>())
+            .map_err(|source| RootsError::Read {
+                path: path.clone(),
+                source,
+            })?;
+        if certs.is_empty() {
+            return Err(RootsError::Empty { path: path.clone() });
+        }
+        extra.extend(certs);
+    }
+    Ok(extra)
+}
+
 /// TLS client configurations for upstreams: one offering `h2`+`http/1.1`, one offering only `http/1.1` (used
 /// when the bottle's side speaks HTTP/1.1, so upgrades such as WebSocket keep working end to end).
 ///
@@ -256,19 +274,7 @@ struct Connectors {
 
 impl UpstreamTls {
     pub fn new(extra_ca: &[PathBuf], provider: Arc<CryptoProvider>) -> Result<Self, RootsError> {
-        let mut extra = Vec::new();
-        for path in extra_ca {
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                .and_then(|it| it.collect::<Result<_, _>>())
-                .map_err(|source| RootsError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-            if certs.is_empty() {
-                return Err(RootsError::Empty { path: path.clone() });
-            }
-            extra.extend(certs);
-        }
+        let extra = read_extra_ca(extra_ca)?;
         Ok(Self {
             connectors: Arc::new(std::sync::OnceLock::new()),
             warming: std::sync::Once::new(),

@@ -11,7 +11,7 @@ use crate::cli::ExecArgs;
 use crate::exit::Unavailable;
 
 pub fn run(args: &ExecArgs) -> anyhow::Result<u8> {
-    BottleName::parse(&args.name).map_err(anyhow::Error::msg)?;
+    BottleName::parse(&args.name).map_err(crate::exit::Usage)?;
     let dir = StateDir::open(&state::state_root()?, &args.name)?;
     let s = dir.read()?;
     match s.backend.parse::<Backend>() {

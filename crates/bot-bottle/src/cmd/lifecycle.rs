@@ -25,6 +25,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<u8> {
     let (policy, _) = args.policy.load(None)?;
+    crate::policy_args::check_upstream_ca(&args.upstream_ca)?;
     let supervising = std::env::var_os(SUPERVISOR_ENV).is_some();
     if args.detach && !supervising {
         return detach(&policy, out);
@@ -84,7 +85,12 @@ fn detach(policy: &bottle_policy::Policy, out: &Output) -> anyhow::Result<u8> {
             out.emit(&s, || format!("{}\n", s.name))?;
             Ok(0)
         }
-        Ok(Ok(s)) => bail!("bottle {} failed to start: {}", s.name, s.error.unwrap_or_default()),
+        Ok(Ok(s)) => Err(crate::exit::SandboxFailed(format!(
+            "bottle {} failed to start: {}",
+            s.name,
+            s.error.unwrap_or_default()
+        ))
+        .into()),
         Ok(Err(status)) => {
             let mut err = String::new();
             if let Some(mut e) = child.stderr.take() {
@@ -196,7 +202,7 @@ fn count_decisions(dir: &StateDir) -> (usize, usize) {
 }
 
 fn open(name: &str) -> anyhow::Result<(StateDir, BottleState)> {
-    BottleName::parse(name).map_err(anyhow::Error::msg)?;
+    BottleName::parse(name).map_err(crate::exit::Usage)?;
     let dir = StateDir::open(&state::state_root()?, name)?;
     let s = dir.read()?;
     let s = reap_if_dead(&dir, s)?;
@@ -275,7 +281,9 @@ pub fn rm(args: &RmArgs, out: &Output) -> anyhow::Result<u8> {
     let (dir, s) = open(&args.name)?;
     if s.is_live() {
         if !args.force {
-            bail!("bottle {} is running; stop it first or use `rm -f`", s.name);
+            return Err(
+                crate::exit::WrongState(format!("bottle {} is running; stop it first or use `rm -f`", s.name)).into(),
+            );
         }
         stop_bottle(&dir, s.clone())?;
     }

@@ -8,6 +8,7 @@ use crate::output::Output;
 
 pub fn run(args: ProxyArgs, _out: &Output) -> anyhow::Result<u8> {
     let (policy, policy_path) = args.policy.load(None)?;
+    crate::policy_args::check_upstream_ca(&args.upstream_ca)?;
     let bottle = policy
         .bottle
         .name

@@ -72,7 +72,8 @@ fn case_46_when_the_proxy_or_the_confinement_check_fails_the_agent_never_runs() 
                 .command(&touch.iter().map(String::as_str).collect::<Vec<_>>()),
             RUN_TIMEOUT,
         );
-        assert_eq!(out.status.code(), Some(124), "({who} launcher) {}", text(&out));
+        // A bad --upstream-ca is a bad flag: refused before anything starts (issue #13).
+        assert_eq!(out.status.code(), Some(121), "({who} launcher) {}", text(&out));
         assert!(
             String::from_utf8_lossy(&out.stderr).contains("bad-ca.pem"),
             "the error must say why ({who} launcher): {}",
