@@ -8,6 +8,7 @@ mod output;
 mod policy_args;
 mod recipe;
 mod recipe_smolmachines;
+mod refusals;
 mod terminal;
 
 use std::process::ExitCode;

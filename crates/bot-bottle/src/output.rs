@@ -13,6 +13,11 @@ impl Output {
         Self { json }
     }
 
+    /// True with `--json`: machine-readable output.
+    pub fn is_json(&self) -> bool {
+        self.json
+    }
+
     /// Prints a value: `text` for people, the serialised value with `--json`.
     pub fn emit<T: Serialize>(&self, value: &T, text: impl FnOnce() -> String) -> anyhow::Result<()> {
         let mut stdout = std::io::stdout().lock();

@@ -115,6 +115,15 @@ pub fn run(mut req: Request) -> anyhow::Result<u8> {
         }
         e
     });
+    if !req.detached
+        && let Some(text) = crate::refusals::summary(
+            &crate::refusals::read(&bottle.dir.file(state::AUDIT_FILE)),
+            name.as_str(),
+            !req.remove,
+        )
+    {
+        eprint!("{text}");
+    }
     if req.remove {
         // Nothing of the bottle is kept, so there is no outcome to record: the directory goes, the lease with it.
         let Launching { dir, lease, .. } = bottle;

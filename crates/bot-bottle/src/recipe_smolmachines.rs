@@ -294,6 +294,15 @@ fn launch(mut req: Request, engine: &Engine, root: &Path, tuning: Tuning, steps:
         (Err(cause), Err(left)) => Err(cause.context(format!("teardown after this failure also failed: {left}"))),
     };
     bottle.record(recipe::record_outcome(&result))?;
+    if !req.detached
+        && let Some(text) = crate::refusals::summary(
+            &crate::refusals::read(&bottle.dir.file(bottle_sandbox::state::AUDIT_FILE)),
+            &bottle.state.name,
+            !req.remove,
+        )
+    {
+        eprint!("{text}");
+    }
     // The agent record holds `pass_env` values: it does not outlive the bottle. (The CA key never was on disk.)
     let _ = std::fs::remove_file(bottle.dir.file(exec::AGENT_FILE));
     if req.remove {

@@ -604,3 +604,53 @@ fn an_interactive_agent_gets_its_own_terminal_relayed_to_the_users() {
         "{mode:?}"
     );
 }
+
+/// #13: a refusal is explained where the user looks. The agent's client shows a bare 403; the run ends with a
+/// summary on stderr naming the host, the rule and the flag that would allow it, and `logs --egress` shows the
+/// audit log as a table (JSON lines with `--json`).
+#[test]
+fn refusals_are_summed_up_when_the_run_ends_and_logs_show_a_table() {
+    need_namespace!();
+    let env = Env::new();
+    let out = env.bb(
+        None,
+        &[
+            "run",
+            "--name",
+            "told",
+            "--",
+            "sh",
+            "-c",
+            "curl -s -o /dev/null http://refused.example/ ; curl -s -o /dev/null http://refused.example/x; true",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("refused 2 requests"), "{}", text(&out));
+    assert!(stderr.contains("refused.example:80: not-allowed ×2"), "{}", text(&out));
+    assert!(
+        stderr.contains("allow with: bot-bottle run --allow refused.example:80"),
+        "{}",
+        text(&out)
+    );
+    assert!(stderr.contains("bot-bottle logs told --denied"), "{}", text(&out));
+
+    let out = env.bb(None, &["logs", "told", "--egress"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("TIME"), "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("deny") && l.contains("refused.example:80") && l.contains("--allow")),
+        "{table}"
+    );
+    let out = env.bb(None, &["--json", "logs", "told", "--denied"]);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON lines with --json"))
+        .collect();
+    assert!(
+        lines.len() >= 2 && lines.iter().all(|l| l["decision"] == "deny" && l["hint"].is_string()),
+        "{lines:?}"
+    );
+}

@@ -33,6 +33,8 @@ pub struct Tunnel {
     pub tls: TlsMode,
     pub checked: Checked,
     pub predialed: Option<(TcpStream, SocketAddr)>,
+    /// The id of the CONNECT's decision line, for the tunnel's `end` line.
+    pub audit_id: u64,
 }
 
 pub async fn handle(session: Arc<Session>, mut req: Request<Incoming>) -> Response<ProxyBody> {
@@ -84,19 +86,25 @@ pub async fn handle(session: Arc<Session>, mut req: Request<Incoming>) -> Respon
             event.decision = Verdict::Error;
             event.rule = "upstream-unreachable".into();
             event.duration_ms = audit::elapsed_ms(start);
-            proxy.inner.audit.write(&event);
+            let _ = proxy.inner.audit.write(&event);
             return deny::upstream_error(&target.to_string(), port, &upstream::describe(&e));
         }
     };
     event.rule = allowed.rule.pattern.to_string();
     event.duration_ms = audit::elapsed_ms(start);
-    proxy.inner.audit.write(&event);
+    event.addr = Some(addr.ip().to_string());
+    event.id = proxy.inner.audit.next_id();
+    // SECURITY: the decision is on disk before the tunnel opens, or the tunnel does not open.
+    if let Err(failure) = proxy.inner.audit.write(&event) {
+        return deny::audit_failed(&target.to_string(), port, &failure);
+    }
     let tunnel = Tunnel {
         target,
         port,
         tls: allowed.tls,
         checked,
         predialed: Some((tcp, addr)),
+        audit_id: event.id,
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let (proxy, peer) = (proxy.clone(), session.peer.clone());
@@ -114,11 +122,9 @@ pub async fn handle(session: Arc<Session>, mut req: Request<Incoming>) -> Respon
 }
 
 fn refuse(proxy: &Proxy, mut event: Event, reason: &DenyReason, start: Instant) -> Response<ProxyBody> {
-    event.decision = Verdict::Deny;
-    event.rule = reason.code().to_string();
-    event.duration_ms = audit::elapsed_ms(start);
+    event.refused(reason, start);
     tracing::debug!(host = %event.host, port = event.port, rule = reason.code(), "CONNECT denied");
-    proxy.inner.audit.write(&event);
+    let _ = proxy.inner.audit.write(&event);
     deny::response(reason, &event.host, event.port)
 }
 
@@ -187,10 +193,12 @@ where
             event.decision = Verdict::Error;
             event.rule = "upstream-unreachable".into();
             event.duration_ms = audit::elapsed_ms(start);
-            return proxy.inner.audit.write(&event);
+            let _ = proxy.inner.audit.write(&event);
+            return;
         }
     };
     event.rule = "passthrough".into();
+    event.id = tunnel.audit_id;
     let pending = Pending::new(Arc::clone(&proxy.inner.audit), event, start);
     let mut io = MeteredIo::new(io, Arc::clone(&pending));
     let relay = async {
@@ -224,9 +232,7 @@ fn tunnel_event(peer: &Peer, tunnel: &Tunnel) -> Event {
 /// Refuses a tunnel after CONNECT succeeded: nothing can be answered in HTTP any more, so close and audit.
 pub fn close(proxy: &Proxy, peer: &Peer, tunnel: &Tunnel, reason: &DenyReason, start: Instant) {
     let mut event = tunnel_event(peer, tunnel);
-    event.decision = Verdict::Deny;
-    event.rule = reason.code().to_string();
-    event.duration_ms = audit::elapsed_ms(start);
+    event.refused(reason, start);
     tracing::info!(host = %tunnel.target, rule = reason.code(), "tunnel closed");
-    proxy.inner.audit.write(&event);
+    let _ = proxy.inner.audit.write(&event);
 }

@@ -32,6 +32,17 @@ pub fn upstream_error(host: &str, port: u16, what: &str) -> Response<ProxyBody> 
     build(StatusCode::BAD_GATEWAY, None, body, false)
 }
 
+/// The decision could not be recorded, so the request was not forwarded (503: the proxy, not the policy).
+pub fn audit_failed(host: &str, port: u16, failure: &crate::audit::AuditFailure) -> Response<ProxyBody> {
+    let header = format!(
+        "host={host}; rule=audit-log-failing; allow with: free space for {}",
+        failure.path.display()
+    );
+    let body =
+        format!("bot-bottle: {host}:{port} not forwarded: {failure}; nothing is forwarded that is not recorded\n");
+    build(StatusCode::SERVICE_UNAVAILABLE, Some(header), body, false)
+}
+
 fn build(status: StatusCode, header: Option<String>, body: String, close: bool) -> Response<ProxyBody> {
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;

@@ -146,11 +146,9 @@ fn check_framing(parts: &request::Parts) -> Result<(), DenyReason> {
 }
 
 fn refuse(session: &Session, mut event: Event, reason: &DenyReason, start: Instant) -> Response<ProxyBody> {
-    event.decision = Verdict::Deny;
-    event.rule = reason.code().to_string();
-    event.duration_ms = audit::elapsed_ms(start);
+    event.refused(reason, start);
     tracing::debug!(host = %event.host, port = event.port, rule = reason.code(), "request denied");
-    session.proxy.inner.audit.write(&event);
+    let _ = session.proxy.inner.audit.write(&event);
     deny::response(reason, &event.host, event.port)
 }
 
@@ -189,12 +187,19 @@ async fn relay(
             event.decision = Verdict::Error;
             event.rule = "upstream-unreachable".into();
             event.duration_ms = audit::elapsed_ms(start);
-            session.proxy.inner.audit.write(&event);
+            let _ = session.proxy.inner.audit.write(&event);
             return deny::upstream_error(&target.to_string(), port, &upstream::describe(&e));
         }
     };
     let h2 = sender.is_h2();
     let tls = matches!(session.scope, Scope::Tunnel { .. });
+    // SECURITY: the decision is on disk before a byte goes upstream, or nothing goes.
+    event.addr = Some(addr.ip().to_string());
+    event.id = session.proxy.inner.audit.next_id();
+    event.duration_ms = audit::elapsed_ms(start);
+    if let Err(failure) = session.proxy.inner.audit.write(&event) {
+        return deny::audit_failed(&target.to_string(), port, &failure);
+    }
     let pending = Pending::new(Arc::clone(&session.proxy.inner.audit), event, start);
     let out_body = if upgrade {
         empty()
@@ -224,6 +229,7 @@ async fn relay(
             return deny::upstream_error(&target.to_string(), port, "the upstream connection failed");
         }
     };
+    pending.set_status(resp.status().as_u16());
     if let Err(why) = switch::answered(&switch, &resp) {
         tracing::info!(host = %target, port, why, "protocol switch refused");
         pending.fail("bad-upgrade");

@@ -273,7 +273,7 @@ async fn refuse(
     start: Instant,
 ) {
     tracing::info!(client = %from, ?dst, rule = refusal.code(), "interceptor flow refused");
-    proxy.inner.audit.write(&Event {
+    let _ = proxy.inner.audit.write(&Event {
         event: REFUSED_EVENT,
         client: Arc::from(format!("interceptor:{from}")),
         host: dst.map(|d| d.ip().to_string()).unwrap_or_default(),

@@ -31,7 +31,7 @@ mod write_through;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-pub use audit::AuditError;
+pub use audit::{AUDIT_FAILING_FILE, AuditError};
 pub use ca::{CA_CERT_FILE, CA_KEY_FILE, CaError};
 pub use credentials::{CredentialError, PLACEHOLDER_PREFIX};
 pub use deny::DENIED_HEADER;

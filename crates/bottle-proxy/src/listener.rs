@@ -32,7 +32,9 @@ pub fn h1_builder(limits: &Limits) -> http1::Builder {
         .header_read_timeout(limits.header_read_timeout)
         .max_header_size(limits.max_header_bytes)
         .max_headers(limits.max_headers)
-        .half_close(false)
+        // A client may half-close after sending its request (`shutdown(SHUT_WR)`, as `nc -N` and some HTTP/1.0
+        // clients do); it still wants the answer. Idle and header timeouts bound such connections as any other.
+        .half_close(true)
         .keep_alive(true);
     b
 }
@@ -152,7 +154,7 @@ pub fn framing_report(proxy: &Proxy, peer: &Peer) -> OnViolation {
     let (audit, client) = (Arc::clone(&proxy.inner.audit), Arc::clone(&peer.label));
     Box::new(move |v| {
         tracing::info!(%client, reason = v.0, "request framing refused; connection closed");
-        audit.write(&Event {
+        let _ = audit.write(&Event {
             event: "connection",
             client,
             decision: Verdict::Deny,
@@ -175,7 +177,7 @@ pub fn connection_error(proxy: &Proxy, peer: &Peer, e: &hyper::Error) {
     } else {
         return;
     };
-    proxy.inner.audit.write(&Event {
+    let _ = proxy.inner.audit.write(&Event {
         event: "connection",
         client: Arc::clone(&peer.label),
         decision: Verdict::Deny,

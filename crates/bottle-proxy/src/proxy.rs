@@ -228,7 +228,7 @@ impl Proxy {
     }
 
     pub(crate) fn audit_event(&self, event: &'static str, decision: Verdict, rule: &str) {
-        self.inner.audit.write(&Event {
+        let _ = self.inner.audit.write(&Event {
             event,
             client: Arc::from("proxy"),
             decision,

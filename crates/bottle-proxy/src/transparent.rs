@@ -93,18 +93,24 @@ impl Proxy {
                 event.decision = Verdict::Error;
                 event.rule = "upstream-unreachable".into();
                 event.duration_ms = audit::elapsed_ms(start);
-                return self.inner.audit.write(&event);
+                let _ = self.inner.audit.write(&event);
+                return;
             }
         };
         event.rule = allowed.rule.pattern.to_string();
         event.duration_ms = audit::elapsed_ms(start);
-        self.inner.audit.write(&event);
+        event.id = self.inner.audit.next_id();
+        // SECURITY: the decision is on disk before anything is relayed, or the connection closes.
+        if self.inner.audit.write(&event).is_err() {
+            return;
+        }
         let tunnel = Tunnel {
             target,
             port,
             tls: allowed.tls,
             checked,
             predialed: None,
+            audit_id: event.id,
         };
         connect::after_hello(self.clone(), peer, io, hello, tunnel, start).await;
     }
@@ -133,10 +139,8 @@ impl Proxy {
     }
 
     fn refuse(&self, mut event: Event, reason: &DenyReason, start: Instant) {
-        event.decision = Verdict::Deny;
-        event.rule = reason.code().to_string();
-        event.duration_ms = audit::elapsed_ms(start);
+        event.refused(reason, start);
         tracing::info!(host = %event.host, port = event.port, rule = reason.code(), "transparent connection refused");
-        self.inner.audit.write(&event);
+        let _ = self.inner.audit.write(&event);
     }
 }

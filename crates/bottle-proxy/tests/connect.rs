@@ -26,7 +26,11 @@ async fn allowed_connect_is_intercepted_and_reaches_the_tls_upstream() {
     assert_eq!(line["decision"], "allow");
     assert_eq!(line["scheme"], "https");
     assert_eq!(line["path"], "/hello?q");
-    assert!(line["bytes_down"].as_u64().unwrap() > 0);
+    // The decision is written before forwarding; its `end` line, paired by id, carries the byte counts.
+    let end = w.lab.wait_audit(|v| v["event"] == "end" && v["id"] == line["id"]).await;
+    assert_eq!(end["outcome"], "ok");
+    assert!(end["bytes_down"].as_u64().unwrap() > 0);
+    assert!(end.get("decision").is_none(), "an end line is not a decision");
     assert!(!w.lab.audit_text().contains("secret-value"));
 }
 

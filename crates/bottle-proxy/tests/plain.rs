@@ -159,3 +159,20 @@ async fn traversal_and_encoded_separators_are_refused() {
     }
     assert_eq!(w.http_rec.bytes_in(), 0);
 }
+
+/// Regression (#13): a client that half-closes after sending its request body got no response although the
+/// upstream answered.
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_body_still_gets_the_answer() {
+    let w = World::start().await;
+    let host = w.http_at("upstream.test");
+    let mut s = TcpStream::connect(w.lab.addr).await.unwrap();
+    let req = format!("POST http://{host}/half HTTP/1.1\r\nHost: {host}\r\nContent-Length: 5\r\n\r\nhello");
+    s.write_all(req.as_bytes()).await.unwrap();
+    s.shutdown().await.unwrap();
+    let reply = read_to_close(&mut s).await.expect("the proxy must answer, then close");
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    assert!(reply.contains("ok POST /half"), "{reply}");
+    assert_eq!(w.http_rec.requests()[0].body, "hello");
+}

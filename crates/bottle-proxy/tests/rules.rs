@@ -105,7 +105,12 @@ async fn websocket_upgrade_on_an_allowed_path_echoes_and_a_disallowed_path_is_40
     let (status, headers, _) = text(resp).await;
     assert_eq!(status, 403);
     assert!(denied(&headers).contains("rule=request-rule"));
-    let line = w.lab.wait_audit(|v| v["path"] == "/ws/ok").await;
+    let line = w
+        .lab
+        .wait_audit(|v| v["path"] == "/ws/ok" && v["event"] == "request")
+        .await;
     assert_eq!(line["decision"], "allow");
-    assert!(line["bytes_up"].as_u64().unwrap() >= 23);
+    assert_eq!(line["upgrade"], "websocket");
+    let end = w.lab.wait_audit(|v| v["path"] == "/ws/ok" && v["event"] == "end").await;
+    assert!(end["bytes_up"].as_u64().unwrap() >= 23);
 }

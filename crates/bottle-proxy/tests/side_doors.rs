@@ -209,8 +209,12 @@ async fn other_protocol_switches_are_refused_unless_the_host_opts_in() {
     io.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"raw");
     drop(io);
-    let line = lab.wait_audit(|v| v["upgrade"] == "tcp").await;
+    let line = lab
+        .wait_audit(|v| v["upgrade"] == "tcp" && v["event"] == "request")
+        .await;
     assert_eq!(line["decision"], "allow");
+    let end = lab.wait_audit(|v| v["upgrade"] == "tcp" && v["event"] == "end").await;
+    assert!(end["bytes_up"].as_u64().unwrap() >= 3, "{end}");
 }
 
 #[tokio::test]
@@ -232,8 +236,14 @@ async fn a_101_that_does_not_answer_the_websocket_key_is_not_spliced() {
     .await;
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("not a WebSocket handshake"), "{body}");
-    let line = w.lab.wait_audit(|v| v["path"] == "/ws/bogus").await;
-    assert_eq!(line["rule"], "bad-upgrade");
+    let line = w
+        .lab
+        .wait_audit(|v| v["path"] == "/ws/bogus" && v["event"] == "end")
+        .await;
+    assert_eq!(
+        (&line["outcome"], &line["rule"]),
+        (&"error".into(), &"bad-upgrade".into())
+    );
 }
 
 async fn query_lab() -> (Lab, std::net::SocketAddr, Record) {
@@ -355,7 +365,10 @@ async fn a_request_carrying_the_real_value_is_refused_wherever_it_goes() {
             .all(|r| !String::from_utf8_lossy(&r.body).contains(SECRET)),
         "the real value reached an upstream in a body"
     );
-    let line = w.lab.wait_audit(|v| v["path"] == "/upload").await;
+    let line = w
+        .lab
+        .wait_audit(|v| v["path"] == "/upload" && v["event"] == "end")
+        .await;
     assert_eq!(line["rule"], "secret-leak");
 }
 
@@ -383,6 +396,9 @@ async fn a_websocket_echoing_the_real_value_never_hands_it_to_the_bottle() {
         !String::from_utf8_lossy(&got).contains(SECRET),
         "the stream handed the bottle the real value"
     );
-    let line = w.lab.wait_audit(|v| v["path"] == "/ws/say-auth").await;
+    let line = w
+        .lab
+        .wait_audit(|v| v["path"] == "/ws/say-auth" && v["event"] == "end")
+        .await;
     assert_eq!(line["rule"], "secret-leak");
 }

@@ -118,6 +118,15 @@ struct Row {
     denied: usize,
     exit_code: Option<i32>,
     error: Option<String>,
+    /// Why the audit log cannot be written, while it cannot (the proxy refuses what it cannot record).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    audit_failing: Option<String>,
+}
+
+/// The proxy's note that the audit log cannot be written (see `bottle_proxy::AUDIT_FAILING_FILE`).
+fn audit_failing(dir: &StateDir) -> Option<String> {
+    let text = std::fs::read_to_string(dir.file(bottle_proxy::AUDIT_FAILING_FILE)).ok()?;
+    Some(text.trim().chars().take(200).collect())
 }
 
 pub fn ls(out: &Output) -> anyhow::Result<u8> {
@@ -145,6 +154,7 @@ pub fn ls(out: &Output) -> anyhow::Result<u8> {
             denied,
             exit_code: s.exit_code,
             error: s.error,
+            audit_failing: audit_failing(&dir),
         });
     }
     out.emit(&rows, || {
@@ -163,6 +173,13 @@ pub fn ls(out: &Output) -> anyhow::Result<u8> {
                 "{:<20} {:<13} {:<12} {:<12} {:>8} {:>8} {:>8}",
                 r.name, r.backend, r.address, state, uptime, r.allowed, r.denied
             );
+            if let Some(why) = &r.audit_failing {
+                let _ = writeln!(
+                    t,
+                    "  ! {}: the audit log cannot be written ({why}); requests are refused until it can, and the counts miss them",
+                    r.name
+                );
+            }
         }
         t
     })?;
@@ -209,8 +226,16 @@ fn open(name: &str) -> anyhow::Result<(StateDir, BottleState)> {
     Ok((dir, s))
 }
 
-pub fn logs(args: &LogsArgs) -> anyhow::Result<u8> {
+/// `logs NAME`: the agent's output (`-d` runs); with `--egress` the audit log, as a table for people or the JSON
+/// lines themselves with `--json`.
+pub fn logs(args: &LogsArgs, out: &Output) -> anyhow::Result<u8> {
     let (dir, s) = open(&args.name)?;
+    if let Some(why) = audit_failing(&dir) {
+        eprintln!(
+            "warning: bottle {}: the audit log cannot be written ({why}); requests are refused until it can",
+            s.name
+        );
+    }
     let egress = args.egress || args.denied;
     let path = dir.file(if egress { state::AUDIT_FILE } else { state::AGENT_LOG });
     if !path.exists() {
@@ -224,7 +249,11 @@ pub fn logs(args: &LogsArgs) -> anyhow::Result<u8> {
     }
     let mut file = std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
     let keep = |line: &str| !args.denied || line.contains("\"decision\":\"deny\"");
+    let table = egress && !out.is_json();
     let mut stdout = std::io::stdout().lock();
+    if table {
+        writeln!(stdout, "{}", crate::refusals::TABLE_HEADER)?;
+    }
     let mut reader = BufReader::new(&mut file);
     let mut line = String::new();
     loop {
@@ -232,7 +261,10 @@ pub fn logs(args: &LogsArgs) -> anyhow::Result<u8> {
         let n = reader.read_line(&mut line)?;
         if n > 0 {
             if keep(&line) {
-                stdout.write_all(line.as_bytes())?;
+                match crate::refusals::row(line.trim_end()).filter(|_| table) {
+                    Some(row) => writeln!(stdout, "{row}")?,
+                    None => stdout.write_all(line.as_bytes())?,
+                }
             }
             continue;
         }

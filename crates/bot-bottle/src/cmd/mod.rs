@@ -15,7 +15,7 @@ pub fn dispatch(command: Command, out: &Output) -> anyhow::Result<u8> {
         Command::Run(args) => lifecycle::run(&args, out),
         Command::Ls => lifecycle::ls(out),
         Command::Exec(args) => exec::run(&args),
-        Command::Logs(args) => lifecycle::logs(&args),
+        Command::Logs(args) => lifecycle::logs(&args, out),
         Command::Stop(args) => lifecycle::stop(&args, out),
         Command::Rm(args) => lifecycle::rm(&args, out),
         Command::Doctor(args) => doctor::run(&args, out),
