@@ -138,9 +138,10 @@ pub enum PolicyCommand {
 
 #[derive(Debug, Args)]
 pub struct PolicyCheckArgs {
-    /// The policy file (default: ./bottle.toml if present, else the agent preset). `-` reads stdin.
+    /// The policy files (default: ./bottle.toml if present, else the agent preset). `-` reads stdin. Each is
+    /// checked; the exit code is 121 if any is invalid.
     #[arg(value_name = "FILE")]
-    pub file: Option<PathBuf>,
+    pub files: Vec<PathBuf>,
     #[command(flatten)]
     pub policy: PolicyArgs,
 }

@@ -489,3 +489,28 @@ fn the_readme_exit_code_table_matches_what_each_verb_returns() {
         "a state home that is a file",
     );
 }
+
+#[test]
+fn policy_check_takes_several_files_and_fails_if_any_is_invalid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cmd = bb(tmp.path());
+    cmd.args(["policy", "check"]).args(examples());
+    cmd.assert().success();
+    let mut cmd = bb(tmp.path());
+    cmd.args(["policy", "check"])
+        .args(examples())
+        .arg(bad_fixtures().first().unwrap());
+    cmd.assert().code(POLICY).stdout(predicate::str::contains(": ok."));
+}
+
+#[test]
+fn names_that_would_land_on_bot_bottles_own_entries_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["leases", "homes"] {
+        bb(tmp.path())
+            .args(["policy", "check", "--name", name])
+            .assert()
+            .code(POLICY)
+            .stderr(predicate::str::contains("is reserved"));
+    }
+}

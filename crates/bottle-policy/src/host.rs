@@ -20,9 +20,7 @@ const MAX_LABEL_LEN: usize = 63;
 pub enum HostError {
     #[error("host is empty")]
     Empty,
-    #[error(
-        "`{0}` is an IP address without a port: an address is allowed only with its port, e.g. \"{0}:443\" (or \"[{0}]:443\" for IPv6)"
-    )]
+    #[error("`{0}` is an IP address without a port: an address is allowed only with its port, e.g. \"{suggested}\"", suggested = with_port(.0))]
     IpLiteral(String),
     #[error("`{0}` is an IP address: {1}")]
     IpEntry(String, &'static str),
@@ -271,6 +269,15 @@ fn ends_in_number(name: &str) -> bool {
     last.bytes().all(|b| b.is_ascii_digit()) || hex == Some(true)
 }
 
+/// The address written as an entry with port 443, for messages (`10.0.0.1:443`, `[::1]:443`).
+fn with_port(ip: &str) -> String {
+    match ip.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        Ok(IpAddr::V6(v6)) => format!("[{v6}]:443"),
+        Ok(v4) => format!("{v4}:443"),
+        Err(_) => format!("{ip}:443"),
+    }
+}
+
 /// `1.2.3.4:PORT` or `[v6]:PORT`: an IP address, allowed only with an exact port. `None` when `raw` is no address.
 fn parse_address_entry(raw: &str, usage: PatternUse) -> Result<Option<HostPattern>, HostError> {
     if raw.contains("://") {
@@ -516,6 +523,21 @@ mod tests {
             deny.matches_address("10.0.0.5".parse().unwrap(), 22),
             "a port-less deny covers every port"
         );
+    }
+
+    #[test]
+    fn an_address_without_a_port_is_told_the_valid_form() {
+        for (raw, want) in [
+            ("10.0.0.5", "\"10.0.0.5:443\""),
+            ("[::1]", "\"[::1]:443\""),
+            ("fd00::1", "\"[fd00::1]:443\""),
+        ] {
+            let err = HostPattern::parse(raw, PatternUse::Allow).unwrap_err().to_string();
+            assert!(err.contains(want), "{raw}: {err}");
+            // The suggestion is itself valid.
+            let suggested = want.trim_matches('"');
+            assert!(HostPattern::parse(suggested, PatternUse::Allow).is_ok(), "{suggested}");
+        }
     }
 
     #[test]

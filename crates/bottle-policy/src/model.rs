@@ -102,6 +102,8 @@ pub struct BottleName(String);
 
 impl BottleName {
     pub const MAX_LEN: usize = 63;
+    /// Entries of the state root that are not bottles (the lease registry; future shared directories).
+    pub const RESERVED: [&'static str; 2] = ["leases", "homes"];
     pub fn parse(raw: &str) -> Result<Self, String> {
         let ok_first = raw
             .bytes()
@@ -111,8 +113,15 @@ impl BottleName {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
         if raw.is_empty() || raw.len() > Self::MAX_LEN || !ok_first || !ok_rest {
+            let shown: String = raw.chars().take(80).collect();
             return Err(format!(
-                "bottle name `{raw}` is not valid: use 1 to 63 of a-z, 0-9, `-`, `_`, starting with a letter or digit"
+                "bottle name `{shown}` is not valid: use 1 to 63 of a-z, 0-9, `-`, `_`, starting with a letter or digit"
+            ));
+        }
+        // A bottle's state lives in a directory of its name beside bot-bottle's own entries.
+        if Self::RESERVED.contains(&raw) {
+            return Err(format!(
+                "bottle name `{raw}` is reserved: bot-bottle keeps its {raw} there; pick another name"
             ));
         }
         Ok(Self(raw.to_string()))
