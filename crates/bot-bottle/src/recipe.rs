@@ -102,7 +102,8 @@ pub fn run(mut req: Request) -> anyhow::Result<u8> {
     steps.done("lease");
 
     // step: state dir
-    let state = state::starting(name.as_str(), backend.as_str(), &addr.to_string(), req.detached)?;
+    let mut state = state::starting(name.as_str(), backend.as_str(), &addr.to_string(), req.detached)?;
+    state.remove = req.remove;
     let dir = StateDir::create(&root, name.as_str())?;
     let mut bottle = Launching { state, dir, lease };
     bottle.set(|_| {})?;

@@ -264,12 +264,13 @@ fn launch(mut req: Request, engine: &Engine, root: &Path, tuning: Tuning, steps:
     steps.done("lease");
 
     // step: state dir (a failure here drops, and so releases, the lease)
-    let state = state::starting(
+    let mut state = state::starting(
         name.as_str(),
         Backend::Smolmachines.as_str(),
         &lease.addr().to_string(),
         req.detached,
     )?;
+    state.remove = req.remove;
     let dir = StateDir::create(root, name.as_str())?;
     let mut bottle = Bottle {
         addr: lease.addr(),

@@ -514,3 +514,103 @@ fn names_that_would_land_on_bot_bottles_own_entries_are_refused() {
             .stderr(predicate::str::contains("is reserved"));
     }
 }
+
+fn start_time(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat.rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(19)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// #13: one damaged bottle never hides the others, and a running bottle whose state is damaged can still be
+/// stopped and removed (through its lease, which names its supervisor by pid and start time).
+#[test]
+fn a_damaged_bottle_is_listed_as_such_and_rm_f_stops_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    fake_state(tmp.path(), "healthy", "namespace", "exited");
+    let mut supervisor = std::process::Command::new("sleep").arg("600").spawn().unwrap();
+    let pid = supervisor.id();
+    let root = tmp.path().join("state/bot-bottle");
+    std::fs::create_dir_all(root.join("broken")).unwrap();
+    std::fs::write(root.join("broken/state.json"), "{ damaged").unwrap();
+    std::fs::create_dir_all(root.join("leases")).unwrap();
+    let lease = serde_json::json!({"name": "broken", "addr": "127.0.0.77", "pid": pid, "pid_start": start_time(pid)});
+    std::fs::write(root.join("leases/127.0.0.77.json"), lease.to_string()).unwrap();
+    std::fs::write(root.join("leases/127.0.0.78.json"), "{ also damaged").unwrap();
+
+    let out = bb(tmp.path()).arg("ls").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("healthy"), "{text}");
+    assert!(text.contains("broken") && text.contains("damaged, running"), "{text}");
+    assert!(
+        text.contains("rm -f broken") && text.contains("127.0.0.78.json"),
+        "{text}"
+    );
+
+    bb(tmp.path()).args(["rm", "-f", "broken"]).assert().success();
+    let status = supervisor.wait().unwrap();
+    assert!(!status.success(), "the supervisor was not stopped");
+    assert!(!root.join("broken").exists());
+    bb(tmp.path()).args(["rm", "-f", "broken"]).assert().code(TARGET);
+}
+
+/// #13: `stop` signalled whatever pid `state.json` named. A state naming a live process that the bottle's lease does
+/// not name (with its real start time, so it looks alive) is refused, and the process lives on.
+#[test]
+fn stop_never_signals_a_process_that_is_not_a_bot_bottle_supervisor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut victim = std::process::Command::new("sleep").arg("600").spawn().unwrap();
+    let pid = victim.id();
+    fake_state(tmp.path(), "planted", "namespace", "running");
+    let path = tmp.path().join("state/bot-bottle/planted/state.json");
+    let mut state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    state["supervisor_pid"] = pid.into();
+    state["supervisor_start"] = start_time(pid).into();
+    std::fs::write(&path, state.to_string()).unwrap();
+    bb(tmp.path())
+        .args(["stop", "planted"])
+        .assert()
+        .code(TARGET)
+        .stderr(predicate::str::contains("its lease does not"));
+    assert!(victim.try_wait().unwrap().is_none(), "stop killed an unrelated process");
+    victim.kill().unwrap();
+    let _ = victim.wait();
+}
+
+/// #13: a `run --rm` whose launcher was killed left its directory behind for good; `ls` reaps it, as promised.
+#[test]
+fn a_killed_run_rm_leaves_nothing_once_ls_reaps_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    fake_state(tmp.path(), "gone", "namespace", "running");
+    fake_state(tmp.path(), "kept", "namespace", "running");
+    let mut dead = std::process::Command::new("true").spawn().unwrap();
+    dead.wait().unwrap();
+    for (name, remove) in [("gone", true), ("kept", false)] {
+        let path = tmp.path().join(format!("state/bot-bottle/{name}/state.json"));
+        let mut state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        state["supervisor_pid"] = dead.id().into();
+        state["supervisor_start"] = 1.into();
+        state["remove"] = remove.into();
+        std::fs::write(&path, state.to_string()).unwrap();
+    }
+    let out = bb(tmp.path()).arg("ls").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    assert!(!text.contains("gone") && text.contains("kept"), "{text}");
+    assert!(
+        !tmp.path().join("state/bot-bottle/gone").exists(),
+        "the --rm bottle's directory is still there"
+    );
+    assert!(tmp.path().join("state/bot-bottle/kept").exists());
+}

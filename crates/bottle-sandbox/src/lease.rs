@@ -87,7 +87,7 @@ impl Registry {
     /// Leases the lowest free address for `name`, owned by `pid` (the supervising process).
     pub fn allocate(&self, name: &BottleName, pid: u32) -> Result<Lease, LeaseError> {
         let _lock = self.lock()?;
-        let live = self.live_records()?;
+        let (live, damaged) = self.records()?;
         if let Some(r) = live.iter().find(|r| r.name == name.as_str()) {
             return Err(LeaseError::NameInUse {
                 name: r.name.clone(),
@@ -95,7 +95,13 @@ impl Registry {
                 addr: r.addr,
             });
         }
-        let taken: Vec<u8> = live.iter().map(|r| r.addr.octets()[3]).collect();
+        // SECURITY: a damaged lease may belong to a live bottle: its address stays taken (fail closed), and the
+        // damage does not stop every other launch.
+        let taken: Vec<u8> = live
+            .iter()
+            .map(|r| r.addr.octets()[3])
+            .chain(damaged.iter().filter_map(|d| d.octet))
+            .collect();
         let Some(octet) = self.pool.clone().find(|n| !taken.contains(n)) else {
             return Err(LeaseError::Exhausted {
                 size: self.pool.clone().count(),
@@ -118,10 +124,17 @@ impl Registry {
         })
     }
 
-    /// Live leases, reaping dead ones on the way (under the lock).
+    /// Live leases, reaping dead ones on the way (under the lock). Damaged lease files are left in place and
+    /// reported by `damaged`, not an error for every caller.
     pub fn list(&self) -> Result<Vec<LeaseRecord>, LeaseError> {
         let _lock = self.lock()?;
-        self.live_records()
+        Ok(self.records()?.0)
+    }
+
+    /// Lease files that cannot be read, with the reason; their addresses are never handed out.
+    pub fn damaged(&self) -> Result<Vec<LeaseError>, LeaseError> {
+        let _lock = self.lock()?;
+        Ok(self.records()?.1.into_iter().map(|d| d.error).collect())
     }
 
     fn lock(&self) -> Result<File, LeaseError> {
@@ -145,23 +158,41 @@ impl Registry {
         Ok(file)
     }
 
-    fn live_records(&self) -> Result<Vec<LeaseRecord>, LeaseError> {
+    fn records(&self) -> Result<(Vec<LeaseRecord>, Vec<Damaged>), LeaseError> {
         let dir = self.dir.join(LEASE_DIR);
         let entries = fs::read_dir(&dir).map_err(|source| LeaseError::Registry {
             path: dir.clone(),
             source,
         })?;
         let mut live = Vec::new();
+        let mut damaged = Vec::new();
         for entry in entries {
             let entry = entry.map_err(|source| LeaseError::Registry {
                 path: dir.clone(),
                 source,
             })?;
             let path = entry.path();
-            if path.extension().is_none_or(|e| e != "json") {
-                continue; // temporary files of an interrupted write
+            if path.extension().is_some_and(|e| e == "tmp") {
+                // Writes happen under the lock we hold: a temporary file now is a crashed write's leftover.
+                let _ = fs::remove_file(&path);
+                continue;
             }
-            let record = read_record(&path)?;
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let record = match read_record(&path) {
+                Ok(r) => r,
+                Err(error) => {
+                    tracing::warn!(path = %path.display(), %error, "damaged lease file; its address stays taken");
+                    let octet = path
+                        .file_stem()
+                        .and_then(|s| s.to_str())
+                        .and_then(|s| s.parse::<Ipv4Addr>().ok())
+                        .map(|a| a.octets()[3]);
+                    damaged.push(Damaged { octet, error });
+                    continue;
+                }
+            };
             if (self.is_alive)(record.pid, record.pid_start) {
                 live.push(record);
             } else {
@@ -169,7 +200,7 @@ impl Registry {
                 remove(&path)?;
             }
         }
-        Ok(live)
+        Ok((live, damaged))
     }
 
     fn write(&self, record: &LeaseRecord) -> Result<(), LeaseError> {
@@ -221,6 +252,12 @@ impl Drop for Lease {
             }
         }
     }
+}
+
+/// A lease file that cannot be read, and the address its name says it holds.
+struct Damaged {
+    octet: Option<u8>,
+    error: LeaseError,
 }
 
 fn lease_path(dir: &Path, addr: Ipv4Addr) -> PathBuf {
@@ -347,22 +384,43 @@ mod tests {
     }
 
     #[test]
-    fn corrupt_lease_file_is_an_error_naming_it() {
+    fn a_corrupt_lease_file_is_reported_and_its_address_stays_taken_while_others_go_on() {
         let tmp = tempfile::tempdir().unwrap();
-        let reg = Registry::new(tmp.path());
-        drop(reg.allocate(&name("a"), std::process::id()).unwrap());
+        let reg = Registry::new(tmp.path()).with_pool(9..=10);
+        fs::create_dir_all(tmp.path().join("leases")).unwrap();
         fs::write(tmp.path().join("leases/127.0.0.9.json"), b"{not json").unwrap();
-        let err = reg.allocate(&name("b"), std::process::id()).unwrap_err();
+        let lease = reg.allocate(&name("b"), std::process::id()).unwrap();
+        assert_eq!(
+            lease.addr(),
+            Ipv4Addr::new(127, 0, 0, 10),
+            "the damaged lease's address is not reused"
+        );
+        assert_eq!(reg.list().unwrap().len(), 1);
+        let damaged = reg.damaged().unwrap();
         assert!(
-            matches!(&err, LeaseError::Corrupt { path, .. } if path.ends_with("127.0.0.9.json")),
-            "{err}"
+            matches!(&damaged[..], [LeaseError::Corrupt { path, .. }] if path.ends_with("127.0.0.9.json")),
+            "{damaged:?}"
         );
         fs::write(
             tmp.path().join("leases/127.0.0.9.json"),
             br#"{"name":"x","addr":"127.0.0.10","pid":1,"pid_start":0}"#,
         )
         .unwrap();
-        assert!(matches!(reg.list(), Err(LeaseError::Corrupt { .. })));
+        assert!(matches!(&reg.damaged().unwrap()[..], [LeaseError::Corrupt { .. }]));
+        assert!(matches!(
+            reg.allocate(&name("c"), std::process::id()),
+            Err(LeaseError::Exhausted { .. })
+        ));
+    }
+
+    #[test]
+    fn a_crashed_writes_temporary_file_is_cleared_under_the_lock() {
+        let tmp = tempfile::tempdir().unwrap();
+        let reg = Registry::new(tmp.path());
+        fs::create_dir_all(tmp.path().join("leases")).unwrap();
+        fs::write(tmp.path().join("leases/127.0.0.2.tmp"), b"{half").unwrap();
+        reg.list().unwrap();
+        assert!(!tmp.path().join("leases/127.0.0.2.tmp").exists());
     }
 
     #[test]

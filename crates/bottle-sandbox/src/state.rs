@@ -66,6 +66,9 @@ pub struct BottleState {
     pub error: Option<String>,
     pub proxy_url: Option<String>,
     pub detached: bool,
+    /// `run --rm`: nothing of the bottle is kept, even when its launcher was killed (`ls` removes it then).
+    #[serde(default)]
+    pub remove: bool,
 }
 
 impl BottleState {
@@ -100,9 +103,13 @@ pub struct StateDir {
 }
 
 impl StateDir {
+    /// SECURITY: a state directory or state file that is a symbolic link is not followed (a planted link could
+    /// point a write or a read anywhere the user can reach).
     pub fn open(root: &Path, name: &str) -> Result<Self, StateError> {
         let path = root.join(name);
-        if !path.join(STATE_FILE).is_file() {
+        let real_dir = fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+        let real_file = fs::symlink_metadata(path.join(STATE_FILE)).is_ok_and(|m| m.is_file());
+        if !real_dir || !real_file {
             return Err(StateError::NotFound(name.to_string()));
         }
         Ok(Self { path })
@@ -128,6 +135,14 @@ impl StateDir {
         };
         mkdir(root, true)?;
         let path = root.join(name);
+        // The caller holds the name's lease, so no other launch owns this name now. A directory without a state
+        // file is what a launch killed between these two steps leaves: it would block the name forever.
+        let leftover = fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir())
+            && fs::symlink_metadata(path.join(STATE_FILE)).is_err();
+        if leftover {
+            tracing::warn!(path = %path.display(), "removing a state directory a killed launch left without state");
+            let _ = fs::remove_dir_all(&path);
+        }
         mkdir(&path, false)?;
         mkdir(&path.join(ROOT_DIR), false)?;
         Ok(Self { path })
@@ -139,7 +154,14 @@ impl StateDir {
 
     pub fn read(&self) -> Result<BottleState, StateError> {
         let path = self.file(STATE_FILE);
-        let bytes = fs::read(&path).map_err(|source| StateError::Read {
+        let read = || -> io::Result<Vec<u8>> {
+            let mut f = open_private(&path, fs::OpenOptions::new().read(true))?;
+            let mut bytes = Vec::new();
+            // A state file is small; a huge one is damage, not something to load whole.
+            io::Read::read_to_end(&mut io::Read::take(&mut f, MAX_STATE_BYTES), &mut bytes)?;
+            Ok(bytes)
+        };
+        let bytes = read().map_err(|source| StateError::Read {
             path: path.clone(),
             source,
         })?;
@@ -160,11 +182,15 @@ impl StateDir {
 
     /// The detached agent's log (0600), appended to.
     pub fn open_agent_log(&self) -> io::Result<fs::File> {
-        fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(self.file(AGENT_LOG))
+        open_private(
+            &self.file(AGENT_LOG),
+            fs::OpenOptions::new().create(true).append(true).mode(0o600),
+        )
+    }
+
+    /// Opens a log of this bottle for reading, without following a link planted in its place.
+    pub fn open_log(&self, name: &str) -> io::Result<fs::File> {
+        open_private(&self.file(name), fs::OpenOptions::new().read(true))
     }
 
     /// Writes a private file atomically (0600).
@@ -172,12 +198,14 @@ impl StateDir {
         let path = self.file(name);
         let tmp = self.file(&format!(".{name}.tmp"));
         let write = || -> io::Result<()> {
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
+            // SECURITY: whatever sits at the temporary name (a planted link, a crash's leftover) is unlinked, not
+            // followed; the new file is created exclusively.
+            match fs::remove_file(&tmp) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            let mut f = open_private(&tmp, fs::OpenOptions::new().write(true).create_new(true).mode(0o600))?;
             f.write_all(bytes)?;
             fs::rename(&tmp, &path)
         };
@@ -213,6 +241,15 @@ impl StateDir {
     }
 }
 
+/// The most a state file may hold.
+const MAX_STATE_BYTES: u64 = 64 * 1024;
+
+/// Opens without following a symbolic link at the last component (`O_NOFOLLOW`).
+fn open_private(path: &Path, options: &mut fs::OpenOptions) -> io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    options.custom_flags(libc::O_NOFOLLOW).open(path)
+}
+
 /// Every bottle with a state directory, sorted by name. Damaged entries are returned as errors in place.
 pub fn list(root: &Path) -> Result<Vec<Result<BottleState, StateError>>, StateError> {
     let entries = match fs::read_dir(root) {
@@ -227,7 +264,8 @@ pub fn list(root: &Path) -> Result<Vec<Result<BottleState, StateError>>, StateEr
     };
     let mut names: Vec<String> = entries
         .filter_map(Result::ok)
-        .filter(|e| e.path().join(STATE_FILE).is_file())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| fs::symlink_metadata(e.path().join(STATE_FILE)).is_ok_and(|m| m.is_file()))
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     names.sort();
@@ -260,6 +298,7 @@ pub fn starting(name: &str, backend: &str, addr: &str, detached: bool) -> Result
         error: None,
         proxy_url: None,
         detached,
+        remove: false,
     })
 }
 
@@ -271,9 +310,9 @@ mod tests {
     fn create_write_read_list_remove() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = StateDir::create(tmp.path(), "b1").unwrap();
-        assert!(matches!(StateDir::create(tmp.path(), "b1"), Err(StateError::Exists(_))));
         let mut s = starting("b1", "namespace", "127.0.0.2", false).unwrap();
         dir.write(&s).unwrap();
+        assert!(matches!(StateDir::create(tmp.path(), "b1"), Err(StateError::Exists(_))));
         assert_eq!(dir.read().unwrap(), s);
         assert!(s.is_live());
         s.supervisor_start += 1; // as if the supervisor's pid had been reused
@@ -299,6 +338,46 @@ mod tests {
             Err(StateError::Write { .. })
         ));
         assert_eq!(fs::read(dir.file(URLS_FILE)).unwrap(), b"first");
+    }
+
+    #[test]
+    fn planted_links_are_never_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::create(tmp.path(), "b4").unwrap();
+        let s = starting("b4", "namespace", "127.0.0.2", false).unwrap();
+        dir.write(&s).unwrap();
+        let victim = tmp.path().join("victim");
+        fs::write(&victim, "untouched").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.file(".state.json.tmp")).unwrap();
+        dir.write(&s).unwrap();
+        assert_eq!(
+            fs::read_to_string(&victim).unwrap(),
+            "untouched",
+            "the write followed the link"
+        );
+        std::os::unix::fs::symlink(&victim, dir.file(AGENT_LOG)).unwrap();
+        assert!(dir.open_log(AGENT_LOG).is_err(), "a linked log was opened");
+        assert!(dir.open_agent_log().is_err());
+        fs::remove_file(dir.file(STATE_FILE)).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.file(STATE_FILE)).unwrap();
+        assert!(matches!(StateDir::open(tmp.path(), "b4"), Err(StateError::NotFound(_))));
+        std::os::unix::fs::symlink(dir.path.clone(), tmp.path().join("b5")).unwrap();
+        assert!(matches!(StateDir::open(tmp.path(), "b5"), Err(StateError::NotFound(_))));
+    }
+
+    #[test]
+    fn a_directory_a_killed_launch_left_without_state_does_not_block_the_name() {
+        let tmp = tempfile::tempdir().unwrap();
+        fs::create_dir_all(tmp.path().join("b6/root")).unwrap();
+        assert!(StateDir::create(tmp.path(), "b6").is_ok());
+        let dir = StateDir::open(tmp.path(), "b6");
+        assert!(dir.is_err(), "no state yet");
+        let made = StateDir {
+            path: tmp.path().join("b6"),
+        };
+        made.write(&starting("b6", "namespace", "127.0.0.2", false).unwrap())
+            .unwrap();
+        assert!(matches!(StateDir::create(tmp.path(), "b6"), Err(StateError::Exists(_))));
     }
 
     #[test]

@@ -112,7 +112,8 @@ struct Row {
     name: String,
     backend: String,
     address: String,
-    state: Status,
+    /// `running`, `exited(N)`, …, or `damaged`.
+    state: String,
     uptime_secs: Option<u64>,
     allowed: usize,
     denied: usize,
@@ -121,6 +122,37 @@ struct Row {
     /// Why the audit log cannot be written, while it cannot (the proxy refuses what it cannot record).
     #[serde(skip_serializing_if = "Option::is_none")]
     audit_failing: Option<String>,
+}
+
+/// The row of a bottle whose state cannot be read: its name (from the path), and how to remove it.
+fn damaged_row(e: &anyhow::Error, leases: &[bottle_sandbox::lease::LeaseRecord]) -> Row {
+    let name = e
+        .chain()
+        .find_map(|c| match c.downcast_ref::<state::StateError>() {
+            Some(state::StateError::Damaged { path, .. } | state::StateError::Read { path, .. }) => path
+                .parent()
+                .and_then(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned()),
+            _ => None,
+        })
+        .unwrap_or_else(|| "?".into());
+    let lease = leases.iter().find(|l| l.name == name);
+    Row {
+        address: lease.map_or_else(|| "?".into(), |l| l.addr.to_string()),
+        backend: "?".into(),
+        state: if lease.is_some() {
+            "damaged, running".into()
+        } else {
+            "damaged".into()
+        },
+        uptime_secs: None,
+        allowed: 0,
+        denied: 0,
+        exit_code: None,
+        error: Some(format!("{e:#}; `bot-bottle rm -f {name}` stops and removes it")),
+        audit_failing: None,
+        name,
+    }
 }
 
 /// The proxy's note that the audit log cannot be written (see `bottle_proxy::AUDIT_FAILING_FILE`).
@@ -132,30 +164,76 @@ fn audit_failing(dir: &StateDir) -> Option<String> {
 pub fn ls(out: &Output) -> anyhow::Result<u8> {
     let root = state::state_root()?;
     // Listing reaps leases of dead supervisors, so a bottle killed with -9 frees its address here.
-    if root.exists() {
-        Registry::new(&root).list()?;
-    }
+    let (leases, damaged_leases) = if root.exists() {
+        let registry = Registry::new(&root);
+        (registry.list()?, registry.damaged()?)
+    } else {
+        (Vec::new(), Vec::new())
+    };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let mut rows = Vec::new();
+    // One damaged bottle never hides the others: it gets a row saying so, and how to remove it.
     for entry in state::list(&root)? {
-        let s = entry?;
-        let dir = StateDir::open(&root, &s.name)?;
-        let s = reap_if_dead(&dir, s)?;
-        let (allowed, denied) = count_decisions(&dir);
+        let row = match entry.map_err(anyhow::Error::from).and_then(|s| {
+            let dir = StateDir::open(&root, &s.name)?;
+            Ok((reap_if_dead(&dir, s)?, dir))
+        }) {
+            Ok((s, dir)) => {
+                let (allowed, denied) = count_decisions(&dir);
+                let state = match (s.effective_status(), s.exit_code) {
+                    (Status::Exited, Some(c)) => format!("exited({c})"),
+                    (st, _) => format!("{st:?}").to_lowercase(),
+                };
+                Row {
+                    uptime_secs: s.is_live().then(|| now.saturating_sub(s.started_at)),
+                    state,
+                    name: s.name,
+                    backend: s.backend,
+                    address: s.addr,
+                    allowed,
+                    denied,
+                    exit_code: s.exit_code,
+                    error: s.error,
+                    audit_failing: audit_failing(&dir),
+                }
+            }
+            // A `run --rm` bottle whose launcher was killed: reaped and removed just now.
+            Err(e)
+                if e.chain()
+                    .any(|c| matches!(c.downcast_ref(), Some(state::StateError::NotFound(_)))) =>
+            {
+                continue;
+            }
+            Err(e) => damaged_row(&e, &leases),
+        };
+        rows.push(row);
+    }
+    // A bottle whose state directory was deleted while it runs still holds its name and address: show it.
+    let stateless: Vec<_> = leases
+        .iter()
+        .filter(|l| !rows.iter().any(|r| r.name == l.name))
+        .collect();
+    for lease in stateless {
         rows.push(Row {
-            uptime_secs: s.is_live().then(|| now.saturating_sub(s.started_at)),
-            state: s.effective_status(),
-            name: s.name,
-            backend: s.backend,
-            address: s.addr,
-            allowed,
-            denied,
-            exit_code: s.exit_code,
-            error: s.error,
-            audit_failing: audit_failing(&dir),
+            name: lease.name.clone(),
+            backend: "?".into(),
+            address: lease.addr.to_string(),
+            state: "running (no state)".into(),
+            uptime_secs: None,
+            allowed: 0,
+            denied: 0,
+            exit_code: None,
+            error: Some(format!(
+                "its state directory is gone; `bot-bottle rm -f {}` stops it (supervisor pid {})",
+                lease.name, lease.pid
+            )),
+            audit_failing: None,
         });
+    }
+    for d in &damaged_leases {
+        tracing::warn!("{d}");
     }
     out.emit(&rows, || {
         let mut t = format!(
@@ -163,16 +241,18 @@ pub fn ls(out: &Output) -> anyhow::Result<u8> {
             "NAME", "BACKEND", "ADDRESS", "STATE", "UPTIME", "ALLOWED", "DENIED"
         );
         for r in &rows {
-            let state = match (r.state, r.exit_code) {
-                (Status::Exited, Some(c)) => format!("exited({c})"),
-                (s, _) => format!("{s:?}").to_lowercase(),
-            };
+            let state = &r.state;
             let uptime = r.uptime_secs.map_or_else(|| "-".to_string(), |u| format!("{u}s"));
             let _ = writeln!(
                 t,
                 "{:<20} {:<13} {:<12} {:<12} {:>8} {:>8} {:>8}",
                 r.name, r.backend, r.address, state, uptime, r.allowed, r.denied
             );
+            if r.backend == "?"
+                && let Some(why) = &r.error
+            {
+                let _ = writeln!(t, "  ! {}: {why}", r.name);
+            }
             if let Some(why) = &r.audit_failing {
                 let _ = writeln!(
                     t,
@@ -180,6 +260,9 @@ pub fn ls(out: &Output) -> anyhow::Result<u8> {
                     r.name
                 );
             }
+        }
+        for d in &damaged_leases {
+            let _ = writeln!(t, "  ! {d}");
         }
         t
     })?;
@@ -189,6 +272,11 @@ pub fn ls(out: &Output) -> anyhow::Result<u8> {
 /// A bottle whose supervisor vanished (kill -9) is recorded as failed, once.
 fn reap_if_dead(dir: &StateDir, mut s: BottleState) -> anyhow::Result<BottleState> {
     if matches!(s.status, Status::Starting | Status::Running) && s.effective_status() == Status::Failed {
+        if s.remove {
+            // `run --rm` promised nothing is kept; its launcher was killed before it could keep that promise.
+            StateDir { path: dir.path.clone() }.remove()?;
+            return Err(state::StateError::NotFound(s.name).into());
+        }
         s.status = Status::Failed;
         s.error = Some("its supervisor was killed; the bottle died with it".into());
         dir.write(&s)?;
@@ -247,7 +335,10 @@ pub fn logs(args: &LogsArgs, out: &Output) -> anyhow::Result<u8> {
         }
         return Ok(0);
     }
-    let mut file = std::fs::File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+    let name = if egress { state::AUDIT_FILE } else { state::AGENT_LOG };
+    let mut file = dir
+        .open_log(name)
+        .with_context(|| format!("cannot open {} (a link there is not followed)", path.display()))?;
     let keep = |line: &str| !args.denied || line.contains("\"decision\":\"deny\"");
     let table = egress && !out.is_json();
     let mut stdout = std::io::stdout().lock();
@@ -291,6 +382,16 @@ pub fn stop(args: &NameArg, out: &Output) -> anyhow::Result<u8> {
 
 /// SIGTERM to the supervisor (it reaches the agent through init and pid 1), then SIGKILL after a grace period.
 fn stop_bottle(dir: &StateDir, s: BottleState) -> anyhow::Result<BottleState> {
+    // SECURITY: the state file names the process to signal; a damaged or planted one must not make `stop` kill an
+    // unrelated process. `is_live` already matched its start time; the bottle's lease, written by the supervisor
+    // itself under the registry lock, must name the same process.
+    if !lease_names_supervisor(&s) {
+        return Err(crate::exit::WrongState(format!(
+            "bottle {}'s state names pid {} as its supervisor, but its lease does not; nothing was signalled",
+            s.name, s.supervisor_pid
+        ))
+        .into());
+    }
     signal(s.supervisor_pid, rustix::process::Signal::TERM);
     let stopped = poll("the bottle to stop", STOP_TIMEOUT, || -> std::io::Result<_> {
         Ok(dir.read().ok().filter(|s| !s.is_live()))
@@ -310,7 +411,13 @@ fn stop_bottle(dir: &StateDir, s: BottleState) -> anyhow::Result<BottleState> {
 }
 
 pub fn rm(args: &RmArgs, out: &Output) -> anyhow::Result<u8> {
-    let (dir, s) = open(&args.name)?;
+    let (dir, s) = match open(&args.name) {
+        Ok(found) => found,
+        Err(e) if args.force && e.chain().any(|c| c.is::<state::StateError>()) => {
+            return force_remove(&args.name, e, out);
+        }
+        Err(e) => return Err(e),
+    };
     if s.is_live() {
         if !args.force {
             return Err(
@@ -322,6 +429,57 @@ pub fn rm(args: &RmArgs, out: &Output) -> anyhow::Result<u8> {
     dir.remove()?;
     out.emit(&serde_json::json!({ "removed": s.name }), || format!("{}\n", s.name))?;
     Ok(0)
+}
+
+/// `rm -f` of a bottle whose state is damaged or gone: its lease still names its supervisor (pid and start time,
+/// so a recycled pid is never signalled); the supervisor is stopped, and the directory removed.
+fn force_remove(name: &str, cause: anyhow::Error, out: &Output) -> anyhow::Result<u8> {
+    BottleName::parse(name).map_err(crate::exit::Usage)?;
+    let root = state::state_root()?;
+    let lease = Registry::new(&root).list()?.into_iter().find(|l| l.name == name);
+    let path = root.join(name);
+    let present = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+    if lease.is_none() && !present {
+        return Err(cause);
+    }
+    if let Some(l) = &lease {
+        tracing::warn!(
+            name,
+            pid = l.pid,
+            "stopping a bottle whose state cannot be read, through its lease"
+        );
+        for sig in [rustix::process::Signal::TERM, rustix::process::Signal::KILL] {
+            if lease_alive(l) {
+                signal(l.pid, sig);
+                let _ = poll("the supervisor to exit", STOP_TIMEOUT, || -> std::io::Result<_> {
+                    Ok((!lease_alive(l)).then_some(()))
+                });
+            }
+        }
+        if lease_alive(l) {
+            anyhow::bail!("bottle {name}'s supervisor (pid {}) did not exit", l.pid);
+        }
+    }
+    if present {
+        StateDir { path }.remove()?;
+    }
+    out.emit(&serde_json::json!({ "removed": name }), || format!("{name}\n"))?;
+    Ok(0)
+}
+
+/// The bottle's live lease names the same supervisor (pid and start time) as its state.
+fn lease_names_supervisor(s: &BottleState) -> bool {
+    let Ok(root) = state::state_root() else { return false };
+    Registry::new(&root).list().is_ok_and(|leases| {
+        leases
+            .iter()
+            .any(|l| l.name == s.name && l.pid == s.supervisor_pid && l.pid_start == s.supervisor_start)
+    })
+}
+
+/// The lease's owner is still the process that took it (same pid and start time).
+fn lease_alive(l: &bottle_sandbox::lease::LeaseRecord) -> bool {
+    bottle_sandbox::lease::pid_start_time(l.pid) == Some(l.pid_start)
 }
 
 fn signal(pid: u32, sig: rustix::process::Signal) {
