@@ -133,7 +133,7 @@ pub fn run(mut req: Request) -> anyhow::Result<u8> {
         return result;
     }
     bottle.set(record_outcome(&result))?;
-    // The spec holds `pass_env` values: it does not outlive the bottle. (The CA key never was on disk.)
+    // The spec goes with the bottle (it holds no secret: `pass_env` values and the CA key never were on disk).
     let _ = std::fs::remove_file(bottle.dir.file(state::SPEC_FILE));
     result
 }
@@ -166,11 +166,20 @@ fn launch_and_run(
     };
     let uid = rustix::process::getuid().as_raw();
     let gid = rustix::process::getgid().as_raw();
+    // SECURITY: `pass_env` values go to the init in memory only; the spec file on disk lists their names.
+    let pass_env: BTreeMap<String, String> = req
+        .policy
+        .bottle
+        .pass_env
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
+        .collect();
     let early = EarlySpec {
         name: bottle.state.name.clone(),
         uid,
         gid,
         cgroup_ns,
+        pass_env,
     };
     let mut sandbox = launch::spawn(&spec_path, &early, stdio)?;
 
@@ -231,11 +240,6 @@ fn launch_and_run(
     // step: plan
     let home = PathBuf::from(if uid == 0 { "/root" } else { "/home/agent" });
     let mut env: BTreeMap<String, String> = policy.bottle.env.clone();
-    for key in &policy.bottle.pass_env {
-        if let Ok(v) = std::env::var(key) {
-            env.insert(key.clone(), v);
-        }
-    }
     env.extend(proxy.placeholders());
     let spec = InitSpec {
         name: early.name.clone(),
@@ -244,6 +248,7 @@ fn launch_and_run(
         gid,
         workspace,
         env: bottle_env(&home, &env),
+        pass_env: policy.bottle.pass_env.clone(),
         home,
         bottle_ca: proxy.ca_cert_pem().to_owned(),
         argv,

@@ -304,7 +304,7 @@ fn launch(mut req: Request, engine: &Engine, root: &Path, tuning: Tuning, steps:
     {
         eprint!("{text}");
     }
-    // The agent record holds `pass_env` values: it does not outlive the bottle. (The CA key never was on disk.)
+    // The agent record goes with the bottle (no secret in it: `pass_env` values and the CA key never were on disk).
     let _ = std::fs::remove_file(bottle.dir.file(exec::AGENT_FILE));
     if req.remove {
         let path = bottle.dir.path.clone();

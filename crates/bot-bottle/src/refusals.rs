@@ -32,7 +32,7 @@ pub fn read(audit: &Path) -> Vec<Refused> {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };
-        if v["decision"] != "deny" || v["host"] == SELFTEST_HOST {
+        if v["decision"] != "deny" || v["host"] == SELFTEST_HOST || v["event"] == "unrecorded" {
             continue;
         }
         let text = |k: &str| v[k].as_str().map(str::to_string);

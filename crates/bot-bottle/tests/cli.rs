@@ -614,3 +614,25 @@ fn a_killed_run_rm_leaves_nothing_once_ls_reaps_it() {
     );
     assert!(tmp.path().join("state/bot-bottle/kept").exists());
 }
+
+/// #13: while the audit log cannot be written, `ls` and `logs` say so (the proxy leaves the note beside the log).
+#[test]
+fn ls_and_logs_say_when_the_audit_log_is_failing() {
+    let tmp = tempfile::tempdir().unwrap();
+    fake_state(tmp.path(), "noisy", "namespace", "exited");
+    let dir = tmp.path().join("state/bot-bottle/noisy");
+    std::fs::write(dir.join("audit.jsonl"), "").unwrap();
+    std::fs::write(dir.join("audit.failing"), "No space left on device (os error 28)\n").unwrap();
+    bb(tmp.path())
+        .arg("ls")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "the audit log cannot be written (No space left on device",
+        ));
+    bb(tmp.path())
+        .args(["logs", "noisy", "--egress"])
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("the audit log cannot be written"));
+}

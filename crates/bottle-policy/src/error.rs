@@ -79,6 +79,11 @@ impl PolicyError {
     pub fn where_(&self) -> String {
         match &self.location {
             Location::Text { path, line, column, .. } => format!("{}:{line}:{column}", display_path(path.as_deref())),
+            // The message usually quotes the value already: here a short form is enough to find the flag.
+            Location::Flag { flag, value } if value.chars().count() > 60 => {
+                let head: String = value.chars().take(60).collect();
+                format!("{flag} {head:?}…")
+            }
             Location::Flag { flag, value } => format!("{flag} {value:?}"),
             Location::File { path } => display_path(path.as_deref()),
         }

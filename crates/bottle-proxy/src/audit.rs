@@ -148,6 +148,18 @@ struct Out {
     file: File,
     id: (u64, u64),
     failing: bool,
+    /// Decisions that could not be written while failing (each one a refusal: nothing was forwarded on it).
+    lost: u64,
+}
+
+/// Written once the log can be written again: how many decisions it could not hold. All were refusals (a decision
+/// that cannot be recorded is not acted on), so `ls` counts them as denials.
+#[derive(serde::Serialize)]
+struct Unrecorded {
+    event: &'static str,
+    decision: Verdict,
+    rule: &'static str,
+    count: u64,
 }
 
 fn open_log(path: &Path) -> std::io::Result<(File, (u64, u64))> {
@@ -174,6 +186,7 @@ impl AuditLog {
                 file,
                 id,
                 failing: false,
+                lost: 0,
             }),
             next_id: AtomicU64::new(1),
         })
@@ -190,10 +203,11 @@ impl AuditLog {
 
     /// Writes one decision. `Err`: it is not on disk, so nothing may be forwarded on it.
     pub fn write(&self, event: &Event) -> Result<(), AuditFailure> {
-        self.write_line(event)
+        self.write_line(event, true)
     }
 
-    fn write_line<T: serde::Serialize>(&self, event: &T) -> Result<(), AuditFailure> {
+    /// `decision`: the line records a decision (counted when lost), not an `end` line.
+    fn write_line<T: serde::Serialize>(&self, event: &T, decision: bool) -> Result<(), AuditFailure> {
         let time = time::OffsetDateTime::now_utc()
             .format(&Rfc3339)
             .unwrap_or_else(|_| "unknown".into());
@@ -219,13 +233,29 @@ impl AuditLog {
         match result {
             Ok(()) => {
                 if out.failing {
-                    out.failing = false;
-                    tracing::warn!(path = %self.path.display(), "the audit log is written again");
-                    let _ = std::fs::remove_file(self.failing_marker());
+                    let lost = Line {
+                        time: line.time.clone(),
+                        bottle: &self.bottle,
+                        event: &Unrecorded {
+                            event: "unrecorded",
+                            decision: Verdict::Deny,
+                            rule: "audit-log-failing",
+                            count: out.lost,
+                        },
+                    };
+                    let mut text = serde_json::to_vec(&lost).unwrap_or_default();
+                    text.push(b'\n');
+                    if out.file.write_all(&text).is_ok() {
+                        out.failing = false;
+                        out.lost = 0;
+                        tracing::warn!(path = %self.path.display(), "the audit log is written again");
+                        let _ = std::fs::remove_file(self.failing_marker());
+                    }
                 }
                 Ok(())
             }
             Err(e) => {
+                out.lost += u64::from(decision);
                 let cause = e.to_string();
                 if !out.failing {
                     out.failing = true;
@@ -337,7 +367,7 @@ impl Drop for Pending {
             duration_ms: elapsed_ms(self.start),
         };
         // The decision is on disk already; a lost end line loses only its counts (and `audit.failing` says so).
-        let _ = self.log.write_line(&end);
+        let _ = self.log.write_line(&end, false);
     }
 }
 

@@ -114,6 +114,14 @@ async fn a_full_disk_refuses_what_it_cannot_record_and_recovers() {
     assert_eq!(status, 200, "requests flow again once there is room");
     lab.wait_audit(|v| v["path"] == "/after" && v["decision"] == "allow")
         .await;
+    // Counts stay exact: the decisions the log could not hold are counted once it can (all were refusals).
+    let unrecorded = lab.wait_audit(|v| v["event"] == "unrecorded").await;
+    assert_eq!(unrecorded["decision"], "deny");
+    assert_eq!(
+        unrecorded["count"].as_u64().unwrap() as usize,
+        refused.len(),
+        "{unrecorded}"
+    );
     assert!(
         !state.join(bottle_proxy::AUDIT_FAILING_FILE).exists(),
         "the failure note outlived the failure"

@@ -33,10 +33,22 @@ pub fn run(args: &ExecArgs) -> anyhow::Result<u8> {
     let (true, Some(init)) = (s.is_live(), s.init_pid) else {
         return Err(state::StateError::NotRunning(s.name).into());
     };
+    // `pass_env` values are not on disk (the spec lists their names): the command gets the current values of the
+    // user running `exec`, as the agent got the launcher's.
+    let passed: Vec<(String, String)> = std::fs::read(dir.file(SPEC_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["pass_env"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|k| k.as_str())
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+        .collect();
     // Replace this process: the command's exit code becomes ours, and its stdio is the terminal's.
-    // SECURITY: no host environment crosses into the bottle; the command gets the bottle's from the spec.
+    // SECURITY: no other host environment crosses into the bottle; the command gets the bottle's from the spec.
     let err = std::process::Command::new("/proc/self/exe")
         .env_clear()
+        .envs(passed)
         .arg(EXEC_SUBCOMMAND)
         .arg(dir.file(SPEC_FILE))
         .arg(init.to_string())

@@ -297,9 +297,13 @@ fn count_decisions(dir: &StateDir) -> (usize, usize) {
         if v["host"] == SELFTEST_HOST {
             continue;
         }
+        // An `unrecorded` line counts the decisions the log could not hold while failing (all refusals).
+        let n = v["count"]
+            .as_u64()
+            .map_or(1, |c| usize::try_from(c).unwrap_or(usize::MAX));
         match v["decision"].as_str() {
-            Some("allow") => allowed += 1,
-            Some("deny") => denied += 1,
+            Some("allow") => allowed += n,
+            Some("deny") => denied += n,
             _ => {}
         }
     }

@@ -1,7 +1,7 @@
 //! `exec NAME -- CMD` into a running smolmachines bottle: `machine exec` on the bottle's machine, in the guest
 //! workspace, with the agent's environment (policy env, placeholders, proxy and CA settings, `pass_env` values).
-//! That environment is what the run step recorded in `agent.json` (0600), never the caller's: the bottle gets the
-//! same view whoever execs into it.
+//! That environment is what the run step recorded in `agent.json` (0600), never the caller's, except the values of
+//! the `pass_env` variables it names: those are never written to disk, and come from the caller's environment.
 //!
 //! Trusts the state dir (the user's own, 0700) and the version-verified engine; nothing here widens egress: the
 //! machine's row was verified at launch and the guest's only way out is still the interceptor.
@@ -28,8 +28,9 @@ pub struct AgentRecord {
     pub machine: String,
     /// Passed as `-e` (policy values, placeholders, proxy settings: nothing secret).
     pub env: BTreeMap<String, String>,
-    /// `pass_env` values, passed with `--secret-env` so they never appear in an argv.
-    pub passed: Vec<(String, String)>,
+    /// The names of `pass_env` variables. SECURITY: not their values, which a killed launcher would leave on disk;
+    /// `exec` passes its caller's current values (with `--secret-env`, never in an argv).
+    pub passed: Vec<String>,
 }
 
 impl AgentRecord {
@@ -37,7 +38,7 @@ impl AgentRecord {
         Self {
             machine: machine.as_str().to_owned(),
             env: env.plain.clone(),
-            passed: env.passed.clone(),
+            passed: env.passed.iter().map(|(k, _)| k.clone()).collect(),
         }
     }
 
@@ -77,7 +78,11 @@ pub(super) fn exec_with(
     let smolvm = smolvm_for(engine, root, timeouts)?;
     let env = AgentEnv {
         plain: record.env,
-        passed: record.passed,
+        passed: record
+            .passed
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
+            .collect(),
     };
     // smolvm forwards stdin only with a terminal (`-i -t`); otherwise the command's output streams.
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stdin());

@@ -89,7 +89,7 @@ fn read_spec(spec_path: &Path, early: &EarlySpec, control: &OwnedFd) -> Result<I
         Some((Message::Spec, _)) => {}
         _ => return Err(InitError::LauncherGone),
     }
-    let spec: InitSpec = std::fs::read(spec_path)
+    let mut spec: InitSpec = std::fs::read(spec_path)
         .and_then(|b| serde_json::from_slice(&b).map_err(io::Error::other))
         .map_err(|source| InitError::Spec {
             path: spec_path.display().to_string(),
@@ -101,6 +101,7 @@ fn read_spec(spec_path: &Path, early: &EarlySpec, control: &OwnedFd) -> Result<I
             source: io::Error::other("its name, ids or namespaces differ from the ones the init was started with"),
         });
     }
+    spec.add_pass_env(|k| early.pass_env.get(k).cloned());
     Ok(spec)
 }
 

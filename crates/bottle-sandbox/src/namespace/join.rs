@@ -40,9 +40,11 @@ pub fn main(spec_path: &Path, init_pid: u32, supervisor_pid: u32, argv: &[String
 }
 
 fn join(spec_path: &Path, pid_one: u32, supervisor_pid: u32, argv: &[String]) -> Result<i32, String> {
-    let spec: InitSpec = std::fs::read(spec_path)
+    let mut spec: InitSpec = std::fs::read(spec_path)
         .map_err(|e| format!("cannot read {}: {e}", spec_path.display()))
         .and_then(|b| serde_json::from_slice(&b).map_err(|e| format!("{} is damaged: {e}", spec_path.display())))?;
+    // `pass_env` values are not on disk: `exec` passes the current values of whoever runs it (cmd/exec.rs).
+    spec.add_pass_env(|k| std::env::var(k).ok());
     // Open every namespace before joining any: after joining the mount namespace, /proc is the bottle's.
     let mut fds = Vec::new();
     for (name, kind) in NAMESPACES {

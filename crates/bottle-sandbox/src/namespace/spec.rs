@@ -54,6 +54,22 @@ pub struct EarlySpec {
     pub uid: u32,
     pub gid: u32,
     pub cgroup_ns: bool,
+    /// SECURITY: the values of `pass_env` variables. They reach the init in memory (it is cloned from the
+    /// launcher), never through the spec file on disk, which a killed launcher would leave behind.
+    pub pass_env: BTreeMap<String, String>,
+}
+
+impl InitSpec {
+    /// Adds the `pass_env` values from `values`, for the names this spec lists, where `env` has none.
+    pub fn add_pass_env(&mut self, values: impl Fn(&str) -> Option<String>) {
+        for key in &self.pass_env {
+            if !self.env.contains_key(key)
+                && let Some(v) = values(key)
+            {
+                self.env.insert(key.clone(), v);
+            }
+        }
+    }
 }
 
 impl EarlySpec {
@@ -76,7 +92,12 @@ pub struct InitSpec {
     /// The bottle CA certificate (PEM); the init appends it to the host's system roots in the bottle's own tmpfs.
     pub bottle_ca: String,
     pub argv: Vec<String>,
+    /// The agent's environment, less the values of `pass_env` variables (see `EarlySpec::pass_env`).
     pub env: BTreeMap<String, String>,
+    /// The `pass_env` variables whose values the init (from `EarlySpec`) and `exec` (from the environment of whoever
+    /// runs it) add to `env`; a name already in `env` keeps its value there.
+    #[serde(default)]
+    pub pass_env: Vec<String>,
     pub cgroup_ns: bool,
     /// A host-side listener on the bottle's lease address that must be unreachable from inside (self-test).
     pub canary: Option<std::net::SocketAddr>,
@@ -333,6 +354,7 @@ mod tests {
             bottle_ca: "-----BEGIN CERTIFICATE-----\nbottle\n-----END CERTIFICATE-----\n".into(),
             argv: vec!["true".into()],
             env: BTreeMap::new(),
+            pass_env: Vec::new(),
             cgroup_ns: true,
             canary: None,
             tty: false,
