@@ -56,16 +56,20 @@ fn detach(policy: &bottle_policy::Policy, out: &Output) -> anyhow::Result<u8> {
             format!("--name={name}"),
         );
     }
+    let root = state::state_root()?;
     let mut child = Command::new("/proc/self/exe")
         .args(&argv)
         .env(SUPERVISOR_ENV, "1")
+        .env(
+            crate::SUPERVISOR_LOG_ENV,
+            root.join(name.as_str()).join("supervisor.log"),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .process_group(0)
         .spawn()
         .context("cannot start the bottle's supervisor")?;
-    let root = state::state_root()?;
     let waited = poll(
         "the detached bottle to start",
         DETACH_READY_TIMEOUT,

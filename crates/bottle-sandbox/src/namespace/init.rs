@@ -208,8 +208,11 @@ fn pid_one(spec_path: &Path, early: &EarlySpec, control: &OwnedFd) -> Result<i32
                 },
                 None => exec_in_bottle(spec, &spec.argv),
             };
-            let _ = control::send(control, &Message::Fail(err.to_string()), None);
-            sys::exit_child(INIT_FAILED)
+            let (line, code) = explain_exec_failure(spec, &err);
+            let _ = control::send(control, &Message::Fail(line.clone()), None);
+            // The user sees why where the agent's output goes (terminal or agent log), and a shell's exit code.
+            let _ = writeln!(io::stderr(), "{line}");
+            sys::exit_child(code)
         }
         Forked::Parent { child } => child,
     };
@@ -283,6 +286,38 @@ fn self_test(proxy: SocketAddr, canary: Option<SocketAddr>) -> Result<(), String
         return Err(format!("the host's loopback service {canary} is reachable"));
     }
     Ok(())
+}
+
+/// Exit codes of a command that could not start, as shells give them (POSIX 2.8.2): not found, not executable.
+pub const NOT_FOUND: i32 = 127;
+pub const NOT_EXECUTABLE: i32 = 126;
+
+/// One line for a command that could not start (what, why, the likely fix) and its exit code.
+pub(super) fn explain_exec_failure(spec: &InitSpec, err: &InitError) -> (String, i32) {
+    let InitError::Exec { program, source } = err else {
+        return (format!("bot-bottle: the command could not start: {err}"), INIT_FAILED);
+    };
+    let path = spec.env.get("PATH").map_or("(unset)", String::as_str);
+    match (source.kind(), source.raw_os_error()) {
+        (io::ErrorKind::NotFound, _) => (
+            format!(
+                "bot-bottle: `{program}`: not found in the bottle; PATH inside is {path}; tools under your home are not \
+                 visible in a bottle"
+            ),
+            NOT_FOUND,
+        ),
+        (io::ErrorKind::PermissionDenied, _) | (_, Some(libc::ENOEXEC)) => (
+            format!(
+                "bot-bottle: `{program}`: cannot be executed in the bottle ({source}); is it executable (chmod +x) and for this machine?"
+            ),
+            NOT_EXECUTABLE,
+        ),
+        (_, Some(libc::E2BIG)) => (
+            format!("bot-bottle: `{program}`: its arguments and environment are too large to start it ({source})"),
+            NOT_EXECUTABLE,
+        ),
+        _ => (format!("bot-bottle: `{program}`: cannot start: {source}"), INIT_FAILED),
+    }
 }
 
 /// Runs in the agent's process (or an `exec`'d command's): harden, drop every inherited descriptor, exec.

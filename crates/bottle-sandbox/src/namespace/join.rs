@@ -10,7 +10,7 @@ use std::path::Path;
 
 use rustix::thread::{LinkNameSpaceType, move_into_link_name_space};
 
-use super::init::{INIT_FAILED, exec_in_bottle, wait_for};
+use super::init::{INIT_FAILED, exec_in_bottle, explain_exec_failure, wait_for};
 use super::spec::InitSpec;
 use crate::sys::ns::{self as sys, Forked};
 
@@ -68,8 +68,9 @@ fn join(spec_path: &Path, pid_one: u32, supervisor_pid: u32, argv: &[String]) ->
     match sys::fork().map_err(|e| format!("cannot fork: {e}"))? {
         Forked::Child => {
             let err = exec_in_bottle(&spec, argv);
-            eprintln!("bot-bottle exec: {err}");
-            sys::exit_child(INIT_FAILED)
+            let (line, code) = explain_exec_failure(&spec, &err);
+            eprintln!("{line}");
+            sys::exit_child(code)
         }
         Forked::Parent { child } => {
             sys::forward_signals_to(child).map_err(|e| format!("cannot forward signals: {e}"))?;
