@@ -779,3 +779,31 @@ fn a_detached_bottles_proxy_survives_its_warnings_and_logs_them_to_its_own_file(
         "the warning is not in the supervisor's log:\n{log}"
     );
 }
+
+/// #14: the bottle's own loopback is its own. NO_PROXY was forced empty, so a dev server the agent started got a
+/// 403 from the proxy; now `localhost,127.0.0.1,::1` go direct (to the bottle's own network namespace, never the
+/// host's). And a PATH the user sets is honoured, not silently replaced.
+#[test]
+fn an_in_bottle_server_answers_on_the_bottles_own_loopback_and_the_users_path_is_kept() {
+    need_namespace!();
+    let env = Env::new();
+    let script = "python3 -m http.server 18999 --bind 127.0.0.1 >/dev/null 2>&1 & \
+                  for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do \
+                  c=$(curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:18999/); \
+                  [ \"$c\" = 200 ] && break; sleep 0.3; done; echo \"code=$c path=$PATH\"";
+    let out = env.bb(
+        None,
+        &[
+            "run",
+            "-e",
+            "PATH=/opt/mine/bin:/usr/bin:/bin",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("code=200"), "{}", text(&out));
+    assert!(stdout.contains("path=/opt/mine/bin:/usr/bin:/bin"), "{}", text(&out));
+}

@@ -33,8 +33,13 @@ pub const PROXY_ENV: [&str; 6] = [
     "https_proxy",
     "all_proxy",
 ];
-/// Variables that must stay empty, so no tool bypasses the proxy.
+/// Variables naming what tools reach without the proxy: only the bottle's own loopback (its own network namespace
+/// or guest), so a dev server the agent starts answers it directly. Set by bot-bottle; a policy may not widen them.
 pub const NO_PROXY_ENV: [&str; 2] = ["NO_PROXY", "no_proxy"];
+/// Their value: the bottle's own loopback names, nothing else.
+pub const NO_PROXY_VALUE: &str = "localhost,127.0.0.1,::1";
+/// Set by bot-bottle to the bottle's home.
+pub const HOME_ENV: &str = "HOME";
 /// Variables that point every tool at the bottle's CA bundle.
 pub const CA_ENV: [&str; 7] = [
     "SSL_CERT_FILE",
@@ -48,14 +53,14 @@ pub const CA_ENV: [&str; 7] = [
 
 /// Whether bot-bottle sets this variable inside every bottle (a policy may not override it).
 pub fn is_reserved_env(name: &str) -> bool {
-    PROXY_ENV.contains(&name) || NO_PROXY_ENV.contains(&name) || CA_ENV.contains(&name)
+    PROXY_ENV.contains(&name) || NO_PROXY_ENV.contains(&name) || CA_ENV.contains(&name) || name == HOME_ENV
 }
 
 /// The proxy and CA settings of every process in a bottle, whatever the backend: one source for the names the
 /// policy reserves and the values the bottle gets.
 pub fn proxy_and_ca_env(proxy_url: &str, ca_bundle: &str) -> std::collections::BTreeMap<String, String> {
     let proxy = PROXY_ENV.iter().map(|k| (k.to_string(), proxy_url.to_string()));
-    let none = NO_PROXY_ENV.iter().map(|k| (k.to_string(), String::new()));
+    let none = NO_PROXY_ENV.iter().map(|k| (k.to_string(), NO_PROXY_VALUE.to_string()));
     let ca = CA_ENV.iter().map(|k| (k.to_string(), ca_bundle.to_string()));
     proxy.chain(none).chain(ca).collect()
 }
@@ -557,7 +562,7 @@ fn env_name(s: &str) -> Result<String, String> {
     }
     if is_reserved_env(s) {
         return Err(format!(
-            "`{s}` is set by bot-bottle itself (proxy and CA settings) and cannot be overridden"
+            "`{s}` is set by bot-bottle itself (proxy, CA and home settings) and cannot be overridden"
         ));
     }
     Ok(s.to_string())

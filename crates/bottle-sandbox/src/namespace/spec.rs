@@ -315,10 +315,9 @@ pub fn fs_plan(spec: &InitSpec, host: &dyn HostFs) -> Vec<FsStep> {
 pub fn bottle_env(home: &Path, extra: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     let proxy = format!("http://127.0.0.1:{IN_BOTTLE_PROXY_PORT}");
     let mut env: BTreeMap<String, String> = extra.clone();
-    env.insert(
-        "PATH".into(),
-        "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin".into(),
-    );
+    // The user's PATH (`-e PATH=…`, `bottle.env`) is honoured; the default covers the system's tools.
+    env.entry("PATH".into())
+        .or_insert_with(|| "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin".into());
     env.insert("HOME".into(), home.display().to_string());
     env.entry("TERM".into()).or_insert_with(|| "xterm-256color".into());
     env.extend(bottle_policy::proxy_and_ca_env(&proxy, IN_BOTTLE_CA_BUNDLE));
@@ -474,9 +473,19 @@ mod tests {
         let env = bottle_env(Path::new("/home/agent"), &BTreeMap::from([("FOO".into(), "1".into())]));
         assert_eq!(env["HTTPS_PROXY"], "http://127.0.0.1:3128");
         assert_eq!(env["https_proxy"], env["HTTPS_PROXY"]);
-        assert_eq!(env["NO_PROXY"], "");
+        assert_eq!(env["NO_PROXY"], "localhost,127.0.0.1,::1");
+        assert_eq!(env["no_proxy"], env["NO_PROXY"]);
         assert_eq!(env["NODE_EXTRA_CA_CERTS"], IN_BOTTLE_CA_BUNDLE);
         assert_eq!(env["FOO"], "1");
         assert_eq!(env["HOME"], "/home/agent");
+        assert!(env["PATH"].starts_with("/usr/local/bin:"));
+        let own = bottle_env(
+            Path::new("/root"),
+            &BTreeMap::from([("PATH".into(), "/opt/tools/bin:/usr/bin".into())]),
+        );
+        assert_eq!(
+            own["PATH"], "/opt/tools/bin:/usr/bin",
+            "a PATH the user set is honoured"
+        );
     }
 }
