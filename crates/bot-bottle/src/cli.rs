@@ -51,6 +51,9 @@ pub enum Command {
     /// Work with policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Agent homes kept between runs (one per agent preset by default): list or remove them.
+    #[command(subcommand)]
+    Home(HomeCommand),
     /// Run the egress proxy alone, in the foreground (benchmarks, containers, debugging).
     Proxy(ProxyArgs),
     /// Attempt a representative set of escapes from a real bottle on this host; exit 123 if any gets out.
@@ -128,6 +131,14 @@ pub struct DoctorArgs {
     /// Check one backend only; exit 122 if it cannot run here.
     #[arg(long, value_name = "BACKEND", value_parser = ["namespace", "container", "smolmachines"])]
     pub backend: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HomeCommand {
+    /// List the homes under bot-bottle's state directory.
+    Ls,
+    /// Remove a home (everything an agent kept in it: config, sessions, its own login).
+    Rm { name: String },
 }
 
 #[derive(Debug, Subcommand)]

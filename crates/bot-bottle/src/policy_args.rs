@@ -23,7 +23,8 @@ pub struct PolicyArgs {
     /// Deny a host; deny wins over allow. Repeatable.
     #[arg(long, value_name = "HOST")]
     pub deny: Vec<String>,
-    /// Allow destinations in a CIDR (private ranges and IP literals are denied otherwise). Repeatable.
+    /// Let allowed names resolve into this private range (it never admits an address itself: allow IP:PORT for
+    /// that). Repeatable.
     #[arg(long = "allow-cidr", value_name = "CIDR")]
     pub allow_cidr: Vec<String>,
     /// Resolve NAME to ADDR[,ADDR…] instead of asking DNS (like curl --resolve). Repeatable.
@@ -38,6 +39,10 @@ pub struct PolicyArgs {
     /// Set an environment variable in the bottle. Repeatable.
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
+    /// The agent's home: a directory kept between runs, or `tmpfs` for a fresh one every run (default: the agent
+    /// preset's own home under bot-bottle's state directory, kept between runs).
+    #[arg(long, value_name = "DIR|tmpfs")]
+    pub home: Option<String>,
 }
 
 impl PolicyArgs {
@@ -51,6 +56,7 @@ impl PolicyArgs {
             allow_cidr: self.allow_cidr.clone(),
             resolve: self.resolve.clone(),
             env: self.env.clone(),
+            home: self.home.clone(),
         }
     }
 

@@ -78,15 +78,24 @@ pub fn run(mut req: Request) -> anyhow::Result<u8> {
     // launch itself fails closed on anything the probes would have found.
     let cgroup_ns = Path::new("/proc/self/ns/cgroup").exists();
     let argv = command(&req)?;
+    let pool = lease_pool()?;
     let root = state::state_root()?;
     let workspace = workspace(&req.policy, &root)?;
+    let home_source = crate::cmd::home::plan(&req.policy, &root)?;
     let mut shown = vec![Shown::new(&workspace, "the workspace")];
+    if let Some(home) = &home_source {
+        shown.push(Shown::new(home, "the agent's home"));
+    }
     shown.extend(
         namespace::spec::visible_host_paths(&namespace::spec::RealFs)
             .iter()
             .map(|p| Shown::new(p, "the read-only host path")),
     );
     credential_sources::resolve(&mut req.policy, &shown)?;
+    let home_source = match home_source {
+        Some(dir) => Some(crate::cmd::home::prepare(&dir, &root)?),
+        None => None,
+    };
     let policy = &req.policy;
     steps.done("preflight");
 
@@ -96,7 +105,7 @@ pub fn run(mut req: Request) -> anyhow::Result<u8> {
         None => generated_name()?,
     };
     let lease = Registry::new(&root)
-        .with_pool(lease_pool()?)
+        .with_pool(pool)
         .allocate(&name, std::process::id())?;
     let addr = lease.addr();
     steps.done("lease");
@@ -107,7 +116,7 @@ pub fn run(mut req: Request) -> anyhow::Result<u8> {
     let dir = StateDir::create(&root, name.as_str())?;
     let mut bottle = Launching { state, dir, lease };
     bottle.set(|_| {})?;
-    let result = launch_and_run(&mut bottle, &req, argv, workspace, cgroup_ns, &steps).map_err(|e| {
+    let result = launch_and_run(&mut bottle, &req, argv, (workspace, home_source), cgroup_ns, &steps).map_err(|e| {
         if e.chain()
             .any(|c| c.is::<bottle_sandbox::namespace::launch::LaunchError>())
             && !preflight::report(backend, &RealHost).usable()
@@ -142,7 +151,7 @@ fn launch_and_run(
     bottle: &mut Launching,
     req: &Request,
     argv: Vec<String>,
-    workspace: PathBuf,
+    (workspace, home_source): (PathBuf, Option<PathBuf>),
     cgroup_ns: bool,
     steps: &Steps,
 ) -> anyhow::Result<u8> {
@@ -248,6 +257,7 @@ fn launch_and_run(
         gid,
         workspace,
         env: bottle_env(&home, &env),
+        home_source,
         pass_env: policy.bottle.pass_env.clone(),
         home,
         bottle_ca: proxy.ca_cert_pem().to_owned(),

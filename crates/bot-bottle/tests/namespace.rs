@@ -807,3 +807,54 @@ fn an_in_bottle_server_answers_on_the_bottles_own_loopback_and_the_users_path_is
     assert!(stdout.contains("code=200"), "{}", text(&out));
     assert!(stdout.contains("path=/opt/mine/bin:/usr/bin:/bin"), "{}", text(&out));
 }
+
+/// #14: `$HOME` was a fresh tmpfs every run, so every run was a first run. By default the agent preset's home is
+/// kept (under the state directory, 0700); `--home tmpfs` gives a fresh one; `home ls | rm` manage them; `run --rm`
+/// removes the bottle, never the home.
+#[test]
+fn the_agents_home_is_kept_between_runs_unless_asked_otherwise() {
+    need_namespace!();
+    let env = Env::new();
+    let first = env.bb(
+        None,
+        &["run", "--rm", "--", "sh", "-c", "echo remembered > \"$HOME/note\""],
+    );
+    assert!(first.status.success(), "{}", text(&first));
+    let second = env.bb(None, &["run", "--rm", "--", "sh", "-c", "cat \"$HOME/note\""]);
+    assert_eq!(
+        String::from_utf8_lossy(&second.stdout).trim(),
+        "remembered",
+        "{}",
+        text(&second)
+    );
+    let fresh = env.bb(
+        None,
+        &[
+            "run",
+            "--rm",
+            "--home",
+            "tmpfs",
+            "--",
+            "sh",
+            "-c",
+            "cat \"$HOME/note\" || echo none",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&fresh.stdout).trim(),
+        "none",
+        "{}",
+        text(&fresh)
+    );
+    let kept = env.state().join("bot-bottle/homes/none");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&kept).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o700);
+    let ls = env.bb(None, &["home", "ls"]);
+    assert!(String::from_utf8_lossy(&ls.stdout).contains("none"), "{}", text(&ls));
+    let rm = env.bb(None, &["home", "rm", "none"]);
+    assert!(rm.status.success(), "{}", text(&rm));
+    assert!(!kept.exists());
+    // The user's own home is never a bottle's home.
+    let refused = env.bb(None, &["run", "--home", env.dir.path().to_str().unwrap(), "--", "true"]);
+    assert_eq!(refused.status.code(), Some(121), "{}", text(&refused));
+}

@@ -157,6 +157,8 @@ pub struct Bottle {
     /// Directory of the policy file (or the working directory for flags and presets).
     pub base_dir: Option<PathBuf>,
     pub image: Option<String>,
+    /// `tmpfs`, or a directory kept between runs; `None`: the agent preset's home under the state root.
+    pub home: Option<String>,
     pub command: Option<Vec<String>>,
     pub env: BTreeMap<String, String>,
     pub pass_env: Vec<String>,

@@ -29,6 +29,7 @@ pub struct RawBottle {
     pub agent: Option<S<String>>,
     pub workspace: Option<S<String>>,
     pub image: Option<S<String>>,
+    pub home: Option<S<String>>,
     pub command: Option<S<Vec<S<String>>>>,
     #[serde(default)]
     pub env: BTreeMap<S<String>, S<String>>,

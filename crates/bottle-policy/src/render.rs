@@ -29,6 +29,8 @@ struct EBottle {
     #[serde(skip_serializing_if = "Option::is_none")]
     image: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    home: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     command: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pass_env: Vec<String>,
@@ -101,6 +103,7 @@ impl Effective {
                 agent: b.agent.to_string(),
                 workspace: b.workspace.as_ref().map(|w| w.display().to_string()),
                 image: b.image.clone(),
+                home: b.home.clone(),
                 command: b.command.clone(),
                 pass_env: b.pass_env.clone(),
                 env: b.env.clone(),

@@ -76,6 +76,7 @@ pub struct Overrides {
     pub allow_cidr: Vec<String>,
     pub resolve: Vec<String>,
     pub env: Vec<String>,
+    pub home: Option<String>,
 }
 
 /// The text of a policy and where it came from.
@@ -188,6 +189,11 @@ impl Validator<'_> {
             Some(i) => Some(self.at(i, |s| image_ref(s))?),
             None => None,
         };
+        let home = match (&self.overrides.home, &raw.home) {
+            (Some(h), _) => Some(Self::flag("--home", h, home_choice)?),
+            (None, Some(h)) => Some(self.at(h, |s| home_choice(s))?),
+            (None, None) => None,
+        };
         let command = match &raw.command {
             Some(c) if c.get_ref().is_empty() => {
                 return Err(self.err(c.span(), "command is empty; give argv, e.g. [\"claude\"]"));
@@ -218,6 +224,7 @@ impl Validator<'_> {
             workspace,
             base_dir: self.src.path.and_then(Path::parent).map(Path::to_path_buf),
             image,
+            home,
             command,
             env,
             pass_env,
@@ -539,6 +546,14 @@ fn plain_rule(pattern: HostPattern, origin: Origin) -> HostRule {
 fn non_empty(s: &str, what: &str) -> Result<String, String> {
     if s.trim().is_empty() {
         return Err(format!("{what} is empty"));
+    }
+    Ok(s.to_string())
+}
+
+/// `tmpfs` (a fresh home every run) or a directory (kept between runs); resolved by the launcher.
+fn home_choice(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() || s.contains('\0') {
+        return Err("home is empty; give a directory, or \"tmpfs\" for a fresh home every run".into());
     }
     Ok(s.to_string())
 }

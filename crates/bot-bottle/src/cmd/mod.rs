@@ -2,6 +2,7 @@
 
 mod doctor;
 mod exec;
+pub mod home;
 mod lifecycle;
 mod policy;
 mod proxy;
@@ -20,6 +21,7 @@ pub fn dispatch(command: Command, out: &Output) -> anyhow::Result<u8> {
         Command::Rm(args) => lifecycle::rm(&args, out),
         Command::Doctor(args) => doctor::run(&args, out),
         Command::Policy(crate::cli::PolicyCommand::Check(args)) => policy::check(&args, out),
+        Command::Home(command) => home::run(&command, out),
         Command::Proxy(args) => proxy::run(args, out),
         Command::Selftest(args) => selftest::run(&args, out),
         Command::BottleExec {

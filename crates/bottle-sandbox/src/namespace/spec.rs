@@ -89,6 +89,9 @@ pub struct InitSpec {
     /// Host directory bound read-write into the bottle at the same path.
     pub workspace: PathBuf,
     pub home: PathBuf,
+    /// A host directory bound read-write at `home` (kept between runs); `None`: a fresh tmpfs.
+    #[serde(default)]
+    pub home_source: Option<PathBuf>,
     /// The bottle CA certificate (PEM); the init appends it to the host's system roots in the bottle's own tmpfs.
     pub bottle_ca: String,
     pub argv: Vec<String>,
@@ -259,9 +262,16 @@ pub fn fs_plan(spec: &InitSpec, host: &dyn HostFs) -> Vec<FsStep> {
             at: p("/tmp"),
             mode: 0o1777,
         },
-        FsStep::Tmpfs {
-            at: spec.home.clone(),
-            mode: 0o700,
+        match &spec.home_source {
+            Some(source) => FsStep::Bind {
+                from: source.clone(),
+                at: spec.home.clone(),
+                read_only: false,
+            },
+            None => FsStep::Tmpfs {
+                at: spec.home.clone(),
+                mode: 0o700,
+            },
         },
         FsStep::Bind {
             from: spec.workspace.clone(),
@@ -350,6 +360,7 @@ mod tests {
             gid: 1000,
             workspace: "/home/u/project".into(),
             home: "/home/agent".into(),
+            home_source: None,
             bottle_ca: "-----BEGIN CERTIFICATE-----\nbottle\n-----END CERTIFICATE-----\n".into(),
             argv: vec!["true".into()],
             env: BTreeMap::new(),
@@ -395,6 +406,30 @@ mod tests {
                 "host /etc/{etc} bound"
             );
         }
+    }
+
+    #[test]
+    fn a_kept_home_is_bound_read_write_after_the_seal_in_place_of_the_tmpfs() {
+        let mut s = spec();
+        s.home_source = Some("/state/homes/claude".into());
+        let steps = fs_plan(&s, &Debian);
+        let seal = steps.iter().position(|x| x == &FsStep::Seal).unwrap();
+        let at = steps
+            .iter()
+            .position(|x| {
+                *x == FsStep::Bind {
+                    from: "/state/homes/claude".into(),
+                    at: "/home/agent".into(),
+                    read_only: false,
+                }
+            })
+            .expect("the home is bound");
+        assert!(at > seal);
+        assert!(
+            !steps
+                .iter()
+                .any(|x| matches!(x, FsStep::Tmpfs { at, .. } if at == Path::new("/home/agent")))
+        );
     }
 
     #[test]
