@@ -159,8 +159,8 @@ mod tests {
             )
         };
         let text = [
-            deny("registry.npmjs.org", "not-allowed"),
-            deny("registry.npmjs.org", "not-allowed"),
+            deny("packages.example.org", "not-allowed"),
+            deny("packages.example.org", "not-allowed"),
             deny(SELFTEST_HOST, "not-allowed"),
             "{\"event\":\"request\",\"host\":\"a.test\",\"port\":80,\"decision\":\"allow\",\"rule\":\"a.test\"}\n"
                 .into(),
@@ -173,9 +173,9 @@ mod tests {
         assert_eq!(refused[0].count, 2);
         let shown = summary(&refused, "b1", true).unwrap();
         assert!(shown.contains("refused 2 requests"), "{shown}");
-        assert!(shown.contains("registry.npmjs.org:443: not-allowed ×2"), "{shown}");
+        assert!(shown.contains("packages.example.org:443: not-allowed ×2"), "{shown}");
         assert!(
-            shown.contains("allow with: bot-bottle run --allow registry.npmjs.org:443"),
+            shown.contains("allow with: bot-bottle run --allow packages.example.org:443"),
             "{shown}"
         );
         assert!(shown.contains("bot-bottle logs b1 --denied"), "{shown}");

@@ -14,6 +14,8 @@ pub struct Preset {
     pub hosts: &'static [&'static str],
     pub credentials: &'static [PresetCredential],
     pub command: &'static [&'static str],
+    /// Variables the agent needs in a bottle (a policy's `bottle.env` or `-e` overrides them).
+    pub env: &'static [(&'static str, &'static str)],
 }
 
 const ANTHROPIC_KEY: PresetCredential = PresetCredential {
@@ -26,6 +28,12 @@ const OPENAI_KEY: PresetCredential = PresetCredential {
     header: "authorization",
     from_env: "OPENAI_API_KEY",
 };
+/// Codex 0.171 reads `CODEX_API_KEY`, not `OPENAI_API_KEY` (research/agents.md): both are bound, each optional.
+const CODEX_KEY: PresetCredential = PresetCredential {
+    host: "api.openai.com",
+    header: "authorization",
+    from_env: "CODEX_API_KEY",
+};
 const GEMINI_KEY: PresetCredential = PresetCredential {
     host: "generativelanguage.googleapis.com",
     header: "x-goog-api-key",
@@ -34,15 +42,23 @@ const GEMINI_KEY: PresetCredential = PresetCredential {
 
 pub fn preset(agent: Agent) -> Preset {
     match agent {
+        // Claude Code 2.1: the API, and platform.claude.com (the TUI's first call, and the subscription login);
+        // statsig/sentry were never contacted. Updater and changelog hosts are left out: refused at once, harmless,
+        // and a bottle's /usr is read-only anyway.
         Agent::Claude => Preset {
-            hosts: &["api.anthropic.com", "statsig.anthropic.com", "sentry.io"],
+            hosts: &["api.anthropic.com", "platform.claude.com"],
             credentials: &[ANTHROPIC_KEY],
             command: &["claude"],
+            env: &[],
         },
+        // Codex 0.171: the API, chatgpt.com (its models and plugins lists) and auth.openai.com (sign-in). Codex also
+        // sends its API key to chatgpt.com; that stays refused (the key is bound to api.openai.com only, and a key
+        // sent to another host is a leak). The bottle is the sandbox: Codex's own (bwrap) cannot start inside.
         Agent::Codex => Preset {
             hosts: &["api.openai.com", "chatgpt.com", "auth.openai.com"],
-            credentials: &[OPENAI_KEY],
-            command: &["codex"],
+            credentials: &[OPENAI_KEY, CODEX_KEY],
+            command: &["codex", "--sandbox", "danger-full-access"],
+            env: &[],
         },
         Agent::Gemini => Preset {
             hosts: &[
@@ -52,16 +68,21 @@ pub fn preset(agent: Agent) -> Preset {
             ],
             credentials: &[GEMINI_KEY],
             command: &["gemini"],
+            // The workspace is the folder the user chose: headless runs otherwise stop (exit 55) on folder trust.
+            env: &[("GEMINI_CLI_TRUST_WORKSPACE", "true")],
         },
         Agent::Aider => Preset {
             hosts: &["api.openai.com", "api.anthropic.com"],
             credentials: &[OPENAI_KEY, ANTHROPIC_KEY],
             command: &["aider"],
+            // litellm fetches a model price map from raw.githubusercontent.com at import; its bundled one is used.
+            env: &[("LITELLM_LOCAL_MODEL_COST_MAP", "True")],
         },
         Agent::None => Preset {
             hosts: &[],
             credentials: &[],
             command: &[],
+            env: &[],
         },
     }
 }

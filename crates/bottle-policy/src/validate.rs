@@ -201,7 +201,11 @@ impl Validator<'_> {
             Some(c) => Some(c.get_ref().iter().map(|a| a.get_ref().clone()).collect()),
             None => None,
         };
-        let mut env = BTreeMap::new();
+        let mut env: BTreeMap<String, String> = preset(agent)
+            .env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         for (k, v) in &raw.env {
             let key = self.at(k, |s| env_name(s))?;
             env.insert(key, v.get_ref().clone());

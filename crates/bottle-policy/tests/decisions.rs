@@ -225,9 +225,9 @@ fn presets_expand_and_the_file_can_replace_their_entries() {
     assert_eq!(p.credentials_for(&name("api.anthropic.com")).count(), 0);
 
     // Denying a preset host wins too.
-    let p = policy("[bottle]\nagent = \"claude\"\n[network]\ndeny = [\"sentry.io\"]\n");
+    let p = policy("[bottle]\nagent = \"claude\"\n[network]\ndeny = [\"platform.claude.com\"]\n");
     assert!(matches!(
-        p.network.decide_host(&name("sentry.io"), 443),
+        p.network.decide_host(&name("platform.claude.com"), 443),
         HostVerdict::Denied(_)
     ));
 }
