@@ -226,7 +226,8 @@ fn launch_and_run(
     let proxy_url = format!("http://{}", host_listener.local_addr().context("proxy address")?);
     {
         let proxy = proxy.clone();
-        runtime.spawn(async move { proxy.serve_std_tcp(host_listener).await });
+        // The bottle reaches its proxy only on its in-namespace listener; this address serves nobody (#12).
+        runtime.spawn(async move { proxy.refuse_std_tcp(host_listener).await });
     }
     bottle.dir.create_file(
         state::URLS_FILE,

@@ -858,3 +858,113 @@ fn the_agents_home_is_kept_between_runs_unless_asked_otherwise() {
     let refused = env.bb(None, &["run", "--home", env.dir.path().to_str().unwrap(), "--", "true"]);
     assert_eq!(refused.status.code(), Some(121), "{}", text(&refused));
 }
+
+/// #12: a root launcher's bottle wrote setuid-root files onto the host (`cp /usr/bin/id x; chmod 4755 x` in the
+/// workspace, then `runuser -u nobody -- ./x` printed `euid=0`). No file written in a bottle may carry a set-id bit
+/// or a file capability, whoever launches it; and the kernel's knobs in /proc are read-only mounts, whatever
+/// Landlock does.
+#[test]
+fn no_bottle_can_leave_a_setuid_file_or_reach_the_kernels_knobs() {
+    need_namespace!();
+    for (who, user) in [("root", None), ("nobody", Some(65534))] {
+        let env = Env::new();
+        if let Some(uid) = user {
+            env.open_to(uid);
+        }
+        let script = "cp /usr/bin/id planted; chmod 4755 planted; chmod g+s planted; \
+                      python3 -c 'import os; os.open(\"created\", os.O_CREAT | os.O_WRONLY, 0o4755)'; \
+                      python3 -c 'import os; os.setxattr(\"planted\", \"security.capability\", bytes(20))'; \
+                      grep -E \" /proc/(sys|sysrq-trigger|irq|bus) \" /proc/self/mountinfo | cut -d\" \" -f5,6; \
+                      for e in sys sysrq-trigger irq bus; do [ -e /proc/$e ] && echo \"present /proc/$e\"; done; \
+                      true";
+        let out = env.bb(user, &["run", "--rm", "--", "sh", "-c", script]);
+        assert!(out.status.success(), "({who}) {}", text(&out));
+        let planted = env.work().join("planted");
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&planted).unwrap().permissions());
+        assert_eq!(mode & 0o6000, 0, "({who}) the file on the host is {mode:o}");
+        if let Ok(meta) = std::fs::metadata(env.work().join("created")) {
+            let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions());
+            assert_eq!(mode & 0o6000, 0, "({who}) a file created set-id: {mode:o}");
+        }
+        let caps = Command::new("getfattr")
+            .args(["-n", "security.capability"])
+            .arg(&planted)
+            .output();
+        if let Ok(caps) = caps {
+            assert!(!caps.status.success(), "({who}) a file capability landed on the host");
+        }
+        // The set-id copy would run as root for anyone: check as nobody, as the finding did.
+        let run = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(&planted)
+            .args(["-u"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&run.stdout).trim(),
+            "65534",
+            "({who}) {}",
+            text(&run)
+        );
+        let mounts = String::from_utf8_lossy(&out.stdout);
+        for entry in ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus"] {
+            // An entry the bottle's procfs does not have at all (sysrq-trigger, in a user namespace) is fine too.
+            if !mounts.contains(&format!("present {entry}")) {
+                continue;
+            }
+            let line = mounts
+                .lines()
+                .find(|l| l.starts_with(&format!("{entry} ")))
+                .unwrap_or_default();
+            assert!(
+                line.split(' ').nth(1).is_some_and(|o| o.split(',').any(|f| f == "ro")),
+                "({who}) {entry}: {mounts}"
+            );
+        }
+    }
+}
+
+/// #12: the bottle's host-side listener on 127.0.0.N answered any local user (`nobody` used a root bottle's
+/// allowlist, logged under the agent's label). The bottle's own traffic arrives on its in-namespace listener;
+/// the host-side address now closes every connection and audits it.
+#[test]
+fn nobody_else_on_the_host_can_use_a_bottles_proxy() {
+    need_namespace!();
+    let env = Env::new();
+    let out = env.bb(None, &["run", "-d", "--name", "private", "--", "sleep", "600"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let dir = env.state().join("bot-bottle/private");
+    let urls: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("urls.json")).unwrap()).unwrap();
+    let proxy = urls["proxy"].as_str().unwrap().to_string();
+    let curl = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--",
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+        ])
+        .args([
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+            "-x",
+            &proxy,
+            "http://refused.example/",
+        ])
+        .output()
+        .unwrap();
+    let audit = std::fs::read_to_string(dir.join("audit.jsonl")).unwrap_or_default();
+    let _ = env.bb(None, &["rm", "-f", "private"]);
+    assert_eq!(
+        String::from_utf8_lossy(&curl.stdout),
+        "000",
+        "the proxy answered another user: {}",
+        text(&curl)
+    );
+    assert!(audit.contains("not-the-bottle"), "{audit}");
+}

@@ -91,6 +91,32 @@ impl Proxy {
             .await
     }
 
+    /// Holds a host-side address that must serve nobody: every connection is closed at once and audited. A bottle's
+    /// own traffic arrives on its in-namespace listener; SECURITY: anything reaching this one is another local user
+    /// or process, which must not use the bottle's allowlist or its credentials (#12).
+    pub async fn refuse_std_tcp(&self, listener: std::net::TcpListener) -> Result<(), ProxyError> {
+        listener.set_nonblocking(true).map_err(ProxyError::Accept)?;
+        let listener = TcpListener::from_std(listener).map_err(ProxyError::Accept)?;
+        loop {
+            let (stream, addr) = match listener.accept().await {
+                Ok(a) => a,
+                Err(e) => {
+                    accept_failed(e).await?;
+                    continue;
+                }
+            };
+            drop(stream);
+            tracing::info!(client = %addr, "refused a connection to the bottle's host-side address: not the bottle");
+            let _ = self.inner.audit.write(&Event {
+                event: "connection",
+                client: Arc::from(addr.to_string()),
+                decision: Verdict::Deny,
+                rule: "not-the-bottle".into(),
+                ..Event::default()
+            });
+        }
+    }
+
     pub async fn serve_std_unix(&self, listener: std::os::unix::net::UnixListener) -> Result<(), ProxyError> {
         listener.set_nonblocking(true).map_err(ProxyError::Accept)?;
         self.serve_unix(UnixListener::from_std(listener).map_err(ProxyError::Accept)?)

@@ -340,6 +340,44 @@ const IO_PORTS: &[i64] = &[libc::SYS_iopl, libc::SYS_ioperm];
 #[cfg(not(target_arch = "x86_64"))]
 const IO_PORTS: &[i64] = &[];
 
+/// `openat2(2)` (Linux 5.6; the same number on every architecture).
+const SYS_OPENAT2: i64 = 437;
+/// `fchmodat2(2)` (Linux 6.6; the same number on every architecture).
+const SYS_FCHMODAT2: i64 = 452;
+/// `setxattrat(2)` (Linux 6.13; the same number on every architecture).
+const SYS_SETXATTRAT: i64 = 463;
+
+/// Syscalls that set a file's mode: (number, index of the mode argument, index of the open flags when the mode
+/// only counts with `O_CREAT`).
+#[cfg(target_arch = "x86_64")]
+const SETID_MODE_ARGS: [(i64, u8, Option<u8>); 9] = [
+    (libc::SYS_chmod, 1, None),
+    (libc::SYS_fchmod, 1, None),
+    (libc::SYS_fchmodat, 2, None),
+    (SYS_FCHMODAT2, 2, None),
+    (libc::SYS_creat, 1, None),
+    (libc::SYS_open, 2, Some(1)),
+    (libc::SYS_openat, 3, Some(2)),
+    (libc::SYS_mknod, 1, None),
+    (libc::SYS_mknodat, 2, None),
+];
+#[cfg(not(target_arch = "x86_64"))]
+const SETID_MODE_ARGS: [(i64, u8, Option<u8>); 5] = [
+    (libc::SYS_fchmod, 1, None),
+    (libc::SYS_fchmodat, 2, None),
+    (SYS_FCHMODAT2, 2, None),
+    (libc::SYS_openat, 3, Some(2)),
+    (libc::SYS_mknodat, 2, None),
+];
+
+/// Every way to write an extended attribute.
+const XATTR_WRITES: [i64; 4] = [
+    libc::SYS_setxattr,
+    libc::SYS_lsetxattr,
+    libc::SYS_fsetxattr,
+    SYS_SETXATTRAT,
+];
+
 /// Every `CLONE_NEW*` flag `clone` accepts (`CLONE_NEWTIME` shares its bit with the exit signal there).
 const CLONE_NEW_FLAGS: [libc::c_int; 7] = [
     libc::CLONE_NEWNS,
@@ -422,12 +460,37 @@ fn groups() -> Result<Vec<Group>, HardenError> {
         libc::SYS_personality,
         vec![rule(vec![arg32(0, Ne, 0)?, arg32(0, Ne, PERSONALITY_QUERY)?])?],
     );
+    // SECURITY: a file the bottle writes must never grant anyone on the host more than the launcher has (#12): a
+    // root launcher's bottle could otherwise leave a setuid-root binary in the workspace. Every way to put a set-id
+    // bit on a file is refused: the chmod family, and creating a file (open, openat, creat, mknod) with one.
+    for (nr, mode_arg, create_flag_arg) in SETID_MODE_ARGS {
+        let mut rules = denied.remove(&nr).unwrap_or_default();
+        for bit in [u64::from(libc::S_ISUID), u64::from(libc::S_ISGID)] {
+            let mut conditions = vec![arg32(mode_arg, MaskedEq(bit), bit)?];
+            if let Some(flags) = create_flag_arg {
+                let creat = libc::O_CREAT as u64;
+                conditions.push(arg32(flags, MaskedEq(creat), creat)?);
+            }
+            rules.push(rule(conditions)?);
+        }
+        denied.insert(nr, rules);
+    }
     let eperm = Group {
         errno: libc::EPERM as u32,
         rules: denied,
     };
+    // SECURITY: `security.capability` written by a namespace root that maps to host root is a file capability the
+    // host honours; the xattr name is behind a pointer seccomp cannot read, so no xattr is written (EOPNOTSUPP, as
+    // on a filesystem without them; tools carry on). openat2 hides its mode behind a pointer: ENOSYS, libc falls back
+    // to openat, checked above.
+    let opnotsupp = Group {
+        errno: libc::EOPNOTSUPP as u32,
+        rules: XATTR_WRITES.iter().map(|&nr| (nr, Vec::new())).collect(),
+    };
+    let mut nosys = nosys;
+    nosys.rules.insert(SYS_OPENAT2, Vec::new());
 
-    Ok(vec![afnosupport, nosys, eperm])
+    Ok(vec![afnosupport, nosys, eperm, opnotsupp])
 }
 
 /// Compiles each errno group with seccompiler (one match action per filter) and chains them into one program.
@@ -690,6 +753,48 @@ mod tests {
     }
 
     #[test]
+    fn set_id_bits_are_refused_on_every_way_to_set_a_mode_and_plain_modes_pass() {
+        let eperm = errno(libc::EPERM);
+        for (nr, mode_arg, flags_arg) in SETID_MODE_ARGS {
+            for mode in [0o4755, 0o2755, 0o6777, 0o104755] {
+                let mut args = [0u64; 6];
+                args[usize::from(mode_arg)] = mode;
+                if let Some(f) = flags_arg {
+                    args[usize::from(f)] = (libc::O_CREAT | libc::O_WRONLY) as u64;
+                }
+                assert_eq!(verdict(nr, args), eperm, "syscall {nr} mode {mode:o}");
+            }
+            let mut args = [0u64; 6];
+            args[usize::from(mode_arg)] = 0o755;
+            assert_eq!(verdict(nr, args), libc::SECCOMP_RET_ALLOW, "syscall {nr} plain mode");
+            if let Some(f) = flags_arg {
+                // Without O_CREAT the mode is not used: an open of an existing file passes whatever it holds.
+                let mut args = [0u64; 6];
+                args[usize::from(mode_arg)] = 0o4755;
+                args[usize::from(f)] = libc::O_RDONLY as u64;
+                assert_eq!(
+                    verdict(nr, args),
+                    libc::SECCOMP_RET_ALLOW,
+                    "syscall {nr} without O_CREAT"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn no_extended_attribute_is_written_and_openat2_falls_back() {
+        for nr in XATTR_WRITES {
+            assert_eq!(verdict(nr, a(0, 0)), errno(libc::EOPNOTSUPP), "syscall {nr}");
+        }
+        assert_eq!(verdict(SYS_OPENAT2, a(0, 0)), errno(libc::ENOSYS));
+        assert_eq!(
+            verdict(libc::SYS_getxattr, a(0, 0)),
+            libc::SECCOMP_RET_ALLOW,
+            "reading xattrs passes"
+        );
+    }
+
+    #[test]
     fn a_foreign_architecture_is_killed() {
         let program = seccomp_program().unwrap();
         assert_eq!(
@@ -709,7 +814,8 @@ mod tests {
     fn the_program_fits_the_kernel_limit_and_counts_its_rules() {
         let (program, rules) = build_seccomp().unwrap();
         assert!(program.len() <= BPF_MAX_INSNS, "{} instructions", program.len());
-        // 3 family ranges + clone3 + 7 clone flags + 2 socket types + 2 ioctls + personality + the plain list.
+        // 3 family ranges + clone3 + 7 clone flags + 2 socket types + 2 ioctls + personality + the plain list,
+        // + 2 set-id rules per mode-setting syscall + the xattr writes + openat2.
         let plain = [
             NAMESPACE_AND_MOUNT,
             OTHER_PROCESSES,
@@ -721,7 +827,10 @@ mod tests {
         .iter()
         .map(|l| l.len())
         .sum::<usize>();
-        assert_eq!(rules, 3 + 1 + 7 + 2 + 2 + 1 + plain);
+        assert_eq!(
+            rules,
+            3 + 1 + 7 + 2 + 2 + 1 + plain + 2 * SETID_MODE_ARGS.len() + XATTR_WRITES.len() + 1
+        );
     }
 
     #[test]

@@ -99,7 +99,9 @@ fn seal(root: &Path, after: &[FsStep]) -> Result<(), RootfsError> {
                 mount_point_file(&target)?;
             }
         }
-        if matches!(step, FsStep::Tmpfs { .. }) {
+        // Under a filesystem mounted after the seal (a tmpfs, the bottle's procfs), later steps find or make their
+        // own mount points.
+        if matches!(step, FsStep::Tmpfs { .. } | FsStep::Proc) {
             writable.push(at);
         }
     }

@@ -146,6 +146,9 @@ pub enum FsStep {
     DevPts,
 }
 
+/// Entries of the bottle's procfs made read-only (as runc and Docker do).
+pub const PROC_READ_ONLY: [&str; 4] = ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus"];
+
 /// What the host looks like, for planning (a seam: tests pass a fixed host).
 pub trait HostFs {
     fn exists(&self, path: &Path) -> bool;
@@ -279,11 +282,23 @@ pub fn fs_plan(spec: &InitSpec, host: &dyn HostFs) -> Vec<FsStep> {
             read_only: false,
         },
         FsStep::Proc,
-        FsStep::Tmpfs {
-            at: p("/dev"),
-            mode: 0o755,
-        },
     ]);
+    // SECURITY: the kernel's knobs are read-only inside whatever Landlock does (it is best-effort): with a root
+    // launcher the bottle's root is host root to /proc/sys (core_pattern runs a program as host root), as container
+    // runtimes also mask (#12). Each is the bottle's own procfs entry, bound onto itself read-only.
+    for entry in PROC_READ_ONLY {
+        if host.exists(Path::new(entry)) {
+            steps.push(FsStep::Bind {
+                from: spec.root.join(entry.trim_start_matches('/')),
+                at: p(entry),
+                read_only: true,
+            });
+        }
+    }
+    steps.push(FsStep::Tmpfs {
+        at: p("/dev"),
+        mode: 0o755,
+    });
     for dev in ["null", "zero", "full", "random", "urandom", "tty"] {
         steps.push(FsStep::Bind {
             from: Path::new("/dev").join(dev),
@@ -389,6 +404,8 @@ mod tests {
                 || src.starts_with("/lib")
                 || *src == Path::new("/home/u/project")
                 || *src == Path::new("/state/b1/root/etc/bot-bottle/ca-bundle.pem")
+                // The bottle's own procfs entries, bound onto themselves read-only.
+                || PROC_READ_ONLY.iter().any(|e| *src == Path::new("/state/b1/root").join(e.trim_start_matches('/')))
                 || USR_LINKS.iter().any(|l| *src == Path::new("/").join(l));
             assert!(ok, "unexpected host path bound: {}", src.display());
             for never in NEVER_VISIBLE {
@@ -443,12 +460,27 @@ mod tests {
     }
 
     #[test]
+    fn the_kernels_knobs_in_proc_are_read_only_binds_after_procfs_is_mounted() {
+        let steps = fs_plan(&spec(), &Debian);
+        let proc_at = steps.iter().position(|s| *s == FsStep::Proc).unwrap();
+        for entry in PROC_READ_ONLY {
+            let i = steps
+                .iter()
+                .position(|s| matches!(s, FsStep::Bind { at, read_only: true, .. } if at == Path::new(entry)))
+                .unwrap_or_else(|| panic!("{entry} is not made read-only"));
+            assert!(i > proc_at, "{entry} before procfs");
+        }
+    }
+
+    #[test]
     fn read_only_binds_come_before_the_seal_and_writable_mounts_after_it() {
         let steps = fs_plan(&spec(), &Debian);
         let seal = steps.iter().position(|s| s == &FsStep::Seal).unwrap();
         assert_eq!(steps.iter().filter(|s| **s == FsStep::Seal).count(), 1);
         for (i, step) in steps.iter().enumerate() {
             let writable = match step {
+                // The bottle's procfs is mounted after the seal; its entries made read-only come after it too.
+                FsStep::Bind { at, .. } if at.starts_with("/proc") => true,
                 FsStep::Bind { read_only, .. } => !read_only,
                 FsStep::Tmpfs { .. } | FsStep::Proc | FsStep::DevPts => true,
                 // Written into the root tmpfs, which the seal makes read-only.
