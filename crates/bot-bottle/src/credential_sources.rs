@@ -69,7 +69,9 @@ pub fn resolve(policy: &mut Policy, shown: &[Shown]) -> Result<(), PolicyError> 
     Ok(())
 }
 
-fn absolute(written: &Path, base: Option<&Path>) -> Result<PathBuf, String> {
+/// A path as the user wrote it (in a policy or a flag), made absolute: `~/` is their home, a relative path is
+/// relative to the policy file (else the working directory). Nothing is resolved or created.
+pub fn absolute(written: &Path, base: Option<&Path>) -> Result<PathBuf, String> {
     if let Ok(rest) = written.strip_prefix("~") {
         let home = std::env::var_os("HOME").filter(|h| !h.is_empty());
         let home = home.ok_or_else(|| format!("{} starts with `~` but HOME is not set", written.display()))?;

@@ -24,7 +24,10 @@ pub fn plan(policy: &Policy, state_root: &Path) -> Result<Option<PathBuf>, Polic
     let refuse = |msg: String| PolicyError::whole_file(None, msg);
     Ok(match policy.bottle.home.as_deref() {
         Some(TMPFS) => None,
-        Some(written) => Some(absolute(written, policy.bottle.base_dir.as_deref()).map_err(refuse)?),
+        Some(written) => Some(
+            crate::credential_sources::absolute(Path::new(written), policy.bottle.base_dir.as_deref())
+                .map_err(refuse)?,
+        ),
         None => Some(state_root.join(HOMES_DIR).join(policy.bottle.agent.as_str())),
     })
 }
@@ -60,23 +63,6 @@ pub fn prepare(dir: &Path, state_root: &Path) -> Result<PathBuf, PolicyError> {
         )));
     }
     Ok(dir)
-}
-
-fn absolute(written: &str, base: Option<&Path>) -> Result<PathBuf, String> {
-    let path = Path::new(written);
-    if let Ok(rest) = path.strip_prefix("~") {
-        let home = std::env::var_os("HOME").filter(|h| !h.is_empty());
-        return Ok(PathBuf::from(home.ok_or("home starts with `~` but HOME is not set")?).join(rest));
-    }
-    if path.is_absolute() {
-        return Ok(path.to_path_buf());
-    }
-    match base {
-        Some(b) => Ok(b.join(path)),
-        None => std::env::current_dir()
-            .map(|c| c.join(path))
-            .map_err(|e| format!("cannot read the current directory: {e}")),
-    }
 }
 
 #[derive(Serialize)]
