@@ -526,6 +526,24 @@ mod tests {
     }
 
     #[test]
+    fn a_doubled_port_or_a_url_is_told_what_it_is() {
+        let err = HostPattern::parse("example.com:443:443", PatternUse::Allow)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("more than one `:`") && !err.contains("IP address"),
+            "{err}"
+        );
+        let err = HostPattern::parse("http://example.com", PatternUse::Allow)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("that is a URL") && err.contains("\"example.com\""),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn an_address_without_a_port_is_told_the_valid_form() {
         for (raw, want) in [
             ("10.0.0.5", "\"10.0.0.5:443\""),

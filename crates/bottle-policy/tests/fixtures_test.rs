@@ -83,6 +83,17 @@ fn root() -> PathBuf {
 }
 
 #[test]
+fn a_huge_bad_flag_value_is_shown_once_and_cut() {
+    let o = Overrides {
+        allow: vec![format!("{}..x", "a".repeat(100_000))],
+        ..Default::default()
+    };
+    let shown = bottle_policy::from_flags(&o).unwrap_err().to_string();
+    assert!(shown.len() < 2_000, "{} bytes", shown.len());
+    assert!(shown.starts_with("--allow"), "{shown}");
+}
+
+#[test]
 fn every_bad_fixture_is_refused_at_its_line() {
     let dir = root().join("tests/fixtures/bad");
     let mut on_disk: Vec<String> = std::fs::read_dir(&dir)

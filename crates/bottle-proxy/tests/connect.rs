@@ -27,8 +27,10 @@ async fn allowed_connect_is_intercepted_and_reaches_the_tls_upstream() {
     assert_eq!(line["scheme"], "https");
     assert_eq!(line["path"], "/hello?q");
     // The decision is written before forwarding; its `end` line, paired by id, carries the byte counts.
+    assert_eq!(line["addr"], "127.0.0.1", "the decision names the address dialled");
     let end = w.lab.wait_audit(|v| v["event"] == "end" && v["id"] == line["id"]).await;
     assert_eq!(end["outcome"], "ok");
+    assert_eq!(end["status"], 200, "the end line carries the upstream's status");
     assert!(end["bytes_down"].as_u64().unwrap() > 0);
     assert!(end.get("decision").is_none(), "an end line is not a decision");
     assert!(!w.lab.audit_text().contains("secret-value"));
