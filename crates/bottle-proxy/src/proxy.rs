@@ -140,6 +140,7 @@ impl Proxy {
     /// Sets up everything that can fail before the first connection: state directory, CA, upstream roots,
     /// credentials (a required one whose source is missing is an error), audit log.
     pub fn new(config: ProxyConfig) -> Result<Self, ProxyError> {
+        raise_file_limit();
         DirBuilder::new()
             .recursive(true)
             .mode(STATE_DIR_MODE)
@@ -235,5 +236,19 @@ impl Proxy {
             rule: rule.to_string(),
             ..Event::default()
         });
+    }
+}
+
+/// SECURITY (availability): the proxy is the bottle's only way out, and each connection costs descriptors; at a
+/// default soft limit of 1,024 a busy agent made `accept` fail (#12). Raise the soft limit to the hard limit once,
+/// in the proxy's own process (the bottle was cloned before and keeps its own limits).
+fn raise_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::info!(error = %e, "cannot raise the open-file limit");
+        }
     }
 }
