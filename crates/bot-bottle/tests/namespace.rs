@@ -854,9 +854,18 @@ fn the_agents_home_is_kept_between_runs_unless_asked_otherwise() {
     let rm = env.bb(None, &["home", "rm", "none"]);
     assert!(rm.status.success(), "{}", text(&rm));
     assert!(!kept.exists());
-    // The user's own home is never a bottle's home.
+    // The user's own home is never a bottle's home, nor a credential store in it.
     let refused = env.bb(None, &["run", "--home", env.dir.path().to_str().unwrap(), "--", "true"]);
     assert_eq!(refused.status.code(), Some(121), "{}", text(&refused));
+    let ssh = env.dir.path().join(".ssh");
+    let refused = env.bb(None, &["run", "--home", ssh.to_str().unwrap(), "--", "true"]);
+    assert_eq!(refused.status.code(), Some(121), "{}", text(&refused));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("where credentials live"),
+        "{}",
+        text(&refused)
+    );
+    assert!(!ssh.exists(), "a refused home was created");
 }
 
 /// #12: a root launcher's bottle wrote setuid-root files onto the host (`cp /usr/bin/id x; chmod 4755 x` in the

@@ -16,6 +16,22 @@ use crate::output::Output;
 
 /// Beside the bottles' state directories (a bottle may not be named so).
 pub const HOMES_DIR: &str = "homes";
+/// Where credentials live under a user's home: never a bottle's home, nor inside one.
+const CREDENTIAL_STORES: [&str; 12] = [
+    ".ssh",
+    ".gnupg",
+    ".aws",
+    ".azure",
+    ".config/gcloud",
+    ".config/gh",
+    ".kube",
+    ".docker",
+    ".netrc",
+    ".git-credentials",
+    ".password-store",
+    ".local/share/keyrings",
+];
+
 /// `home = "tmpfs"`: a fresh home every run.
 const TMPFS: &str = "tmpfs";
 
@@ -35,34 +51,76 @@ pub fn plan(policy: &Policy, state_root: &Path) -> Result<Option<PathBuf>, Polic
 /// Creates the planned home (0700) if missing and checks where it really is. Called once nothing else can refuse
 /// the launch, so a refused launch creates nothing.
 pub fn prepare(dir: &Path, state_root: &Path) -> Result<PathBuf, PolicyError> {
-    let refuse = |msg: String| PolicyError::whole_file(None, msg);
+    // Checked as written before anything is created (a refused home leaves nothing behind), and again where the
+    // directory really is once it exists (links resolved).
+    check(&lexical(dir), state_root)?;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|e| refuse(format!("cannot create the home {}: {e}", dir.display())))?;
+        .map_err(|e| refused(format!("cannot create the home {}: {e}", dir.display())))?;
     let dir = dir
         .canonicalize()
-        .map_err(|e| refuse(format!("cannot resolve the home {}: {e}", dir.display())))?;
-    // SECURITY: a home is read-write to the agent. Never the user's own home (or what holds it), never /, and
-    // never over bot-bottle's state (every bottle's audit log and CA) except its own homes directory.
-    let user_home = std::env::var_os("HOME").and_then(|h| PathBuf::from(h).canonicalize().ok());
-    if dir == Path::new("/") || user_home.as_ref().is_some_and(|h| h.starts_with(&dir)) {
-        return Err(refuse(format!(
+        .map_err(|e| refused(format!("cannot resolve the home {}: {e}", dir.display())))?;
+    check(&dir, state_root)?;
+    Ok(dir)
+}
+
+fn refused(msg: String) -> PolicyError {
+    PolicyError::whole_file(None, msg)
+}
+
+/// `a/b/../c` → `a/c`, without asking the filesystem.
+fn lexical(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// SECURITY: a home is read-write to the agent. Never the user's own home (or what holds it), never /, never one
+/// of the user's credential stores (or what holds one: `--home ~/.ssh` would hand over the keys), and never over
+/// bot-bottle's state (every bottle's audit log and CA) except its own homes directory.
+fn check(dir: &Path, state_root: &Path) -> Result<(), PolicyError> {
+    let user_home = std::env::var_os("HOME").map(|h| {
+        let h = PathBuf::from(h);
+        h.canonicalize().unwrap_or(h)
+    });
+    if dir == Path::new("/") || user_home.as_ref().is_some_and(|h| h.starts_with(dir)) {
+        return Err(refused(format!(
             "refusing home {}: it is (or holds) your own home directory; pick a directory of its own, or \"tmpfs\"",
             dir.display()
         )));
     }
+    if let Some(home) = &user_home
+        && let Some(store) = CREDENTIAL_STORES
+            .iter()
+            .map(|s| home.join(s))
+            .find(|s| dir.starts_with(s) || s.starts_with(dir))
+    {
+        return Err(refused(format!(
+            "refusing home {}: it is or holds {}, where credentials live; pick a directory of its own, or \"tmpfs\"",
+            dir.display(),
+            store.display()
+        )));
+    }
     let root = state_root.canonicalize().unwrap_or_else(|_| state_root.to_path_buf());
     let homes = root.join(HOMES_DIR);
-    if (dir.starts_with(&root) && !dir.starts_with(&homes)) || root.starts_with(&dir) {
-        return Err(refuse(format!(
+    if (dir.starts_with(&root) && !dir.starts_with(&homes)) || root.starts_with(dir) {
+        return Err(refused(format!(
             "refusing home {}: it overlaps bot-bottle's state directory {}",
             dir.display(),
             root.display()
         )));
     }
-    Ok(dir)
+    Ok(())
 }
 
 #[derive(Serialize)]
