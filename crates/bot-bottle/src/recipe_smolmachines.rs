@@ -214,6 +214,14 @@ impl Steps {
 
 /// Runs the agent to completion in a new smolvm machine; returns its exit code.
 pub fn run(req: Request) -> anyhow::Result<u8> {
+    // A written setting is enforced or refused: this backend keeps the guest's own home for now.
+    if req.policy.bottle.home.is_some() {
+        return Err(crate::exit::Unavailable {
+            verb: "run",
+            reason: "`home` (--home) is not supported by the smolmachines backend yet; the guest keeps its own home",
+        }
+        .into());
+    }
     let steps = Steps(Instant::now());
     let engine = preflight_step(&RealHost)?;
     steps.done("preflight");

@@ -636,3 +636,16 @@ fn ls_and_logs_say_when_the_audit_log_is_failing() {
         .success()
         .stderr(predicate::str::contains("the audit log cannot be written"));
 }
+
+/// A written setting is enforced or refused: the smolmachines backend has no kept home yet, so `--home` is refused
+/// there rather than silently ignored.
+#[test]
+fn home_on_a_backend_without_it_is_refused_not_ignored() {
+    let tmp = tempfile::tempdir().unwrap();
+    bb(tmp.path())
+        .args(["run", "--backend", "smolmachines", "--home", "tmpfs", "--", "true"])
+        .assert()
+        .code(UNAVAILABLE)
+        .stderr(predicate::str::contains("not supported by the smolmachines backend"));
+    assert!(!tmp.path().join("state").exists());
+}
