@@ -126,11 +126,7 @@ pub fn run(mut req: Request) -> anyhow::Result<u8> {
         e
     });
     if !req.detached
-        && let Some(text) = crate::refusals::summary(
-            &crate::refusals::read(&bottle.dir.file(state::AUDIT_FILE)),
-            name.as_str(),
-            !req.remove,
-        )
+        && let Some(text) = crate::refusals::summary(&crate::refusals::read(&bottle.dir), name.as_str(), !req.remove)
     {
         eprint!("{text}");
     }

@@ -304,11 +304,8 @@ fn launch(mut req: Request, engine: &Engine, root: &Path, tuning: Tuning, steps:
     };
     bottle.record(recipe::record_outcome(&result))?;
     if !req.detached
-        && let Some(text) = crate::refusals::summary(
-            &crate::refusals::read(&bottle.dir.file(bottle_sandbox::state::AUDIT_FILE)),
-            &bottle.state.name,
-            !req.remove,
-        )
+        && let Some(text) =
+            crate::refusals::summary(&crate::refusals::read(&bottle.dir), &bottle.state.name, !req.remove)
     {
         eprint!("{text}");
     }

@@ -4,12 +4,11 @@
 //! Real clients show little of a refusal (`npm error 403 Forbidden`, cargo's "CONNECT tunnel failed, response 403");
 //! the remedy is in the proxy's answer headers and the audit log, so it is brought here.
 
+use bottle_sandbox::namespace::init::SELFTEST_HOST;
+use bottle_sandbox::state::{AUDIT_FILE, StateDir};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
-
-use bottle_sandbox::namespace::init::SELFTEST_HOST;
 
 /// Refusals of one kind: same host, port and rule.
 #[derive(Debug, PartialEq, Eq)]
@@ -22,17 +21,22 @@ pub struct Refused {
     pub count: usize,
 }
 
-/// The refusals in an audit log, grouped, most frequent first. The launch self-test's own probe is not the agent's.
-pub fn read(audit: &Path) -> Vec<Refused> {
-    let Ok(file) = std::fs::File::open(audit) else {
-        return Vec::new();
-    };
+/// The agent's lines of a bottle's audit log (opened without following a link planted in its place), as JSON; the
+/// launch self-test's own probe is bot-bottle's request, not the agent's, and is left out. `ls` counts them, the
+/// end-of-run summary groups the refusals.
+pub fn agent_lines(dir: &StateDir) -> impl Iterator<Item = serde_json::Value> {
+    let file = dir.open_log(AUDIT_FILE).ok();
+    file.into_iter()
+        .flat_map(|f| BufReader::new(f).lines().map_while(Result::ok))
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(&line).ok())
+        .filter(|v| v["host"] != SELFTEST_HOST)
+}
+
+/// The refusals in a bottle's audit log, grouped, most frequent first.
+pub fn read(dir: &StateDir) -> Vec<Refused> {
     let mut groups: BTreeMap<(String, u64, String), Refused> = BTreeMap::new();
-    for line in BufReader::new(file).lines().map_while(Result::ok) {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        if v["decision"] != "deny" || v["host"] == SELFTEST_HOST || v["event"] == "unrecorded" {
+    for v in agent_lines(dir) {
+        if v["decision"] != "deny" || v["event"] == "unrecorded" {
             continue;
         }
         let text = |k: &str| v[k].as_str().map(str::to_string);
@@ -168,7 +172,9 @@ mod tests {
         ]
         .concat();
         std::fs::write(&audit, text).unwrap();
-        let refused = read(&audit);
+        let refused = read(&StateDir {
+            path: dir.path().to_path_buf(),
+        });
         assert_eq!(refused.len(), 1, "{refused:?}");
         assert_eq!(refused[0].count, 2);
         let shown = summary(&refused, "b1", true).unwrap();

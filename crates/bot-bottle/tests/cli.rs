@@ -323,16 +323,7 @@ fn doctor_for_one_backend_exits_122_exactly_when_it_cannot_run() {
 fn fake_state(tmp: &Path, name: &str, backend: &str, status: &str) {
     let dir = tmp.join("state/bot-bottle").join(name);
     std::fs::create_dir_all(&dir).unwrap();
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-    let start: u64 = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .nth(19)
-        .unwrap()
-        .parse()
-        .unwrap();
+    let start = start_time(std::process::id());
     let state = serde_json::json!({
         "name": name, "backend": backend, "addr": "127.0.0.9", "status": status,
         "supervisor_pid": std::process::id(), "supervisor_start": start, "init_pid": null,
@@ -648,4 +639,19 @@ fn home_on_a_backend_without_it_is_refused_not_ignored() {
         .code(UNAVAILABLE)
         .stderr(predicate::str::contains("not supported by the smolmachines backend"));
     assert!(!tmp.path().join("state").exists());
+}
+
+/// A link planted where the audit log was is not followed by `ls` (a link to /dev/zero made it read forever).
+#[test]
+fn ls_never_reads_the_audit_log_through_a_planted_link() {
+    let tmp = tempfile::tempdir().unwrap();
+    fake_state(tmp.path(), "linked", "namespace", "exited");
+    let dir = tmp.path().join("state/bot-bottle/linked");
+    std::os::unix::fs::symlink("/dev/zero", dir.join("audit.jsonl")).unwrap();
+    bb(tmp.path())
+        .arg("ls")
+        .timeout(std::time::Duration::from_secs(20))
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("linked"));
 }

@@ -20,7 +20,6 @@ use crate::recipe::{self, Request};
 /// Marks the re-executed supervisor of a detached bottle.
 const SUPERVISOR_ENV: &str = "BOT_BOTTLE_SUPERVISOR";
 const DETACH_READY_TIMEOUT: Duration = Duration::from_secs(40);
-const SELFTEST_HOST: &str = bottle_sandbox::namespace::init::SELFTEST_HOST;
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<u8> {
@@ -289,18 +288,8 @@ fn reap_if_dead(dir: &StateDir, mut s: BottleState) -> anyhow::Result<BottleStat
 }
 
 fn count_decisions(dir: &StateDir) -> (usize, usize) {
-    let Ok(f) = std::fs::File::open(dir.file(state::AUDIT_FILE)) else {
-        return (0, 0);
-    };
     let (mut allowed, mut denied) = (0, 0);
-    for line in BufReader::new(f).lines().map_while(Result::ok) {
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        // The launch self-test's probe is bot-bottle's own request, not the agent's.
-        if v["host"] == SELFTEST_HOST {
-            continue;
-        }
+    for v in crate::refusals::agent_lines(dir) {
         // An `unrecorded` line counts the decisions the log could not hold while failing (all refusals).
         let n = v["count"]
             .as_u64()
