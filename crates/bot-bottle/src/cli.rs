@@ -54,6 +54,10 @@ pub enum Command {
     /// Agent homes kept between runs (one per agent preset by default): list or remove them.
     #[command(subcommand)]
     Home(HomeCommand),
+    /// Allow a host in a running bottle, at once and without a restart (validated as a policy line; audited).
+    Allow(LiveArgs),
+    /// Deny a host in a running bottle, at once, for new requests (validated as a policy line; audited).
+    Deny(LiveArgs),
     /// Run the egress proxy alone, in the foreground (benchmarks, containers, debugging).
     Proxy(ProxyArgs),
     /// Attempt a representative set of escapes from a real bottle on this host; exit 123 if any gets out.
@@ -144,7 +148,25 @@ pub enum HomeCommand {
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
     /// Validate a policy and print the effective policy (presets expanded, flags applied), or the error.
-    Check(PolicyCheckArgs),
+    Check(Box<PolicyCheckArgs>),
+    /// Draft policy lines from what a bottle's proxy refused: exactly that, nothing broader.
+    Suggest(PolicySuggestArgs),
+    /// Print a bottle's policy as it is now (live changes included).
+    Show(PolicySuggestArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LiveArgs {
+    /// The running bottle.
+    pub name: String,
+    /// As `--allow` / `--deny` take it: HOST[:PORT], a wildcard, an IP:PORT.
+    pub entry: String,
+}
+
+#[derive(Debug, Args)]
+pub struct PolicySuggestArgs {
+    /// The bottle whose audit log is read.
+    pub name: String,
 }
 
 #[derive(Debug, Args)]

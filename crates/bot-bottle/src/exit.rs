@@ -3,8 +3,8 @@
 
 use bottle_policy::PolicyError;
 use bottle_proxy::ProxyError;
+use bottle_sandbox::backend::{BackendError, FailureClass};
 use bottle_sandbox::lease::LeaseError;
-use bottle_sandbox::namespace::launch::LaunchError;
 use bottle_sandbox::state::StateError;
 
 /// Bad command line (clap's convention), or a bad value in bot-bottle's environment (`BOT_BOTTLE_POOL`).
@@ -58,8 +58,14 @@ pub struct PreflightFailed {
 /// Maps the typed root cause of an error chain to its exit code.
 pub fn classify(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
-        if let Some(step) = cause.downcast_ref::<crate::recipe_smolmachines::StepError>() {
-            return step.exit_code();
+        if let Some(e) = cause.downcast_ref::<BackendError>() {
+            return match e.class() {
+                FailureClass::Preflight => PREFLIGHT,
+                FailureClass::Sandbox => SANDBOX,
+                FailureClass::Proxy => PROXY,
+                FailureClass::Unsupported => UNAVAILABLE,
+                FailureClass::Target => TARGET,
+            };
         }
         if cause.is::<PolicyError>() {
             return POLICY;
@@ -94,9 +100,6 @@ pub fn classify(err: &anyhow::Error) -> u8 {
         if cause.is::<ProxyError>() {
             return PROXY;
         }
-        if cause.is::<LaunchError>() {
-            return SANDBOX;
-        }
     }
     INTERNAL
 }
@@ -110,6 +113,8 @@ pub fn kind(code: u8) -> &'static str {
         PREFLIGHT => "preflight",
         SANDBOX => "sandbox",
         PROXY => "proxy",
+        // The agent's command could not start (not found, not executable), as a shell reports it.
+        126 | 127 => "start",
         _ => "internal",
     }
 }

@@ -4,10 +4,11 @@ mod cli;
 mod cmd;
 mod credential_sources;
 mod exit;
+mod live;
+mod mounts;
 mod output;
 mod policy_args;
 mod recipe;
-mod recipe_smolmachines;
 mod refusals;
 mod terminal;
 

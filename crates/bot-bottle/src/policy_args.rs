@@ -43,6 +43,10 @@ pub struct PolicyArgs {
     /// preset's own home under bot-bottle's state directory, kept between runs).
     #[arg(long, value_name = "DIR|tmpfs")]
     pub home: Option<String>,
+    /// Show a host path in the bottle, read-only unless `:rw` (e.g. `--mount ~/.cargo`); a path under your home
+    /// appears under the bottle's home. Credential stores, sockets and bot-bottle's state are refused. Repeatable.
+    #[arg(long = "mount", value_name = "SRC[:DST][:ro|rw]")]
+    pub mounts: Vec<String>,
 }
 
 impl PolicyArgs {
@@ -57,6 +61,7 @@ impl PolicyArgs {
             resolve: self.resolve.clone(),
             env: self.env.clone(),
             home: self.home.clone(),
+            mounts: self.mounts.clone(),
         }
     }
 

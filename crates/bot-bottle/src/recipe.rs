@@ -1,31 +1,32 @@
-//! The launch recipe, one named step after another: load policy → preflight → lease → state → mint CA and start
-//! the bundle (proxy) → discover URLs → plan → launch → init → wait ready → run → teardown. Each step's error
-//! says which step failed; everything started so far is torn down by its owner's `Drop`.
+//! The launch recipe, one named step after another, the same for every backend: load policy → preflight → lease →
+//! state → begin (the backend's pre-thread work) → mint CA and start the bundle (proxy) → attach and discover URLs →
+//! start (plan, launch, init, wait ready) → run → teardown. The recipe never asks which backend it drives
+//! (`bottle_sandbox::backend`); each step's error says which step failed, and whatever started is torn down in
+//! reverse: the backend's bottle, then the proxy, then the lease.
+
+#[cfg(test)]
+mod smolmachines_tests;
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use anyhow::{Context, bail};
-use bottle_policy::{Backend, BottleName, Policy, preset::preset};
-use bottle_proxy::{Proxy, ProxyConfig};
+use anyhow::Context;
+use bottle_policy::{BottleName, Policy, preset::preset};
+use bottle_proxy::{Bundle, Interceptor, Listen, ProxyConfig};
+use bottle_sandbox::backend::{
+    self, AgentIo, Backend, BackendError, BottleSpec, Exit, FailureClass, Launch, MountSpec, Relay, Serve, Services,
+    Urls,
+};
 use bottle_sandbox::lease::{Lease, Registry};
-use bottle_sandbox::namespace::launch::{self, Stdio3};
-use bottle_sandbox::namespace::spec::{EarlySpec, InitSpec, bottle_env};
-use bottle_sandbox::namespace::{self};
 use bottle_sandbox::preflight::{self, RealHost};
 use bottle_sandbox::state::{self, BottleState, StateDir, Status};
 
 use crate::credential_sources::{self, Shown};
-use crate::exit::{PreflightFailed, Unavailable};
-
-/// How long the init may take to hand over its proxy listener, and to pass its self-test.
-const LISTENER_TIMEOUT: Duration = Duration::from_secs(10);
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
+use crate::exit::PreflightFailed;
 
 /// Logs each named step with the time since launch began (`-vv` or BOT_BOTTLE_LOG=debug).
-struct Steps(std::time::Instant);
+pub(crate) struct Steps(std::time::Instant);
 
 impl Steps {
     fn done(&self, step: &str) {
@@ -45,7 +46,7 @@ pub struct Request {
     pub remove: bool,
 }
 
-/// A bottle being launched: what the recipe has started so far, torn down in reverse on drop.
+/// A bottle being launched: its state directory, recorded state and lease.
 struct Launching {
     dir: StateDir,
     state: BottleState,
@@ -59,135 +60,160 @@ impl Launching {
     }
 }
 
-/// Runs the agent to completion in a new bottle; returns its exit code.
-pub fn run(mut req: Request) -> anyhow::Result<u8> {
-    if req.policy.bottle.backend == Backend::Smolmachines {
-        return crate::recipe_smolmachines::run(req);
-    }
+/// Runs the agent to completion in a new bottle of the policy's backend; returns how it ended.
+pub fn run(req: Request) -> anyhow::Result<Exit> {
+    let backend = backend::for_kind(req.policy.bottle.backend)?;
+    let root = state::state_root()?;
+    launch(req, backend.as_ref(), &root)
+}
+
+/// The recipe, for `backend` and bot-bottle's state `root`.
+pub(crate) fn launch(mut req: Request, backend: &dyn Backend, root: &Path) -> anyhow::Result<Exit> {
     let steps = Steps(std::time::Instant::now());
-    // step: preflight
-    let backend = req.policy.bottle.backend;
-    if backend != Backend::Namespace {
-        return Err(Unavailable {
-            verb: "run",
-            reason: "only the namespace backend runs bottles so far (smolmachines: issue #5, container: later)",
-        }
-        .into());
-    }
-    // The full preflight forks probes; it runs when a launch fails, to turn the failure into a remedy. The
-    // launch itself fails closed on anything the probes would have found.
-    let cgroup_ns = Path::new("/proc/self/ns/cgroup").exists();
+    // step: preflight (what the backend refuses to enforce, the workspace, the home, the credential files, the host)
+    backend.check(&req.policy)?;
     let argv = command(&req)?;
     let pool = lease_pool()?;
-    let root = state::state_root()?;
-    let workspace = workspace(&req.policy, &root)?;
-    let home_source = crate::cmd::home::plan(&req.policy, &root)?;
+    let mut launch = backend.prepare(root)?;
+    let workspace = workspace(&req.policy, root)?;
+    launch.check_workspace(&workspace)?;
+    let home_source = crate::cmd::home::plan(&req.policy, root)?;
     let mut shown = vec![Shown::new(&workspace, "the workspace")];
     if let Some(home) = &home_source {
         shown.push(Shown::new(home, "the agent's home"));
     }
-    shown.extend(
-        namespace::spec::visible_host_paths(&namespace::spec::RealFs)
-            .iter()
-            .map(|p| Shown::new(p, "the read-only host path")),
-    );
+    let mounts = crate::mounts::resolve(&req.policy, root)?;
+    shown.extend(mounts.iter().map(|m| Shown::new(&m.source, "a mounted host path")));
+    let visible = backend.visible_host_paths();
+    shown.extend(visible.iter().map(|p| Shown::new(p, "the read-only host path")));
     credential_sources::resolve(&mut req.policy, &shown)?;
     let home_source = match home_source {
-        Some(dir) => Some(crate::cmd::home::prepare(&dir, &root)?),
+        Some(dir) => Some(crate::cmd::home::prepare(&dir, root)?),
         None => None,
     };
-    let policy = &req.policy;
     steps.done("preflight");
 
     // step: lease
-    let name = match &policy.bottle.name {
+    let name = match &req.policy.bottle.name {
         Some(n) => n.clone(),
         None => generated_name()?,
     };
-    let lease = Registry::new(&root)
+    let lease = Registry::new(root)
         .with_pool(pool)
         .allocate(&name, std::process::id())?;
     let addr = lease.addr();
     steps.done("lease");
 
-    // step: state dir
-    let mut state = state::starting(name.as_str(), backend.as_str(), &addr.to_string(), req.detached)?;
+    // step: state dir (a failure here drops, and so releases, the lease)
+    let kind = backend.kind();
+    let mut state = state::starting(&name, kind, addr, req.detached)?;
     state.remove = req.remove;
-    let dir = StateDir::create(&root, name.as_str())?;
+    let dir = StateDir::create(root, name.as_str())?;
     let mut bottle = Launching { state, dir, lease };
     bottle.set(|_| {})?;
-    let result = launch_and_run(&mut bottle, &req, argv, (workspace, home_source), cgroup_ns, &steps).map_err(|e| {
-        if e.chain()
-            .any(|c| c.is::<bottle_sandbox::namespace::launch::LaunchError>())
-            && !preflight::report(backend, &RealHost).usable()
-        {
-            return anyhow::Error::new(PreflightFailed { backend }).context(format!("{e:#}"));
+    steps.done("state dir");
+
+    let mut bundle = None;
+    let spec = (name, argv, workspace, home_source, mounts);
+    let result = launch_and_run(&mut bottle, launch.as_mut(), &mut bundle, &req, spec, &steps);
+    // step: teardown, in reverse: the bottle, its proxy, its lease
+    let mut left = launch.shutdown().err().map(|e| e.left).unwrap_or_default();
+    drop(launch);
+    if let Some(mut bundle) = bundle {
+        bundle.shutdown();
+    }
+    let _ = std::fs::remove_file(bottle.dir.file(crate::live::CONTROL_SOCKET));
+    let Launching { dir, mut state, lease } = bottle;
+    if let Err(e) = lease.release() {
+        left.push(format!("the address lease is left behind ({e})"));
+    }
+    let result = match (result, left.is_empty()) {
+        (result, true) => result,
+        (Ok(_), false) => Err(anyhow::Error::new(backend::TeardownError { left }).context("step teardown")),
+        (Err(cause), false) => {
+            Err(cause.context(format!("teardown after this failure also failed: {}", left.join("; "))))
         }
-        e
-    });
+    };
+    let result = result.map_err(|e| explain_failure(e, kind));
     if !req.detached
-        && let Some(text) = crate::refusals::summary(&crate::refusals::read(&bottle.dir), name.as_str(), !req.remove)
+        && let Some(text) = crate::refusals::summary(&crate::refusals::read(&dir), name_of(&state), !req.remove)
     {
         eprint!("{text}");
     }
+    steps.done("teardown");
     if req.remove {
-        // Nothing of the bottle is kept, so there is no outcome to record: the directory goes, the lease with it.
-        let Launching { dir, lease, .. } = bottle;
-        drop(lease);
+        // Nothing of the bottle is kept, so there is no outcome to record: the directory goes.
         dir.remove()?;
         return result;
     }
-    bottle.set(record_outcome(&result))?;
-    // The spec goes with the bottle (it holds no secret: `pass_env` values and the CA key never were on disk).
-    let _ = std::fs::remove_file(bottle.dir.file(state::SPEC_FILE));
+    record_outcome(&result)(&mut state);
+    dir.write(&state).context("cannot record the bottle's state")?;
     result
+}
+
+fn name_of(state: &BottleState) -> &str {
+    state.name.as_str()
+}
+
+/// A sandbox failure on a host that fails the backend's preflight is a preflight failure: `doctor` has the remedy.
+fn explain_failure(e: anyhow::Error, kind: backend::Kind) -> anyhow::Error {
+    let sandbox = e.chain().any(|c| {
+        c.downcast_ref::<BackendError>()
+            .is_some_and(|b| b.class() == FailureClass::Sandbox)
+    });
+    if sandbox && !preflight::report(kind, &RealHost).usable() {
+        return anyhow::Error::new(PreflightFailed { backend: kind }).context(format!("{e:#}"));
+    }
+    e
 }
 
 fn launch_and_run(
     bottle: &mut Launching,
+    launch: &mut dyn Launch,
+    bundle: &mut Option<Bundle>,
     req: &Request,
-    argv: Vec<String>,
-    (workspace, home_source): (PathBuf, Option<PathBuf>),
-    cgroup_ns: bool,
+    (name, argv, workspace, home, mounts): (BottleName, Vec<String>, PathBuf, Option<PathBuf>, Vec<MountSpec>),
     steps: &Steps,
-) -> anyhow::Result<u8> {
+) -> anyhow::Result<Exit> {
     let policy = &req.policy;
-    // The init is cloned first (the launcher has no thread yet) into the bottle's namespaces, which it sets up while
-    // the bundle starts; it waits for its spec only to build the filesystem.
-    // Dropping `sandbox` on any failure below kills it.
-    let spec_path = bottle.dir.file(state::SPEC_FILE);
-    // An interactive run: the agent gets its own terminal inside the bottle, relayed to the user's.
+    // An interactive run: both ends are the user's terminal (output piped elsewhere is not interactive).
     let terminal = !req.detached && std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
-    let stdio = if req.detached {
-        let log = bottle.dir.open_agent_log().context("cannot open the agent log")?;
-        let null = std::fs::File::open("/dev/null").context("cannot open /dev/null")?;
-        Stdio3 {
-            stdin: Some(null.into()),
-            stdout: Some(log.try_clone().context("cannot open the agent log")?.into()),
-            stderr: Some(log.into()),
-        }
+    let io = if req.detached {
+        AgentIo::Log(bottle.dir.open_agent_log().context("cannot open the agent log")?)
+    } else if terminal {
+        AgentIo::Terminal
     } else {
-        Stdio3::inherit()
+        AgentIo::Inherit
     };
-    let uid = rustix::process::getuid().as_raw();
-    let gid = rustix::process::getgid().as_raw();
-    // SECURITY: `pass_env` values go to the init in memory only; the spec file on disk lists their names.
-    let pass_env: BTreeMap<String, String> = req
-        .policy
+    // SECURITY: `pass_env` values travel in memory only; every file on disk names them at most.
+    let pass_env: BTreeMap<String, String> = policy
         .bottle
         .pass_env
         .iter()
         .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
         .collect();
-    let early = EarlySpec {
-        name: bottle.state.name.clone(),
-        uid,
-        gid,
-        cgroup_ns,
-        pass_env,
+    // A kept home keeps its placeholders too (see `placeholder_key::placeholder_seed`); a fresh home gets random ones.
+    let placeholder_seed = match (&home, bottle.dir.path.parent()) {
+        (Some(home), Some(root)) => Some(crate::cmd::placeholder_key::placeholder_seed(root, home)?),
+        _ => None,
     };
-    let mut sandbox = launch::spawn(&spec_path, &early, stdio)?;
-
+    let spec = BottleSpec {
+        name,
+        addr: bottle.lease.addr(),
+        argv,
+        workspace,
+        home,
+        env: policy.bottle.env.clone(),
+        pass_env,
+        image: policy.bottle.image.clone(),
+        cpus: policy.bottle.resources.cpus,
+        memory_mib: policy.bottle.resources.memory_mib,
+        pids: policy.bottle.resources.pids,
+        mounts,
+        io,
+    };
+    // step: begin (the namespace backend clones its init here: the launcher has no thread yet)
+    launch.begin(spec, &bottle.dir)?;
     bottle.dir.create_file(
         state::POLICY_FILE,
         bottle_policy::Effective::of(policy)
@@ -195,123 +221,94 @@ fn launch_and_run(
             .context("cannot render the policy")?
             .as_bytes(),
     )?;
+    steps.done("begin");
 
-    // step: mint CA + start bundle
-    // One worker: a bottle's proxy serves one agent, and each thread started here competes with the init for the
-    // CPU on the launch's critical path. (The standalone `proxy`, built for many clients, keeps more.)
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .thread_name("bottle-proxy")
-        .build()
-        .context("cannot start the proxy runtime")?;
+    // step: mint CA + start bundle, attach the bottle's listener
     let mut config = ProxyConfig::new(policy.clone(), bottle.dir.path.clone());
-    config.bottle = bottle.state.name.clone();
+    config.bottle = bottle.state.name.to_string();
+    config.placeholder_seed = placeholder_seed;
     config.upstream_ca = req.upstream_ca.clone();
-    // The CA key never touches the disk: it lives exactly as long as this bottle's proxy.
-    config.ephemeral_ca = true;
-    let proxy = {
-        let _in_runtime = runtime.enter();
-        Proxy::new(config)?
-    };
-    let bind_addr = std::net::SocketAddr::new(std::net::IpAddr::V4(bottle.lease.addr()), 0);
-    let host_listener = std::net::TcpListener::bind(bind_addr).map_err(|source| bottle_proxy::ProxyError::Bind {
-        addr: bind_addr.to_string(),
-        source,
-    })?;
-    let proxy_url = format!("http://{}", host_listener.local_addr().context("proxy address")?);
-    {
-        let proxy = proxy.clone();
-        // The bottle reaches its proxy only on its in-namespace listener; this address serves nobody (#12).
-        runtime.spawn(async move { proxy.refuse_std_tcp(host_listener).await });
-    }
-    bottle.dir.create_file(
-        state::URLS_FILE,
-        serde_json::json!({ "proxy": proxy_url }).to_string().as_bytes(),
-    )?;
-
+    let bundle = bundle.insert(Bundle::start(config)?);
+    let attachment = launch.attach()?;
+    bundle.serve(attachment.listener, listen(attachment.serve));
+    let published = serde_json::to_vec(&attachment.urls).context("cannot encode the bundle's URLs")?;
+    bottle.dir.create_file(state::URLS_FILE, &published)?;
     steps.done("bundle");
-    // step: discover URLs (from the state dir, as `ls`/`exec` will)
-    let urls: serde_json::Value = serde_json::from_slice(
+
+    // step: discover URLs (from the state dir, as `ls`, `logs` and `exec` will)
+    let urls: Urls = serde_json::from_slice(
         &std::fs::read(bottle.dir.file(state::URLS_FILE)).context("cannot read back the bundle's URLs")?,
     )
     .context("the bundle's urls.json is damaged")?;
-    let canary = urls["proxy"]
-        .as_str()
-        .and_then(|u| u.strip_prefix("http://"))
-        .and_then(|a| a.parse().ok())
-        .context("the bundle's urls.json has no proxy address")?;
-
     steps.done("discover");
-    // step: plan
-    let home = PathBuf::from(if uid == 0 { "/root" } else { "/home/agent" });
-    let mut env: BTreeMap<String, String> = policy.bottle.env.clone();
-    env.extend(proxy.placeholders());
-    let spec = InitSpec {
-        name: early.name.clone(),
-        root: bottle.dir.file(state::ROOT_DIR),
-        uid,
-        gid,
-        workspace,
-        env: bottle_env(&home, &env),
-        home_source,
-        pass_env: policy.bottle.pass_env.clone(),
-        home,
-        bottle_ca: proxy.ca_cert_pem().to_owned(),
-        argv,
-        cgroup_ns,
-        canary: Some(canary),
-        tty: terminal,
-        tty_size: terminal
-            .then(|| rustix::termios::tcgetwinsize(std::io::stdin()).ok())
-            .flatten()
-            .map(|w| (w.ws_row, w.ws_col)),
-    };
-    bottle.dir.create_file(
-        state::SPEC_FILE,
-        &serde_json::to_vec(&spec).context("cannot encode the plan")?,
-    )?;
 
-    steps.done("plan");
-    // step: launch (the init, started above, has built the namespaces meanwhile and reads the spec now)
-    sandbox.spec_written()?;
-    let listener = sandbox.proxy_listener(LISTENER_TIMEOUT)?;
-    {
-        let proxy = proxy.clone();
-        runtime.spawn(async move { proxy.serve_std_tcp(listener).await });
+    // step: start (plan, launch, init, wait until the bottle proves it is ready)
+    let services = Supervisor { bundle };
+    let started = launch.start(&services, &urls)?;
+    // Live changes from the bottle's owner (`bot-bottle allow|deny NAME ...`), from the moment it runs.
+    if let Some(handle) = bundle.handle() {
+        crate::live::serve(&handle, &bottle.dir, bundle.proxy().clone(), policy.clone())
+            .context("cannot open the bottle's control socket")?;
     }
-
-    steps.done("launch");
-    // step: init + wait ready (the init proves from inside that the proxy answers and nothing else does)
-    let master = sandbox.go_and_wait_ready(READY_TIMEOUT)?;
-    // One state write (the proxy's URL with it): `exec` joins a bottle through its init only once it is running.
-    let init_pid = sandbox.pid();
     bottle.set(|s| {
         s.status = Status::Running;
-        s.init_pid = Some(init_pid);
-        s.proxy_url = Some(proxy_url);
+        s.init_pid = started.init_pid;
+        s.proxy_url = Some(urls.proxy.clone());
     })?;
-
     steps.done("ready");
+
     // step: run
-    runtime.spawn(forward_termination(init_pid));
-    // SECURITY: the spec asked for a terminal only if the user has one; a master that did not come is an error,
-    // not a reason to hand the agent the user's own terminal.
-    let relay = match (terminal, master) {
-        (true, Some(master)) => Some(crate::terminal::Relay::start(master, &runtime)?),
-        (false, None) => None,
-        (true, None) => bail!("the bottle init sent no terminal for the agent"),
-        (false, Some(_)) => bail!("the bottle init sent a terminal nobody asked for"),
-    };
-    let status = sandbox.wait().context("cannot wait for the bottle")?;
-    if let Some(relay) = relay {
-        relay.finish();
+    let exit = launch.wait(&services)?;
+    steps.done("run");
+    if let Some(line) = &exit.start_failure
+        && req.detached
+    {
+        // A detached run's agent output goes to its log; the supervisor's stderr reaches `run -d` while it waits.
+        // Never a panic on a closed stderr (the waiting `run -d` may be gone).
+        let _ = writeln!(std::io::stderr(), "{line}");
+    }
+    Ok(exit)
+}
+
+fn listen(serve: Serve) -> Listen {
+    match serve {
+        Serve::Proxy => Listen::Proxy,
+        Serve::Interceptor { token, guest } => Listen::Interceptor(Interceptor::new(token, guest)),
+        Serve::Refuse => Listen::Refuse,
+    }
+}
+
+/// The launcher's side of a running bottle, as its backend sees it: the proxy bundle, signals, the terminal.
+struct Supervisor<'a> {
+    bundle: &'a Bundle,
+}
+
+impl Services for Supervisor<'_> {
+    fn ca_pem(&self) -> &str {
+        self.bundle.ca_cert_pem()
     }
 
-    steps.done("run");
-    // step: teardown (the runtime's drop stops the proxy; the lease and state follow in `run`)
-    runtime.shutdown_timeout(Duration::from_secs(2));
-    Ok(exit_code(status))
+    fn placeholders(&self) -> BTreeMap<String, String> {
+        self.bundle.placeholders()
+    }
+
+    fn serve(&self, listener: std::net::TcpListener, how: Serve) {
+        self.bundle.serve(listener, listen(how));
+    }
+
+    fn forward_termination(&self, pid: u32) {
+        if let Some(handle) = self.bundle.handle() {
+            handle.spawn(forward_termination(pid));
+        }
+    }
+
+    fn relay_terminal(&self, master: std::os::fd::OwnedFd) -> std::io::Result<Box<dyn Relay>> {
+        let handle = self
+            .bundle
+            .handle()
+            .ok_or_else(|| std::io::Error::other("the proxy runtime is gone"))?;
+        Ok(Box::new(crate::terminal::Relay::start(master, &handle)?))
+    }
 }
 
 /// SIGTERM/SIGHUP to the launcher go to `pid` (the namespace init, or smolmachines' `machine exec`), which passes
@@ -338,20 +335,11 @@ pub(crate) async fn forward_termination(init_pid: u32) {
     }
 }
 
-fn exit_code(status: std::process::ExitStatus) -> u8 {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(c), _) => u8::try_from(c).unwrap_or(u8::MAX),
-        (None, Some(sig)) => u8::try_from(128 + sig).unwrap_or(u8::MAX),
-        _ => crate::exit::SANDBOX,
-    }
-}
-
-/// How a finished launch is recorded, whatever the backend: exited with the agent's code, or failed with the
-/// whole error chain.
-pub(crate) fn record_outcome(result: &anyhow::Result<u8>) -> impl FnOnce(&mut BottleState) + use<> {
+/// How a finished launch is recorded, whatever the backend: exited with the agent's code (and why the command
+/// could not start, if it could not), or failed with the whole error chain.
+pub(crate) fn record_outcome(result: &anyhow::Result<Exit>) -> impl FnOnce(&mut BottleState) + use<> {
     let (status, code, error) = match result {
-        Ok(code) => (Status::Exited, Some(i32::from(*code)), None),
+        Ok(exit) => (Status::Exited, Some(i32::from(exit.code)), exit.start_failure.clone()),
         Err(e) => (Status::Failed, None, Some(format!("{e:#}"))),
     };
     move |s| {

@@ -4,7 +4,7 @@
 //! Real clients show little of a refusal (`npm error 403 Forbidden`, cargo's "CONNECT tunnel failed, response 403");
 //! the remedy is in the proxy's answer headers and the audit log, so it is brought here.
 
-use bottle_sandbox::namespace::init::SELFTEST_HOST;
+use bottle_sandbox::backend::SELFTEST_HOST;
 use bottle_sandbox::state::{AUDIT_FILE, StateDir};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

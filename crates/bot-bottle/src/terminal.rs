@@ -22,7 +22,7 @@ pub struct Relay {
 
 impl Relay {
     /// Makes the user's terminal raw and starts copying both ways; window-size changes are followed on `runtime`.
-    pub fn start(master: OwnedFd, runtime: &tokio::runtime::Runtime) -> anyhow::Result<Self> {
+    pub fn start(master: OwnedFd, runtime: &tokio::runtime::Handle) -> io::Result<Self> {
         let stdin = File::from(rustix::io::dup(rustix::stdio::stdin())?);
         let stdout = File::from(rustix::io::dup(rustix::stdio::stdout())?);
         let master = Arc::new(File::from(master));
@@ -101,5 +101,11 @@ fn copy(mut from: impl Read, mut to: impl Write) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => return,
         }
+    }
+}
+
+impl bottle_sandbox::backend::Relay for Relay {
+    fn finish(self: Box<Self>) {
+        Relay::finish(*self);
     }
 }

@@ -252,6 +252,26 @@ fn backends_not_wired_into_run_say_not_available_yet() {
 }
 
 #[test]
+fn selftest_on_a_backend_it_cannot_test_exits_120_saying_why_and_launches_nothing() {
+    for (backend, why) in [
+        ("container", "no container backend"),
+        ("smolmachines", "inside a guest"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        bb(tmp.path())
+            .args(["selftest", "--backend", backend])
+            .assert()
+            .code(UNAVAILABLE)
+            .stdout(predicate::str::is_empty())
+            .stderr(predicate::str::contains("not available yet").and(predicate::str::contains(why)));
+        assert!(
+            !tmp.path().join("state").exists(),
+            "selftest --backend {backend} wrote state"
+        );
+    }
+}
+
+#[test]
 fn run_without_a_command_or_agent_says_what_to_do() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::create_dir(tmp.path().join("w")).unwrap();

@@ -1,17 +1,22 @@
 //! The escape suite (issue #6): every case of shared/escape-cases.md, and cases of our own, attempted from inside real
-//! bottles on the namespace backend. Each case is a named test (`case_NN_...`, `extra_...`); each family shares one
-//! bottle run, set up once, in which `bottle-probe` makes every attempt and prints a verdict.
+//! bottles. Each case is a named test (`case_NN_...`, `extra_...`); each family shares one bottle run per backend,
+//! set up once, in which `bottle-probe` makes every attempt and prints a verdict. The raw-egress, DNS, credentials
+//! and local-IPC/kernel families take their attempts from the escape catalogue (`bottle_probe::catalogue`), which
+//! `bot-bottle selftest` runs too.
 //!
 //! Everything runs inside private network namespaces the suite creates ("labs") whose loopback carries every address
 //! an attempt aims at, so an escape lands on a decoy instead of leaving the machine. `self_check` runs the same
 //! probes with no bottle at all and requires them to report the escapes they see.
 //!
-//! Needs root and the namespace backend; otherwise each test says why it skips, and `BOTTLE_TEST_REQUIRE=namespace`
-//! makes that a failure. A scenario whose setup fails, a probe that cannot run and a verdict that cannot be parsed
-//! all fail the test.
+//! Each family runs once per backend in `scenario::BACKENDS` that can run here: today namespace, which needs root;
+//! for every other backend each test says why it skips, and `BOTTLE_TEST_REQUIRE` naming the backend's requirement
+//! (`namespace`, `container`, `smolmachines-boot`) makes that a failure. A scenario whose setup fails, a probe that
+//! cannot run and a verdict that cannot be parsed all fail the test.
 
 #![allow(clippy::unwrap_used, clippy::disallowed_methods)]
 
+#[path = "escape/backend.rs"]
+mod backend;
 #[path = "escape/decoys.rs"]
 mod decoys;
 #[path = "escape/lab.rs"]

@@ -4,16 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::disallowed_methods)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
-fn required(backend: &str) -> bool {
-    std::env::var("BOTTLE_TEST_REQUIRE").is_ok_and(|v| v.split(',').any(|b| b.trim() == backend))
-}
+use bottle_test_support::{require, upstream};
 
 /// Whether this host can run namespace bottles; `None` means yes.
 fn skip_reason() -> Option<String> {
@@ -33,42 +29,10 @@ fn skip_reason() -> Option<String> {
 macro_rules! need_namespace {
     () => {
         if let Some(why) = skip_reason() {
-            assert!(!required("namespace"), "BOTTLE_TEST_REQUIRE=namespace but: {why}");
-            eprintln!("skipped: {why}");
+            require::skip("namespace", &why);
             return;
         }
     };
-}
-
-/// A plain HTTP upstream on 127.0.0.1 that answers every request with `hello from upstream` and counts them.
-struct Upstream {
-    port: u16,
-    hits: Arc<AtomicUsize>,
-}
-
-fn upstream() -> Upstream {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let hits = Arc::new(AtomicUsize::new(0));
-    let counter = hits.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            counter.fetch_add(1, Ordering::SeqCst);
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut line = String::new();
-            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
-                line.clear();
-            }
-            let body = "hello from upstream\n";
-            let _ = write!(
-                stream,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    });
-    Upstream { port, hits }
 }
 
 struct Env {
@@ -177,7 +141,7 @@ echo done
 "#;
 
 fn check_bottle(env: &Env, user: Option<u32>, name: &str) {
-    let up = upstream();
+    let up = upstream::http();
     let home = env.dir.path().to_path_buf();
     std::fs::create_dir_all(home.join(".ssh")).unwrap();
     std::fs::write(home.join(".ssh/id_ed25519"), "decoy-secret").unwrap();
@@ -193,7 +157,7 @@ fn check_bottle(env: &Env, user: Option<u32>, name: &str) {
     assert_eq!(out.status.code(), Some(0), "{all}");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        stdout.contains("hello from upstream"),
+        stdout.contains("hello from plain upstream"),
         "allowed request did not arrive: {all}"
     );
     assert!(stdout.contains("denied=403"), "{all}");
@@ -205,11 +169,7 @@ fn check_bottle(env: &Env, user: Option<u32>, name: &str) {
         assert!(line.ends_with(" held"), "ESCAPE: {line}\n{all}");
     }
     assert_eq!(stdout.lines().filter(|l| l.ends_with(" held")).count(), 11, "{all}");
-    assert_eq!(
-        up.hits.load(Ordering::SeqCst),
-        1,
-        "only the proxied request may reach the upstream"
-    );
+    assert_eq!(up.connections(), 1, "only the proxied request may reach the upstream");
     for want in [
         "Seccomp:\t2",
         "NoNewPrivs:\t1",
@@ -725,6 +685,52 @@ fn a_command_that_cannot_start_says_why_and_exits_as_a_shell_would() {
         "{}",
         text(&out)
     );
+    // Detached: the line reaches `run -d`, the state keeps it for `ls`, and `--json` says it as an error object.
+    // (`run -d` returns as soon as the bottle runs: if that came first, it printed the name and exited 0; the state
+    // has the line either way.)
+    let out = env.bb(None, &["run", "-d", "--name", "nostart", "--", "nosuchcmd"]);
+    let started = out.status.code() == Some(0) && String::from_utf8_lossy(&out.stdout).trim() == "nostart";
+    assert!(started || out.status.code() == Some(127), "{}", text(&out));
+    assert!(
+        started || String::from_utf8_lossy(&out.stderr).contains("`nosuchcmd`: not found"),
+        "{}",
+        text(&out)
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let state = loop {
+        let s = state_of(&env, "nostart");
+        if s["status"] == "exited" || std::time::Instant::now() > deadline {
+            break s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(state["exit_code"], 127, "{state}");
+    assert!(
+        state["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("`nosuchcmd`: not found"),
+        "{state}"
+    );
+    // `ls` says why under the bottle's row.
+    let ls = env.bb(None, &["ls"]);
+    let listed = String::from_utf8_lossy(&ls.stdout);
+    assert!(listed.contains("exited(127)"), "{}", text(&ls));
+    assert!(
+        listed.contains("  ! nostart: bot-bottle: `nosuchcmd`: not found"),
+        "{}",
+        text(&ls)
+    );
+    let out = env.bb(None, &["--json", "run", "--rm", "--", "nosuchcmd"]);
+    assert_eq!(out.status.code(), Some(127), "{}", text(&out));
+    let last = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    let json: serde_json::Value = serde_json::from_str(&last).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    assert_eq!(json["error"]["kind"], "start", "{json}");
+    assert_eq!(json["error"]["exit_code"], 127, "{json}");
 }
 
 /// #12: `run -d` closed the supervisor's stderr once the bottle was up; the next warning made the logging panic and
@@ -735,7 +741,7 @@ fn a_command_that_cannot_start_says_why_and_exits_as_a_shell_would() {
 fn a_detached_bottles_proxy_survives_its_warnings_and_logs_them_to_its_own_file() {
     need_namespace!();
     let env = Env::new();
-    let up = upstream();
+    let up = upstream::http();
     let secret = "real-secret-value-5b2e8c41";
     std::fs::write(env.work().join("secret.txt"), secret).unwrap();
     std::fs::write(
@@ -976,4 +982,30 @@ fn nobody_else_on_the_host_can_use_a_bottles_proxy() {
         text(&curl)
     );
     assert!(audit.contains("not-the-bottle"), "{audit}");
+}
+
+/// The agent starts with every signal at its default and none blocked, whatever its launcher inherited: a launcher
+/// started in the background of a non-interactive shell ignores SIGINT, and its agent ignored Ctrl-C too.
+#[test]
+fn the_agent_starts_with_default_signals_whatever_the_launcher_inherited() {
+    need_namespace!();
+    let env = Env::new();
+    let bin = env!("CARGO_BIN_EXE_bot-bottle");
+    let script =
+        format!("trap '' INT QUIT HUP TERM USR1; exec {bin} run --rm -- grep -E '^Sig(Ign|Blk)' /proc/self/status");
+    let out = Command::new("sh")
+        .args(["-c", &script])
+        .current_dir(env.work())
+        .env("XDG_STATE_HOME", env.state())
+        .env("HOME", env.dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(said.lines().count(), 2, "{}", text(&out));
+    // The standard signals (1-31); 32 and 33 are the C library's own, which it sets up in every process itself.
+    for line in said.lines() {
+        let mask = u64::from_str_radix(line.split_whitespace().last().unwrap(), 16).unwrap();
+        assert_eq!(mask & 0x7fff_ffff, 0, "the agent inherited {line}");
+    }
 }

@@ -2,22 +2,19 @@
 //! upstreams on 127.0.0.1 (TLS with a CA minted here, and plain HTTP). Nothing leaves loopback: the upstream's
 //! name resolves through `--resolve`, and every denied name is refused before any lookup.
 //!
-//! Skips, saying why, when /usr/bin/curl is missing; any non-empty `BOTTLE_TEST_REQUIRE` turns that skip into a
-//! failure.
+//! Skips, saying why, when /usr/bin/curl is missing; `BOTTLE_TEST_REQUIRE=namespace` (whose hosts drive bottles with
+//! curl, as CI's do) turns that skip into a failure.
 
 #![allow(clippy::unwrap_used, clippy::disallowed_methods)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Arc;
-use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use bottle_test_support::ca::{TestCa, server_config};
+use bottle_test_support::child::{self, Lines, NoLine};
+use bottle_test_support::{require, upstream};
 
 const CURL: &str = "/usr/bin/curl";
 /// Exit code for an invalid policy (src/exit.rs, README).
@@ -43,133 +40,15 @@ fn curl_missing() -> Option<String> {
 macro_rules! need_curl {
     () => {
         if let Some(why) = curl_missing() {
-            let required = std::env::var("BOTTLE_TEST_REQUIRE").unwrap_or_default();
-            assert!(required.trim().is_empty(), "BOTTLE_TEST_REQUIRE={required} but: {why}");
-            eprintln!("skipped: {why}");
+            require::skip("namespace", &why);
             return;
         }
     };
 }
 
-// ---------------------------------------------------------------------------------------------------------------
-// Certificates
-
-/// A CA minted for the test, written to `<dir>/<stem>.pem` (and `<stem>-key.pem`, PKCS#8).
-struct TestCa {
-    cert_path: PathBuf,
-    key_path: PathBuf,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-fn mint_ca(dir: &Path, stem: &str, common_name: &str) -> TestCa {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, common_name);
-    let cert = params.self_signed(&key).unwrap();
-    let cert_path = dir.join(format!("{stem}.pem"));
-    let key_path = dir.join(format!("{stem}-key.pem"));
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    std::fs::write(&key_path, key.serialize_pem()).unwrap();
-    TestCa {
-        cert_path,
-        key_path,
-        issuer: Issuer::new(params, key),
-    }
-}
-
-/// A leaf for `names`, signed by `ca`, ready for rustls.
-fn leaf(ca: &TestCa, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-    let key = KeyPair::generate().unwrap();
-    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-    let cert = CertificateParams::new(names)
-        .unwrap()
-        .signed_by(&key, &ca.issuer)
-        .unwrap();
-    (
-        vec![cert.der().clone()],
-        PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap(),
-    )
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// Upstreams: a tiny HTTP/1.1 keep-alive server on std threads, over TLS or plain TCP
-
-/// Answers every GET with `hello from <label> upstream: <method> <target>` until the client closes.
-fn serve_http<S: Read + Write>(stream: &mut S, label: &str) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-            match stream.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-            continue;
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-        buf.drain(..end + 4);
-        let mut words = head.lines().next().unwrap_or("").split(' ');
-        let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-        let body = format!("hello from {label} upstream: {method} {target}\n");
-        let response = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nx-upstream: {label}\r\n\r\n{body}",
-            body.len()
-        );
-        if stream
-            .write_all(response.as_bytes())
-            .and_then(|()| stream.flush())
-            .is_err()
-        {
-            return;
-        }
-    }
-}
-
-/// A TLS upstream on 127.0.0.1 presenting a leaf for `upstream.test` signed by `ca`. Returns its port.
+/// The TLS upstream these tests use: a leaf for `upstream.test` signed by `ca`, HTTP/1.1 only. Returns its port.
 fn tls_upstream(ca: &TestCa) -> u16 {
-    let (chain, key) = leaf(ca, &[UPSTREAM_NAME]);
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let config = Arc::new(config);
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { continue };
-            let config = Arc::clone(&config);
-            std::thread::spawn(move || {
-                let Ok(conn) = rustls::ServerConnection::new(config) else {
-                    return;
-                };
-                serve_http(&mut rustls::StreamOwned::new(conn, stream), "tls");
-            });
-        }
-    });
-    port
-}
-
-/// A plain HTTP upstream on 127.0.0.1. Returns its port.
-fn http_upstream() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            std::thread::spawn(move || serve_http(&mut stream, "plain"));
-        }
-    });
-    port
-}
-
-/// A port nothing listens on right now (bound, then released).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    upstream::https(server_config(&ca.leaf(&[UPSTREAM_NAME]), &[b"http/1.1"])).port
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -213,50 +92,27 @@ impl RunningProxy {
             .stderr(std::fs::File::create(&stderr_path).unwrap())
             .spawn()
             .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
+        let lines = Lines::new(child.stdout.take().unwrap());
         let mut proxy = Self {
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
             stderr_path,
         };
-        let start = Instant::now();
-        let mut wait = Duration::from_millis(10);
-        loop {
-            match rx.recv_timeout(wait) {
-                Ok(line) => {
-                    if let Some(addr) = line.strip_prefix("listening on ") {
-                        proxy.addr = addr.trim().parse().unwrap();
-                        return proxy;
-                    }
+        match lines.next_within(READY_TIMEOUT) {
+            Ok(line) => {
+                let Some(addr) = line.strip_prefix("listening on ") else {
                     panic!("unexpected output before `listening on`: {line}");
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    if let Some(status) = proxy.child.try_wait().unwrap() {
-                        panic!("the proxy exited with {status} before listening:\n{}", proxy.stderr());
-                    }
-                    assert!(
-                        start.elapsed() < READY_TIMEOUT,
-                        "no `listening on` within {READY_TIMEOUT:?}:\n{}",
-                        proxy.stderr()
-                    );
-                    wait = (wait * 2).min(Duration::from_millis(250));
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let status = proxy.child.wait().unwrap();
-                    panic!(
-                        "the proxy closed stdout ({status}) before listening:\n{}",
-                        proxy.stderr()
-                    );
-                }
+                };
+                proxy.addr = addr.trim().parse().unwrap();
+                proxy
+            }
+            Err(NoLine::Timeout) => panic!("no `listening on` within {READY_TIMEOUT:?}:\n{}", proxy.stderr()),
+            Err(NoLine::Closed) => {
+                let status = proxy.child.wait().unwrap();
+                panic!(
+                    "the proxy closed stdout ({status}) before listening:\n{}",
+                    proxy.stderr()
+                );
             }
         }
     }
@@ -269,20 +125,13 @@ impl RunningProxy {
     fn terminate(mut self) -> ExitStatus {
         let pid = rustix::process::Pid::from_raw(i32::try_from(self.child.id()).unwrap()).unwrap();
         rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
-        let start = Instant::now();
-        let mut wait = Duration::from_millis(10);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                start.elapsed() < EXIT_TIMEOUT,
+        let Some(status) = child::wait_timeout(&mut self.child, EXIT_TIMEOUT) else {
+            panic!(
                 "the proxy did not exit within {EXIT_TIMEOUT:?} of SIGTERM:\n{}",
                 self.stderr()
             );
-            std::thread::sleep(wait);
-            wait = (wait * 2).min(Duration::from_millis(200));
-        }
+        };
+        status
     }
 }
 
@@ -392,10 +241,10 @@ fn wait_audit(state: &Path, want: &[(&str, &str)]) -> serde_json::Value {
 fn intercepts_allowed_https_refuses_denied_hosts_naming_the_rule_and_audits_both() {
     need_curl!();
     let dir = tempfile::tempdir().unwrap();
-    let upstream_ca = mint_ca(dir.path(), "upstream-ca", "bot-bottle test upstream CA");
-    let (tls_port, http_port) = (tls_upstream(&upstream_ca), http_upstream());
+    let upstream_ca = TestCa::mint(dir.path(), "upstream-ca", "bot-bottle test upstream CA");
+    let (tls_port, http_port) = (tls_upstream(&upstream_ca), upstream::http().port);
     let state = dir.path().join("state");
-    let port = free_port();
+    let port = upstream::free_port();
     let proxy = RunningProxy::start(
         dir.path(),
         &format!(
@@ -499,8 +348,8 @@ fn intercepts_allowed_https_refuses_denied_hosts_naming_the_rule_and_audits_both
 fn signs_leaves_with_the_ca_it_is_given() {
     need_curl!();
     let dir = tempfile::tempdir().unwrap();
-    let upstream_ca = mint_ca(dir.path(), "upstream-ca", "bot-bottle test upstream CA");
-    let given = mint_ca(dir.path(), "given-ca", "bot-bottle test given CA");
+    let upstream_ca = TestCa::mint(dir.path(), "upstream-ca", "bot-bottle test upstream CA");
+    let given = TestCa::mint(dir.path(), "given-ca", "bot-bottle test given CA");
     let tls_port = tls_upstream(&upstream_ca);
     let state = dir.path().join("state");
     let proxy = RunningProxy::start(
@@ -509,7 +358,7 @@ fn signs_leaves_with_the_ca_it_is_given() {
             "--listen 127.0.0.1:{port} --state-dir {state} --ca-cert {cert} --ca-key {key} \
              --allow {UPSTREAM_NAME}:{tls_port} --allow-cidr 127.0.0.1/32 --resolve {UPSTREAM_NAME}=127.0.0.1 \
              --upstream-ca {upstream_ca}",
-            port = free_port(),
+            port = upstream::free_port(),
             state = state.display(),
             cert = given.cert_path.display(),
             key = given.key_path.display(),
@@ -543,7 +392,7 @@ fn a_bad_flag_value_exits_121_and_writes_nothing() {
     for state in [&fresh, &existing] {
         let out = Command::new(env!("CARGO_BIN_EXE_bot-bottle"))
             .args(["proxy", "--listen"])
-            .arg(format!("127.0.0.1:{}", free_port()))
+            .arg(format!("127.0.0.1:{}", upstream::free_port()))
             .arg("--state-dir")
             .arg(state)
             .args(["--allow", "*.com"])
@@ -575,7 +424,7 @@ fn a_bad_flag_value_exits_121_and_writes_nothing() {
 fn a_deny_entry_without_a_port_wins_on_every_port() {
     need_curl!();
     let dir = tempfile::tempdir().unwrap();
-    let upstream_ca = mint_ca(dir.path(), "upstream-ca", "bot-bottle test upstream CA");
+    let upstream_ca = TestCa::mint(dir.path(), "upstream-ca", "bot-bottle test upstream CA");
     let tls_port = tls_upstream(&upstream_ca);
     let state = dir.path().join("state");
     let proxy = RunningProxy::start(
@@ -583,7 +432,7 @@ fn a_deny_entry_without_a_port_wins_on_every_port() {
         &format!(
             "--listen 127.0.0.1:{port} --state-dir {state} --allow *.upstream.test:* --deny secret.upstream.test \
              --allow-cidr 127.0.0.1/32 --resolve secret.upstream.test=127.0.0.1 --upstream-ca {upstream_ca}",
-            port = free_port(),
+            port = upstream::free_port(),
             state = state.display(),
             upstream_ca = upstream_ca.cert_path.display(),
         ),
@@ -611,12 +460,7 @@ fn a_deny_entry_without_a_port_wins_on_every_port() {
 fn aaaa_answers_that_embed_a_private_ipv4_address_are_never_dialled() {
     need_curl!();
     if !rustix::process::geteuid().is_root() {
-        let required = std::env::var("BOTTLE_TEST_REQUIRE").unwrap_or_default();
-        assert!(
-            !required.contains("namespace"),
-            "BOTTLE_TEST_REQUIRE={required} but this test needs root (a private mount namespace for /etc/hosts)"
-        );
-        eprintln!("skipped: needs root to give the proxy its own /etc/hosts");
+        require::skip("namespace", "needs root to give the proxy its own /etc/hosts");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -635,7 +479,7 @@ fn aaaa_answers_that_embed_a_private_ipv4_address_are_never_dialled() {
         dir.path(),
         &format!(
             "--listen 127.0.0.1:{port} --state-dir {state}{allow}",
-            port = free_port(),
+            port = upstream::free_port(),
             state = state.display()
         ),
         &hosts,

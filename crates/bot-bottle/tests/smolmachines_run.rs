@@ -22,20 +22,15 @@ use bottle_policy::Backend;
 use bottle_sandbox::engine;
 use bottle_sandbox::preflight::{self, BackendReport, RealHost, Severity, Status};
 use bottle_sandbox::smolmachines::Smolvm;
+use bottle_test_support::require;
 
 const COMPONENT: &str = "smolmachines";
 /// Demands that machines boot on this host.
 const BOOT_COMPONENT: &str = "smolmachines-boot";
 const PREFLIGHT_EXIT: i32 = 122;
 
-fn required(component: &str) -> bool {
-    let required = std::env::var("BOTTLE_TEST_REQUIRE").unwrap_or_default();
-    required.split(',').any(|c| c.trim() == component)
-}
-
 fn skip(why: &str) {
-    assert!(!required(COMPONENT), "{COMPONENT} required but unavailable: {why}");
-    eprintln!("skipping: {why}");
+    require::skip(COMPONENT, why);
 }
 
 /// The engine and this host's preflight report, or a skip when no verified engine is installed.
@@ -160,8 +155,7 @@ fn run_boots_a_machine_and_passes_the_agent_exit_code_through_on_a_kvm_host() {
     if !report.usable() {
         let missing: Vec<&str> = report.missing().map(|c| c.name).collect();
         let why = format!("this host fails the smolmachines preflight ({missing:?}); no machine can boot here");
-        assert!(!required(BOOT_COMPONENT), "{BOOT_COMPONENT} required but: {why}");
-        eprintln!("not applicable: {why}; the refusal test covers `run` here");
+        require::skip(BOOT_COMPONENT, &format!("{why}; the refusal test covers `run` here"));
         return;
     }
     let scene = Scene::new();
@@ -175,7 +169,7 @@ fn run_boots_a_machine_and_passes_the_agent_exit_code_through_on_a_kvm_host() {
         Some(3) => {}
         // Everything before the boot ran for real (create, verify/patch, the interceptor, `machine start`); then
         // the guest hung, and the engine's error comes with what to do about it.
-        Some(PREFLIGHT_EXIT) if boot_unverified && !required(BOOT_COMPONENT) => {
+        Some(PREFLIGHT_EXIT) if boot_unverified && !require::required(BOOT_COMPONENT) => {
             assert!(stderr.contains("step start"), "{stderr}");
             assert!(stderr.contains("never booted"), "{stderr}");
             assert!(stderr.contains("no boot progress"), "{stderr}");

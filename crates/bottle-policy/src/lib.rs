@@ -17,8 +17,8 @@ use std::path::Path;
 
 pub use error::{Location, PolicyError};
 pub use model::{
-    AddressVerdict, Agent, Backend, Bottle, BottleName, Credential, HostRule, HostVerdict, Network, Origin, Placement,
-    Policy, Resources, SecretSource, TlsMode,
+    AddressVerdict, Agent, Backend, Bottle, BottleName, Credential, HostRule, HostVerdict, Mount, Network, Origin,
+    Placement, Policy, Resources, SecretSource, TlsMode,
 };
 pub use render::Effective;
 pub use validate::{

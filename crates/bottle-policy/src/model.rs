@@ -19,7 +19,7 @@ pub struct Policy {
     pub credentials: Vec<Credential>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     #[default]
@@ -131,6 +131,14 @@ impl BottleName {
     }
 }
 
+/// A name read back (a state file) is checked as one given on the command line.
+impl<'de> serde::Deserialize<'de> for BottleName {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        Self::parse(&raw).map_err(serde::de::Error::custom)
+    }
+}
+
 impl fmt::Display for BottleName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -163,6 +171,18 @@ pub struct Bottle {
     pub env: BTreeMap<String, String>,
     pub pass_env: Vec<String>,
     pub resources: Resources,
+    /// Host paths shown in the bottle (`[[mount]]`, `--mount`), as written; resolved and checked by the launcher.
+    pub mounts: Vec<Mount>,
+}
+
+/// A host path shown in the bottle, read-only unless `writable`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    /// As written: absolute, `~/…` (the invoking user's home) or relative to the policy file.
+    pub source: PathBuf,
+    /// Where it appears; `None`: the same path, or under the bottle's home for a path under the user's home.
+    pub target: Option<PathBuf>,
+    pub writable: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]

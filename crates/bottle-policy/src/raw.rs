@@ -19,6 +19,17 @@ pub struct RawPolicy {
     pub host: Vec<RawHost>,
     #[serde(default)]
     pub credential: Vec<RawCredential>,
+    #[serde(default)]
+    pub mount: Vec<RawMount>,
+}
+
+/// `[[mount]]`: a host path shown in the bottle.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMount {
+    pub source: S<String>,
+    pub target: Option<S<String>>,
+    pub mode: Option<S<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

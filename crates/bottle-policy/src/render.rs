@@ -16,6 +16,16 @@ pub struct Effective {
     host: Vec<EHost>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     credential: Vec<ECredential>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    mount: Vec<EMount>,
+}
+
+#[derive(Serialize)]
+struct EMount {
+    source: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target: Option<String>,
+    mode: &'static str,
 }
 
 #[derive(Serialize)]
@@ -121,6 +131,15 @@ impl Effective {
             },
             host: n.hosts.iter().filter(|h| !plain(h)).map(host).collect(),
             credential: p.credentials.iter().map(credential).collect(),
+            mount: b
+                .mounts
+                .iter()
+                .map(|m| EMount {
+                    source: m.source.display().to_string(),
+                    target: m.target.as_ref().map(|t| t.display().to_string()),
+                    mode: if m.writable { "rw" } else { "ro" },
+                })
+                .collect(),
         }
     }
 

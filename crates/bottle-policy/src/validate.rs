@@ -14,11 +14,11 @@ use crate::error::PolicyError;
 use crate::host::{HostName, HostPattern, PatternUse};
 use crate::host::{NamePattern, PortSpec};
 use crate::model::{
-    Agent, Backend, Bottle, BottleName, Credential, HostRule, HostVerdict, Network, Origin, Placement, Policy,
+    Agent, Backend, Bottle, BottleName, Credential, HostRule, HostVerdict, Mount, Network, Origin, Placement, Policy,
     Resources, SecretSource, TlsMode, specificity,
 };
 use crate::preset::preset;
-use crate::raw::{RawBottle, RawCredential, RawHost, RawPolicy, RawRule, S};
+use crate::raw::{RawBottle, RawCredential, RawHost, RawMount, RawPolicy, RawRule, S};
 use crate::rules::{OtherQuery, PathGlob, RequestRule, ValueGlob, parse_method};
 
 /// A policy file larger than this is refused before parsing.
@@ -77,6 +77,8 @@ pub struct Overrides {
     pub resolve: Vec<String>,
     pub env: Vec<String>,
     pub home: Option<String>,
+    /// `--mount SRC[:DST][:ro|rw]`.
+    pub mounts: Vec<String>,
 }
 
 /// The text of a policy and where it came from.
@@ -152,7 +154,8 @@ impl Validator<'_> {
     }
 
     fn policy(&self, raw: RawPolicy) -> R<Policy> {
-        let bottle = self.bottle(&raw.bottle)?;
+        let mut bottle = self.bottle(&raw.bottle)?;
+        bottle.mounts = self.mounts(&raw.mount)?;
         let mut network = self.network(&raw, bottle.agent)?;
         self.resolve(&raw, &mut network)?;
         let credentials = self.credentials(&raw.credential, bottle.agent, &network)?;
@@ -233,7 +236,32 @@ impl Validator<'_> {
             env,
             pass_env,
             resources: self.resources(raw)?,
+            mounts: Vec::new(),
         })
+    }
+
+    fn mounts(&self, raw: &[RawMount]) -> R<Vec<Mount>> {
+        let mut mounts = Vec::new();
+        for m in raw {
+            let source = self.at(&m.source, |s| non_empty(s, "mount source").map(PathBuf::from))?;
+            let target = match &m.target {
+                Some(t) => Some(self.at(t, |s| mount_target(s))?),
+                None => None,
+            };
+            let writable = match &m.mode {
+                Some(mode) => self.at(mode, |s| mount_mode(s))?,
+                None => false,
+            };
+            mounts.push(Mount {
+                source,
+                target,
+                writable,
+            });
+        }
+        for flag in &self.overrides.mounts {
+            mounts.push(Self::flag("--mount", flag, mount_flag)?);
+        }
+        Ok(mounts)
     }
 
     fn resources(&self, raw: &RawBottle) -> R<Resources> {
@@ -786,4 +814,55 @@ fn covered(network: &Network, host: &HostName, ips: &[IpAddr]) -> Result<(), Str
         }
     }
     Ok(())
+}
+
+/// `ro` (the default) or `rw`.
+fn mount_mode(s: &str) -> Result<bool, String> {
+    match s {
+        "ro" => Ok(false),
+        "rw" => Ok(true),
+        other => Err(format!("mount mode `{other}` is not valid: use \"ro\" or \"rw\"")),
+    }
+}
+
+/// An absolute path inside the bottle, without `..`, never the bottle's own kernel or device trees.
+fn mount_target(s: &str) -> Result<PathBuf, String> {
+    let path = Path::new(s);
+    if !path.is_absolute() || path.components().any(|c| c == std::path::Component::ParentDir) {
+        return Err(format!("mount target `{s}` must be an absolute path without `..`"));
+    }
+    let reserved = ["/proc", "/sys", "/dev", "/etc", "/usr", "/tmp"];
+    if path == Path::new("/") || reserved.iter().any(|r| path.starts_with(r)) {
+        return Err(format!(
+            "mount target `{s}` would cover the bottle's own {}; pick another place, e.g. /opt/…",
+            if path == Path::new("/") {
+                "root"
+            } else {
+                "system directories"
+            }
+        ));
+    }
+    Ok(path.to_path_buf())
+}
+
+/// `SRC[:DST][:ro|rw]`.
+fn mount_flag(s: &str) -> Result<Mount, String> {
+    let mut parts: Vec<&str> = s.split(':').collect();
+    let writable = match parts.last() {
+        Some(&m) if parts.len() > 1 && (m == "ro" || m == "rw") => {
+            parts.pop();
+            m == "rw"
+        }
+        _ => false,
+    };
+    let (source, target) = match parts.as_slice() {
+        [source] => (*source, None),
+        [source, target] => (*source, Some(mount_target(target)?)),
+        _ => return Err("expected SRC[:DST][:ro|rw]".into()),
+    };
+    Ok(Mount {
+        source: PathBuf::from(non_empty(source, "mount source")?),
+        target,
+        writable,
+    })
 }

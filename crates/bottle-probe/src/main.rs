@@ -7,6 +7,7 @@
 //! names. `bottle-probe list` prints every case.
 
 mod host;
+mod ids;
 mod kernel;
 mod net;
 mod proxy;
@@ -209,6 +210,18 @@ const CASES: &[Case] = &[
     case("kill", "PID", "signal 0 to a host pid", host::kill),
     case("proc-mem", "PID", "open /proc/PID/mem for writing", host::proc_mem),
     case(
+        "host-ids",
+        "",
+        "no id of the bottle's user namespace is host uid or gid 0",
+        ids::host_ids,
+    ),
+    case(
+        "root-only-files",
+        "DIR...",
+        "open every file and directory under DIR without a read bit for others",
+        ids::root_only_files,
+    ),
+    case(
         "proc-sys-write",
         "PATH",
         "write a /proc/sys value back unchanged",
@@ -283,4 +296,34 @@ fn exact<const N: usize>(args: &[String]) -> Result<[&str; N], Failure> {
     let v: Vec<&str> = args.iter().map(String::as_str).collect();
     v.try_into()
         .map_err(|v: Vec<&str>| usage(format!("expected {N} argument(s), got {}", v.len())))
+}
+
+#[cfg(test)]
+mod tests {
+    use bottle_probe::catalogue::{self, Attempt};
+
+    use super::CASES;
+
+    #[test]
+    fn every_catalogue_attempt_is_a_case_of_this_probe() {
+        for (f, c) in catalogue::all() {
+            let name = match c.attempt {
+                Attempt::Probe(args) => args.first().copied().unwrap_or_default(),
+                Attempt::Shell(_) => "command",
+            };
+            assert!(
+                CASES.iter().any(|k| k.name == name),
+                "{}: {}: no probe case `{name}`",
+                f.name,
+                c.id
+            );
+            if let Attempt::Probe(["syscall", which]) = c.attempt {
+                assert!(
+                    crate::kernel::SYSCALLS.contains(which),
+                    "{}: no syscall `{which}`",
+                    c.id
+                );
+            }
+        }
+    }
 }

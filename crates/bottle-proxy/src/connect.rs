@@ -205,10 +205,16 @@ where
         up.write_all(&hello.raw).await?;
         tokio::io::copy_bidirectional(&mut io, &mut up).await
     };
-    match idle::watch(relay, &peer.activity, limits.idle_timeout).await {
-        Some(Ok(_)) => {}
-        Some(Err(e)) => tracing::debug!(error = %e, "passthrough tunnel ended with an error"),
-        None => pending.fail("idle-timeout"),
+    tokio::select! {
+        relayed = idle::watch(relay, &peer.activity, limits.idle_timeout) => match relayed {
+            Some(Ok(_)) => {}
+            Some(Err(e)) => tracing::debug!(error = %e, "passthrough tunnel ended with an error"),
+            None => pending.fail("idle-timeout"),
+        },
+        reason = proxy.denied_later(&tunnel.target, tunnel.port) => {
+            tracing::info!(host = %tunnel.target, rule = reason.code(), "passthrough tunnel cut: the policy now denies it");
+            pending.fail("policy-changed");
+        }
     }
     // The ClientHello was read before the meter was in place.
     pending.add(hello.raw.len() as u64, 0);

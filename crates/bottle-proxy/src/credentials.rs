@@ -66,7 +66,12 @@ impl fmt::Debug for Credentials {
 impl Credentials {
     /// Resolves each credential's real value. `lookup` reads an environment variable (the process environment in
     /// production; a map in tests). A missing optional credential is skipped: no placeholder, nothing to inject.
-    pub fn load(creds: &[Credential], lookup: &dyn Fn(&str) -> Option<String>) -> Result<Self, CredentialError> {
+    /// `seed`: placeholders derived from it (see `ProxyConfig::placeholder_seed`) instead of random ones.
+    pub fn load(
+        creds: &[Credential],
+        lookup: &dyn Fn(&str) -> Option<String>,
+        seed: Option<&[u8]>,
+    ) -> Result<Self, CredentialError> {
         let mut bound = Vec::new();
         for c in creds {
             let Some(value) = resolve(c, lookup)? else {
@@ -81,7 +86,7 @@ impl Credentials {
             }
             bound.push(Bound {
                 env: c.env.clone(),
-                placeholder: placeholder(&c.env)?,
+                placeholder: placeholder(&c.env, seed)?,
                 host: c.host.clone(),
                 placement: c.placement.clone(),
                 value,
@@ -300,9 +305,18 @@ fn resolve(c: &Credential, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Op
     }
 }
 
-fn placeholder(env: &str) -> Result<String, CredentialError> {
+/// A placeholder for `env`: random, or HMAC-SHA256(seed, env) cut to the same length when a seed is given (the
+/// same in every bottle with that seed; it says nothing of the real value).
+fn placeholder(env: &str, seed: Option<&[u8]>) -> Result<String, CredentialError> {
     let mut random = [0u8; PLACEHOLDER_RANDOM_BYTES];
-    getrandom::fill(&mut random).map_err(CredentialError::Random)?;
+    match seed {
+        Some(seed) => {
+            let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, seed);
+            let tag = ring::hmac::sign(&key, env.as_bytes());
+            random.copy_from_slice(&tag.as_ref()[..PLACEHOLDER_RANDOM_BYTES]);
+        }
+        None => getrandom::fill(&mut random).map_err(CredentialError::Random)?,
+    }
     let name: String = env
         .chars()
         .map(|c| {
@@ -351,7 +365,7 @@ mod tests {
             cred("api.example.com", Placement::Header("authorization".into()), "API_KEY"),
             cred("q.example.com", Placement::Query("key".into()), "Q_KEY"),
         ];
-        Credentials::load(&list, &|v| Some(format!("real-{v} value"))).unwrap()
+        Credentials::load(&list, &|v| Some(format!("real-{v} value")), None).unwrap()
     }
 
     fn ph(c: &Credentials, env: &str) -> String {
@@ -365,6 +379,26 @@ mod tests {
         assert!(p.starts_with("bottle-placeholder-api-key-"));
         assert_eq!(p.len(), "bottle-placeholder-api-key-".len() + 32);
         assert_ne!(p, ph(&creds(), "API_KEY"));
+    }
+
+    #[test]
+    fn a_seed_gives_the_same_placeholders_every_time_and_another_seed_others() {
+        let list = [
+            cred("api.example.com", Placement::Header("authorization".into()), "API_KEY"),
+            cred("api.example.com", Placement::Header("x-other".into()), "OTHER"),
+        ];
+        let load = |seed: &[u8]| Credentials::load(&list, &|v| Some(format!("real-{v} value")), Some(seed)).unwrap();
+        let (a, b, c) = (load(b"home one"), load(b"home one"), load(b"home two"));
+        assert_eq!(a.placeholders(), b.placeholders());
+        assert_ne!(a.placeholders(), c.placeholders());
+        let p = ph(&a, "API_KEY");
+        assert!(p.starts_with("bottle-placeholder-api-key-") && p.len() == "bottle-placeholder-api-key-".len() + 32);
+        assert_ne!(
+            p.rsplit('-').next(),
+            ph(&a, "OTHER").rsplit('-').next(),
+            "each variable has its own"
+        );
+        assert!(!p.contains("real"), "a placeholder says nothing of the value");
     }
 
     #[test]
@@ -411,11 +445,16 @@ mod tests {
     fn missing_required_is_an_error_and_optional_is_skipped() {
         let mut c = cred("api.example.com", Placement::Header("authorization".into()), "NOPE");
         assert!(matches!(
-            Credentials::load(std::slice::from_ref(&c), &|_| None),
+            Credentials::load(std::slice::from_ref(&c), &|_| None, None),
             Err(CredentialError::MissingEnv { .. })
         ));
         c.required = false;
-        assert!(Credentials::load(&[c], &|_| None).unwrap().placeholders().is_empty());
+        assert!(
+            Credentials::load(&[c], &|_| None, None)
+                .unwrap()
+                .placeholders()
+                .is_empty()
+        );
     }
 
     #[test]

@@ -237,7 +237,7 @@ async fn relay(
     }
     creds.redact_response(resp.headers_mut());
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        return splice_upgrade(session, client_upgrade, resp, pending, scan_answers);
+        return splice_upgrade(session, client_upgrade, resp, pending, scan_answers, (target, port));
     }
     strip_hop_by_hop(resp.headers_mut(), false);
     let scan_body = scan_answers && !head_request && status_has_body(resp.status());
@@ -296,8 +296,10 @@ fn splice_upgrade(
     mut resp: Response<Incoming>,
     pending: Arc<Pending>,
     scan_answers: bool,
+    (target, port): (&Target, u16),
 ) -> Response<ProxyBody> {
     let upstream = hyper::upgrade::on(&mut resp);
+    let (proxy, target) = (session.proxy.clone(), target.clone());
     let activity = session.peer.activity.clone();
     let idle = session.proxy.inner.limits.idle_timeout;
     let needles = if scan_answers {
@@ -313,13 +315,19 @@ fn splice_upgrade(
         };
         let mut a = MeteredIo::new(TokioIo::new(client), Arc::clone(&pending));
         let mut b = GuardedRead::new(TokioIo::new(upstream), Scanner::new(needles, Mode::Refuse));
-        match idle::watch(tokio::io::copy_bidirectional(&mut a, &mut b), &activity, idle).await {
-            None => pending.fail("idle-timeout"),
-            Some(Err(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                tracing::warn!("an upgraded stream carried a real credential value; cut");
-                pending.fail("secret-leak");
+        tokio::select! {
+            relayed = idle::watch(tokio::io::copy_bidirectional(&mut a, &mut b), &activity, idle) => match relayed {
+                None => pending.fail("idle-timeout"),
+                Some(Err(e)) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                    tracing::warn!("an upgraded stream carried a real credential value; cut");
+                    pending.fail("secret-leak");
+                }
+                Some(_) => {}
+            },
+            reason = proxy.denied_later(&target, port) => {
+                tracing::info!(host = %target, rule = reason.code(), "upgraded stream cut: the policy now denies it");
+                pending.fail("policy-changed");
             }
-            Some(_) => {}
         }
     });
     let (head, _) = resp.into_parts();

@@ -6,6 +6,7 @@
 
 mod audit;
 mod body;
+mod bundle;
 mod ca;
 mod connect;
 mod credentials;
@@ -14,6 +15,7 @@ mod deny;
 mod exchange;
 mod framing;
 mod hello;
+mod http1;
 mod idle;
 mod interceptor;
 mod listener;
@@ -32,6 +34,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 pub use audit::{AUDIT_FAILING_FILE, AuditError};
+pub use bundle::{Bundle, Listen};
 pub use ca::{CA_CERT_FILE, CA_KEY_FILE, CaError};
 pub use credentials::{CredentialError, PLACEHOLDER_PREFIX};
 pub use deny::DENIED_HEADER;

@@ -1,15 +1,14 @@
 //! Accepting clients: the explicit proxy on TCP or Unix sockets (also sockets bound elsewhere, e.g. in another
-//! network namespace), with a bound on concurrent connections and the HTTP/1.1 and HTTP/2 server limits.
+//! network namespace), with a bound on concurrent connections, and the HTTP/2 server limits (HTTP/1 is served
+//! only through `http1`).
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
-use hyper::server::conn::{http1, http2};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::server::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tracing::Instrument;
@@ -18,26 +17,13 @@ use crate::audit::{Event, Verdict};
 use crate::body::ProxyBody;
 use crate::connect;
 use crate::exchange;
-use crate::framing::{Guarded, OnViolation};
-use crate::idle::{self, Tracked};
+use crate::http1::{connection_error, serve_http1};
+use crate::idle::Tracked;
 use crate::proxy::{Limits, Proxy, ProxyError};
 use crate::session::{Peer, Scope, Session};
 
 /// Pause after a failed accept (EMFILE and friends) so a full file table does not spin the loop.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-
-pub fn h1_builder(limits: &Limits) -> http1::Builder {
-    let mut b = http1::Builder::new();
-    b.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_header_size(limits.max_header_bytes)
-        .max_headers(limits.max_headers)
-        // A client may half-close after sending its request (`shutdown(SHUT_WR)`, as `nc -N` and some HTTP/1.0
-        // clients do); it still wants the answer. Idle and header timeouts bound such connections as any other.
-        .half_close(true)
-        .keep_alive(true);
-    b
-}
 
 pub fn h2_builder(limits: &Limits) -> http2::Builder<TokioExecutor> {
     let mut b = http2::Builder::new(TokioExecutor::new());
@@ -105,8 +91,8 @@ impl Proxy {
                     continue;
                 }
             };
-            drop(stream);
             tracing::info!(client = %addr, "refused a connection to the bottle's host-side address: not the bottle");
+            // Recorded before the close: whoever sees the connection end can find its line in the audit log.
             let _ = self.inner.audit.write(&Event {
                 event: "connection",
                 client: Arc::from(addr.to_string()),
@@ -114,6 +100,7 @@ impl Proxy {
                 rule: "not-the-bottle".into(),
                 ..Event::default()
             });
+            drop(stream);
         }
     }
 
@@ -144,24 +131,9 @@ pub(crate) async fn serve_explicit<S>(proxy: Proxy, stream: S, peer: Peer)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let limits = proxy.inner.limits.clone();
-    let activity = peer.activity.clone();
-    let io = TokioIo::new(Guarded::new(
-        Tracked::new(stream, activity.clone()),
-        framing_report(&proxy, &peer),
-    ));
+    let io = Tracked::new(stream, peer.activity.clone());
     let session = Arc::new(Session::new(proxy.clone(), peer.clone(), Scope::Explicit));
-    let service = service_fn(move |req| {
-        let session = Arc::clone(&session);
-        let guard_stopped = crate::framing::stops_the_guard(&req);
-        async move {
-            let mut resp = explicit_request(session, req).await;
-            crate::framing::close_unless_switched(guard_stopped, &mut resp);
-            Ok::<_, Infallible>(resp)
-        }
-    });
-    let conn = h1_builder(&limits).serve_connection(io, service).with_upgrades();
-    match idle::watch(conn, &activity, limits.idle_timeout).await {
+    match serve_http1(session, io, explicit_request).await {
         None => tracing::debug!(client = %peer.label, "client connection idle; closed"),
         Some(Err(e)) => connection_error(&proxy, &peer, &e),
         Some(Ok(())) => {}
@@ -173,41 +145,4 @@ async fn explicit_request(session: Arc<Session>, req: Request<Incoming>) -> Resp
         return connect::handle(session, req).await;
     }
     exchange::handle(session, req).await
-}
-
-/// The smuggling guard closed the connection: audit it (hyper only sees the stream end).
-pub fn framing_report(proxy: &Proxy, peer: &Peer) -> OnViolation {
-    let (audit, client) = (Arc::clone(&proxy.inner.audit), Arc::clone(&peer.label));
-    Box::new(move |v| {
-        tracing::info!(%client, reason = v.0, "request framing refused; connection closed");
-        let _ = audit.write(&Event {
-            event: "connection",
-            client,
-            decision: Verdict::Deny,
-            rule: "framing".into(),
-            ..Event::default()
-        });
-    })
-}
-
-/// A connection hyper gave up on (malformed head, oversized head, smuggling guard, header timeout): audited;
-/// only that connection closes.
-pub fn connection_error(proxy: &Proxy, peer: &Peer, e: &hyper::Error) {
-    tracing::debug!(client = %peer.label, error = %e, "client connection error");
-    let rule = if e.is_parse_too_large() {
-        "head-too-large"
-    } else if e.is_parse() {
-        "malformed-request"
-    } else if e.is_timeout() {
-        "header-timeout"
-    } else {
-        return;
-    };
-    let _ = proxy.inner.audit.write(&Event {
-        event: "connection",
-        client: Arc::clone(&peer.label),
-        decision: Verdict::Deny,
-        rule: rule.into(),
-        ..Event::default()
-    });
 }

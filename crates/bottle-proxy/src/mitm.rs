@@ -14,9 +14,9 @@ use crate::ca::ALPN_H2;
 use crate::connect::{self, Tunnel};
 use crate::decide::DenyReason;
 use crate::exchange;
-use crate::framing::Guarded;
+use crate::http1::serve_http1;
 use crate::idle;
-use crate::listener::{framing_report, h1_builder, h2_builder};
+use crate::listener::h2_builder;
 use crate::proxy::Proxy;
 use crate::session::{Peer, Scope, Session};
 
@@ -55,24 +55,18 @@ where
     let predialed = tunnel.predialed.take();
     let limits = proxy.inner.limits.clone();
     let activity = peer.activity.clone();
-    let report = framing_report(&proxy, &peer);
     let session = Arc::new(Session::tunnel(proxy, peer, scope, h2, tunnel.checked, predialed));
-    let service = service_fn(move |req| {
-        let session = Arc::clone(&session);
-        let guard_stopped = crate::framing::stops_the_guard(&req);
-        async move {
-            let mut resp = exchange::handle(session, req).await;
-            crate::framing::close_unless_switched(guard_stopped, &mut resp);
-            Ok::<_, Infallible>(resp)
-        }
-    });
     let ended = if h2 {
+        // The smuggling guard follows HTTP/1 message framing, which HTTP/2 streams do not have (`stops_the_guard`
+        // is false for every HTTP/2 request).
+        let service = service_fn(move |req| {
+            let session = Arc::clone(&session);
+            async move { Ok::<_, Infallible>(exchange::handle(session, req).await) }
+        });
         let conn = h2_builder(&limits).serve_connection(TokioIo::new(tls), service);
         idle::watch(conn, &activity, limits.idle_timeout).await
     } else {
-        let io = TokioIo::new(Guarded::new(tls, report));
-        let conn = h1_builder(&limits).serve_connection(io, service).with_upgrades();
-        idle::watch(conn, &activity, limits.idle_timeout).await
+        serve_http1(session, tls, exchange::handle).await
     };
     match ended {
         None => tracing::debug!("intercepted connection idle; closed"),

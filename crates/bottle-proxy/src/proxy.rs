@@ -70,6 +70,10 @@ pub struct ProxyConfig {
     pub limits: Limits,
     /// Where `from_env` credentials are read; `None` reads the process environment. Tests pass a map.
     pub secret_env: Option<HashMap<String, String>>,
+    /// Placeholders derived from this seed instead of random ones: the same in every bottle given the same seed, so
+    /// an agent that remembers which key it approved (Claude Code keeps its last characters in its kept home) is not
+    /// asked again. The seed stays in this process; a placeholder says nothing of the real value.
+    pub placeholder_seed: Option<Vec<u8>>,
 }
 
 impl ProxyConfig {
@@ -84,6 +88,7 @@ impl ProxyConfig {
             upstream_ca: Vec::new(),
             limits: Limits::default(),
             secret_env: None,
+            placeholder_seed: None,
         }
     }
 }
@@ -128,6 +133,8 @@ pub(crate) struct Inner {
     pub creds: Credentials,
     pub limits: Limits,
     pub slots: Arc<Semaphore>,
+    /// Bumped by every reload: spliced connections re-decide their host then.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// The egress proxy. Cheap to clone; all clones share one policy, CA, audit log and connection budget.
@@ -168,9 +175,10 @@ impl Proxy {
             )?,
         };
         let tls = UpstreamTls::new(&config.upstream_ca, provider)?;
+        let seed = config.placeholder_seed.as_deref();
         let creds = match &config.secret_env {
-            Some(map) => Credentials::load(&config.policy.credentials, &|k| map.get(k).cloned())?,
-            None => Credentials::load(&config.policy.credentials, &|k| std::env::var(k).ok())?,
+            Some(map) => Credentials::load(&config.policy.credentials, &|k| map.get(k).cloned(), seed)?,
+            None => Credentials::load(&config.policy.credentials, &|k| std::env::var(k).ok(), seed)?,
         };
         let audit = Arc::new(AuditLog::open(&config.state_dir.join("audit.jsonl"), &config.bottle)?);
         Ok(Self {
@@ -184,6 +192,7 @@ impl Proxy {
                     config.limits.max_connections.clamp(1, Semaphore::MAX_PERMITS),
                 )),
                 limits: config.limits,
+                changes: tokio::sync::watch::channel(0).0,
             }),
         })
     }
@@ -224,8 +233,33 @@ impl Proxy {
             tracing::warn!("credential changes in a reloaded policy take effect only when the bottle restarts");
         }
         self.inner.policy.store(Arc::new(policy));
+        self.inner.changes.send_modify(|generation| *generation += 1);
         tracing::info!("policy reloaded");
         self.audit_event("reload", Verdict::Allow, "policy-reloaded");
+    }
+
+    /// Resolves once a reloaded policy denies `target:port`: a connection spliced to it (a passthrough tunnel, an
+    /// upgraded stream) is then cut, since no later request on it would be decided. Never resolves otherwise.
+    pub(crate) async fn denied_later(&self, target: &crate::decide::Target, port: u16) -> crate::decide::DenyReason {
+        let mut changes = self.inner.changes.subscribe();
+        // A reload between the connection's decision and this subscription is seen here.
+        if let Err(reason) = crate::decide::decide_target(&self.inner.policy.load().network, target, port) {
+            return reason;
+        }
+        loop {
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let policy = self.inner.policy.load();
+            if let Err(reason) = crate::decide::decide_target(&policy.network, target, port) {
+                return reason;
+            }
+        }
+    }
+
+    /// Records a change to the bottle's policy made from outside it: what, and who asked.
+    pub fn record_change(&self, what: &str) {
+        self.audit_event("policy-change", Verdict::Allow, what);
     }
 
     pub(crate) fn audit_event(&self, event: &'static str, decision: Verdict, rule: &str) {

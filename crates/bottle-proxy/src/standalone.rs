@@ -41,6 +41,7 @@ async fn serve(opts: StandaloneOptions) -> Result<(), ProxyError> {
         upstream_ca: opts.upstream_ca,
         limits: Limits::default(),
         secret_env: None,
+        placeholder_seed: None,
     };
     let proxy = Proxy::new(config)?;
     proxy.warm_upstream_roots()?;

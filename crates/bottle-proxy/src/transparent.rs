@@ -3,24 +3,20 @@
 //! ClientHello SNI or the HTTP `Host` header, the port from the original destination; the original address
 //! itself is ignored: the proxy resolves the name and checks the answer like for any other request.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use crate::audit::{self, Event, Verdict};
 use crate::connect::{self, Tunnel};
 use crate::decide::{self, DenyReason, Target};
 use crate::exchange;
-use crate::framing::Guarded;
 use crate::hello;
-use crate::idle::{self, Tracked};
-use crate::listener::{connection_error, framing_report, h1_builder};
+use crate::http1::{connection_error, serve_http1};
+use crate::idle::Tracked;
 use crate::proxy::Proxy;
 use crate::rewind::Rewind;
 use crate::session::{Peer, Scope, Session};
@@ -119,21 +115,8 @@ impl Proxy {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let limits = self.inner.limits.clone();
-        let activity = peer.activity.clone();
         let session = Arc::new(Session::new(self.clone(), peer.clone(), Scope::Transparent { port }));
-        let service = service_fn(move |req| {
-            let session = Arc::clone(&session);
-            let guard_stopped = crate::framing::stops_the_guard(&req);
-            async move {
-                let mut resp = exchange::handle(session, req).await;
-                crate::framing::close_unless_switched(guard_stopped, &mut resp);
-                Ok::<_, Infallible>(resp)
-            }
-        });
-        let conn =
-            h1_builder(&limits).serve_connection(TokioIo::new(Guarded::new(io, framing_report(self, &peer))), service);
-        if let Some(Err(e)) = idle::watch(conn.with_upgrades(), &activity, limits.idle_timeout).await {
+        if let Some(Err(e)) = serve_http1(session, io, exchange::handle).await {
             connection_error(self, &peer, &e);
         }
     }

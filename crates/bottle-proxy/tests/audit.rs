@@ -9,6 +9,7 @@ mod fixture;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use bottle_test_support::require;
 use fixture::*;
 
 /// A small tmpfs mounted for the test, unmounted on drop.
@@ -45,12 +46,7 @@ fn fill(dir: &Path) -> PathBuf {
 #[tokio::test]
 async fn a_full_disk_refuses_what_it_cannot_record_and_recovers() {
     if !rustix::process::geteuid().is_root() {
-        let required = std::env::var("BOTTLE_TEST_REQUIRE").unwrap_or_default();
-        assert!(
-            !required.contains("namespace"),
-            "BOTTLE_TEST_REQUIRE={required}: this test needs root (tmpfs)"
-        );
-        eprintln!("skipped: needs root to mount a small tmpfs as the state directory");
+        require::skip("namespace", "needs root to mount a small tmpfs as the state directory");
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -51,3 +51,48 @@ async fn reload_withdrawing_a_cidr_stops_reuse_of_kept_alive_connections() {
     assert!(denied(&headers).contains("rule=private-address"));
     assert_eq!(rec.requests().len(), 1);
 }
+
+/// #16: a spliced connection is decided once, so a reload that denies its host cuts it (a passthrough tunnel here);
+/// one to a host still allowed stays open.
+#[tokio::test]
+async fn reload_denying_a_host_cuts_its_open_passthrough_tunnel() {
+    let w = World::start().await;
+    let tcp = w.lab.connect(&w.tls_at("pass.test")).await.unwrap();
+    let tls = tls_client(tcp, "pass.test", &[b"http/1.1"], &w.lab.ca.cert_pem)
+        .await
+        .unwrap();
+    let mut client = h1(tls).await;
+    assert_eq!(
+        text(client.send_request(get("/", "pass.test")).await.unwrap()).await.0,
+        200
+    );
+
+    // Another host denied: the tunnel stays.
+    let other_denied = STANDARD_POLICY.replace("[network]\n", "[network]\ndeny = [\"other.test\"]\n");
+    w.lab.proxy.reload(policy(&other_denied));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(
+        text(client.send_request(get("/", "pass.test")).await.unwrap()).await.0,
+        200
+    );
+
+    // Its own host denied: cut, and the end line says why.
+    let pass_denied = STANDARD_POLICY.replace("[network]\n", "[network]\ndeny = [\"pass.test\"]\n");
+    w.lab.proxy.reload(policy(&pass_denied));
+    let cut = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        loop {
+            match client.send_request(get("/", "pass.test")).await {
+                Err(_) => break,
+                Ok(resp) => {
+                    let _ = text(resp).await;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(cut.is_ok(), "the passthrough tunnel to a denied host stayed open");
+    w.lab
+        .wait_audit(|v| v["event"] == "end" && v["rule"] == "policy-changed")
+        .await;
+}

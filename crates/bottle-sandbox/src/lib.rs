@@ -1,5 +1,7 @@
 //! Sandbox backends, leases and preflight.
 
+pub mod backend;
+pub mod cgroup;
 pub mod engine;
 pub mod lease;
 pub mod namespace;

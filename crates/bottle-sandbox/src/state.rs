@@ -8,6 +8,9 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use std::net::Ipv4Addr;
+
+use bottle_policy::{Backend as Kind, BottleName};
 use serde::{Deserialize, Serialize};
 
 use crate::lease::{pid_start_time, process_alive};
@@ -52,9 +55,9 @@ pub enum Status {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BottleState {
-    pub name: String,
-    pub backend: String,
-    pub addr: String,
+    pub name: BottleName,
+    pub backend: Kind,
+    pub addr: Ipv4Addr,
     pub status: Status,
     /// The supervising `bot-bottle` process and its start time (pid reuse guard).
     pub supervisor_pid: u32,
@@ -277,16 +280,16 @@ pub fn list(root: &Path) -> Result<Vec<Result<BottleState, StateError>>, StateEr
 
 /// A state for a bottle supervised by this process, starting now. SECURITY: without this process's start time the
 /// state could not tell a live supervisor from a recycled pid, and `ls` would reap a running bottle's lease.
-pub fn starting(name: &str, backend: &str, addr: &str, detached: bool) -> Result<BottleState, StateError> {
+pub fn starting(name: &BottleName, backend: Kind, addr: Ipv4Addr, detached: bool) -> Result<BottleState, StateError> {
     let pid = std::process::id();
     let supervisor_start = pid_start_time(pid).ok_or_else(|| StateError::Read {
         path: PathBuf::from(format!("/proc/{pid}/stat")),
         source: io::Error::other("this process's start time is not readable"),
     })?;
     Ok(BottleState {
-        name: name.to_string(),
-        backend: backend.to_string(),
-        addr: addr.to_string(),
+        name: name.clone(),
+        backend,
+        addr,
         status: Status::Starting,
         supervisor_pid: pid,
         supervisor_start,
@@ -306,11 +309,15 @@ pub fn starting(name: &str, backend: &str, addr: &str, detached: bool) -> Result
 mod tests {
     use super::*;
 
+    fn name(raw: &str) -> BottleName {
+        BottleName::parse(raw).unwrap()
+    }
+
     #[test]
     fn create_write_read_list_remove() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = StateDir::create(tmp.path(), "b1").unwrap();
-        let mut s = starting("b1", "namespace", "127.0.0.2", false).unwrap();
+        let mut s = starting(&name("b1"), Kind::Namespace, Ipv4Addr::new(127, 0, 0, 2), false).unwrap();
         dir.write(&s).unwrap();
         assert!(matches!(StateDir::create(tmp.path(), "b1"), Err(StateError::Exists(_))));
         assert_eq!(dir.read().unwrap(), s);
@@ -344,7 +351,7 @@ mod tests {
     fn planted_links_are_never_followed() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = StateDir::create(tmp.path(), "b4").unwrap();
-        let s = starting("b4", "namespace", "127.0.0.2", false).unwrap();
+        let s = starting(&name("b4"), Kind::Namespace, Ipv4Addr::new(127, 0, 0, 2), false).unwrap();
         dir.write(&s).unwrap();
         let victim = tmp.path().join("victim");
         fs::write(&victim, "untouched").unwrap();
@@ -375,7 +382,7 @@ mod tests {
         let made = StateDir {
             path: tmp.path().join("b6"),
         };
-        made.write(&starting("b6", "namespace", "127.0.0.2", false).unwrap())
+        made.write(&starting(&name("b6"), Kind::Namespace, Ipv4Addr::new(127, 0, 0, 2), false).unwrap())
             .unwrap();
         assert!(matches!(StateDir::create(tmp.path(), "b6"), Err(StateError::Exists(_))));
     }

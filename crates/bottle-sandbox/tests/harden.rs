@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use bottle_sandbox::namespace::harden::{HardenError, Hardening, LandlockMode, apply};
+use bottle_test_support::require::skip;
 use rustix::fs::{Mode, OFlags};
 use rustix::net::{AddressFamily, SocketFlags, SocketType, ipproto};
 use rustix::thread::UnshareFlags;
@@ -41,16 +42,6 @@ struct Verdict {
     /// `None` when the attempt succeeded.
     errno: Option<i32>,
     detail: String,
-}
-
-/// Skips with a reason, unless `BOTTLE_TEST_REQUIRE` names `component`, in which case the skip is a failure.
-fn skip(component: &str, why: &str) {
-    let required = std::env::var("BOTTLE_TEST_REQUIRE").unwrap_or_default();
-    assert!(
-        !required.split(',').any(|c| c.trim() == component),
-        "{component} required but unavailable: {why}"
-    );
-    eprintln!("skipping: {component}: {why}");
 }
 
 // ---------------------------------------------------------------------------------------------------------------

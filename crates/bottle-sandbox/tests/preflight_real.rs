@@ -8,16 +8,7 @@ use std::time::Duration;
 
 use bottle_policy::Backend;
 use bottle_sandbox::preflight::{BackendReport, DAEMON_REMEDY, RealHost, Severity, Status, report_all};
-
-/// Skips with a reason, unless `BOTTLE_TEST_REQUIRE` names `component`, in which case the skip is a failure.
-fn skip(component: &str, why: &str) {
-    let required = std::env::var("BOTTLE_TEST_REQUIRE").unwrap_or_default();
-    assert!(
-        !required.split(',').any(|c| c.trim() == component),
-        "{component} required but unavailable: {why}"
-    );
-    eprintln!("skipping the {component} assertions: {why}");
-}
+use bottle_test_support::require::skip;
 
 fn find(reports: &[BackendReport], backend: Backend) -> &BackendReport {
     reports

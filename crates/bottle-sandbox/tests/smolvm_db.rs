@@ -29,7 +29,8 @@ use rusqlite::Connection;
 use tempfile::TempDir;
 
 mod common;
-use common::{engine_without_kvm, os, script, skip};
+use bottle_test_support::engine::script;
+use common::{engine_without_kvm, os, skip};
 
 /// The interceptor address the plans use; nothing listens there, no guest ever boots.
 const INTERCEPTOR: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 9), 3128);

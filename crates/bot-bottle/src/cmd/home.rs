@@ -17,7 +17,7 @@ use crate::output::Output;
 /// Beside the bottles' state directories (a bottle may not be named so).
 pub const HOMES_DIR: &str = "homes";
 /// Where credentials live under a user's home: never a bottle's home, nor inside one.
-const CREDENTIAL_STORES: [&str; 12] = [
+pub(crate) const CREDENTIAL_STORES: [&str; 12] = [
     ".ssh",
     ".gnupg",
     ".aws",

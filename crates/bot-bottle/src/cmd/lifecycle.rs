@@ -29,13 +29,20 @@ pub fn run(args: &RunArgs, out: &Output) -> anyhow::Result<u8> {
     if args.detach && !supervising {
         return detach(&policy, out);
     }
-    recipe::run(Request {
+    let exit = recipe::run(Request {
         policy,
         command: args.command.clone(),
         upstream_ca: args.upstream_ca.clone(),
         detached: supervising,
         remove: args.rm,
-    })
+    })?;
+    // The line itself went where the agent's output goes (and to a detached run's stderr); `--json` gets it too.
+    if let Some(line) = &exit.start_failure
+        && out.is_json()
+    {
+        out.error(&anyhow::anyhow!("{line}"), exit.code);
+    }
+    Ok(exit.code)
 }
 
 /// `run -d`: re-executes this command as a supervisor in its own process group, waits until the bottle is
@@ -88,6 +95,19 @@ fn detach(policy: &bottle_policy::Policy, out: &Output) -> anyhow::Result<u8> {
             out.emit(&s, || format!("{}\n", s.name))?;
             Ok(0)
         }
+        // It ran and ended before this poll looked. A command that could not start says why, with its code (127,
+        // 126) as in the foreground; one that ran is a started bottle (its exit is in `ls`).
+        Ok(Ok(s)) if s.status == Status::Exited => match (&s.error, s.exit_code) {
+            (Some(why), Some(code @ (126 | 127))) => {
+                eprintln!("{why}");
+                Ok(u8::try_from(code).unwrap_or(125))
+            }
+            _ => {
+                drop(child.stderr.take());
+                out.emit(&s, || format!("{}\n", s.name))?;
+                Ok(0)
+            }
+        },
         Ok(Ok(s)) => Err(crate::exit::SandboxFailed(format!(
             "bottle {} failed to start: {}",
             s.name,
@@ -180,7 +200,7 @@ pub fn ls(out: &Output) -> anyhow::Result<u8> {
     // One damaged bottle never hides the others: it gets a row saying so, and how to remove it.
     for entry in state::list(&root)? {
         let row = match entry.map_err(anyhow::Error::from).and_then(|s| {
-            let dir = StateDir::open(&root, &s.name)?;
+            let dir = StateDir::open(&root, s.name.as_str())?;
             Ok((reap_if_dead(&dir, s)?, dir))
         }) {
             Ok((s, dir)) => {
@@ -192,9 +212,9 @@ pub fn ls(out: &Output) -> anyhow::Result<u8> {
                 Row {
                     uptime_secs: s.is_live().then(|| now.saturating_sub(s.started_at)),
                     state,
-                    name: s.name,
-                    backend: s.backend,
-                    address: s.addr,
+                    name: s.name.to_string(),
+                    backend: s.backend.to_string(),
+                    address: s.addr.to_string(),
                     allowed,
                     denied,
                     exit_code: s.exit_code,
@@ -251,9 +271,8 @@ pub fn ls(out: &Output) -> anyhow::Result<u8> {
                 "{:<20} {:<13} {:<12} {:<12} {:>8} {:>8} {:>8}",
                 r.name, r.backend, r.address, state, uptime, r.allowed, r.denied
             );
-            if r.backend == "?"
-                && let Some(why) = &r.error
-            {
+            // Why a bottle failed (its command could not start, its supervisor was killed, …) under its row.
+            if let Some(why) = &r.error {
                 let _ = writeln!(t, "  ! {}: {why}", r.name);
             }
             if let Some(why) = &r.audit_failing {
@@ -278,7 +297,7 @@ fn reap_if_dead(dir: &StateDir, mut s: BottleState) -> anyhow::Result<BottleStat
         if s.remove {
             // `run --rm` promised nothing is kept; its launcher was killed before it could keep that promise.
             StateDir { path: dir.path.clone() }.remove()?;
-            return Err(state::StateError::NotFound(s.name).into());
+            return Err(state::StateError::NotFound(s.name.to_string()).into());
         }
         s.status = Status::Failed;
         s.error = Some("its supervisor was killed; the bottle died with it".into());
@@ -470,7 +489,7 @@ fn lease_names_supervisor(s: &BottleState) -> bool {
     Registry::new(&root).list().is_ok_and(|leases| {
         leases
             .iter()
-            .any(|l| l.name == s.name && l.pid == s.supervisor_pid && l.pid_start == s.supervisor_start)
+            .any(|l| l.name == s.name.as_str() && l.pid == s.supervisor_pid && l.pid_start == s.supervisor_start)
     })
 }
 

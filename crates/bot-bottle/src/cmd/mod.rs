@@ -4,9 +4,12 @@ mod doctor;
 mod exec;
 pub mod home;
 mod lifecycle;
+mod live;
+pub mod placeholder_key;
 mod policy;
 mod proxy;
 mod selftest;
+mod suggest;
 
 use crate::cli::Command;
 use crate::output::Output;
@@ -21,6 +24,10 @@ pub fn dispatch(command: Command, out: &Output) -> anyhow::Result<u8> {
         Command::Rm(args) => lifecycle::rm(&args, out),
         Command::Doctor(args) => doctor::run(&args, out),
         Command::Policy(crate::cli::PolicyCommand::Check(args)) => policy::check(&args, out),
+        Command::Policy(crate::cli::PolicyCommand::Suggest(args)) => suggest::run(&args, out),
+        Command::Policy(crate::cli::PolicyCommand::Show(args)) => live::show(&args.name, out),
+        Command::Allow(args) => live::change("allow", &args, out),
+        Command::Deny(args) => live::change("deny", &args, out),
         Command::Home(command) => home::run(&command, out),
         Command::Proxy(args) => proxy::run(args, out),
         Command::Selftest(args) => selftest::run(&args, out),
@@ -30,7 +37,7 @@ pub fn dispatch(command: Command, out: &Output) -> anyhow::Result<u8> {
             supervisor_pid,
             command,
         } => {
-            let code = bottle_sandbox::namespace::join::main(&spec, init_pid, supervisor_pid, &command);
+            let code = bottle_sandbox::backend::exec_helper(&spec, init_pid, supervisor_pid, &command);
             Ok(u8::try_from(code).unwrap_or(crate::exit::SANDBOX))
         }
     }

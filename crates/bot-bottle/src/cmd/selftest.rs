@@ -1,41 +1,34 @@
-//! `selftest`: a representative subset of the escape suite (issue #6), run against this host with the installed
-//! binaries. One bottle is launched with this very executable (`bot-bottle run`, in a temporary workspace and state
-//! directory that are removed afterwards); `bottle-probe`, found next to this executable, makes each attempt inside
-//! it, aimed at decoys on the host's loopback (a TCP and a UDP service, an agent socket, an abstract socket, a secret
-//! file, a marked process) and at addresses that only exist outside the bottle. Trusts the probe's verdicts and the
-//! decoys' counters; anything it cannot read counts as an error, never as "held".
+//! `selftest`: the escape catalogue (`bottle_probe::catalogue`, the cases the escape suite runs) run against this
+//! host with the installed binaries: every case that needs no test-only fixture and no tool this host lacks. The
+//! others are listed as left out, each with the reason. One bottle is launched with this very executable
+//! (`bot-bottle run`, in a temporary workspace and state directory that are removed afterwards); `bottle-probe`,
+//! found next to this executable, makes each attempt inside it, aimed at decoys on the host's loopback (TCP, UDP,
+//! agent sockets, an abstract socket, a secret file, a marked process), at addresses that only exist outside the
+//! bottle, and at the host's public resolvers and TEST-NET addresses (RFC 5737), which an escape would reach.
+//! Trusts the probe's verdicts and the decoys' counters; anything it cannot read counts as an error, never as "held".
 //!
-//! Prints `CASE  BACKEND  VERDICT` (`held`, `ESCAPED` or `error`); exit 0 when every case held, 123 otherwise.
+//! Prints `CASE  BACKEND  VERDICT` (`held`, `ESCAPED` or `error`), then the left-out cases; exit 0 when every case
+//! held, 123 otherwise.
+
+mod host;
 
 use std::fmt::Write as _;
-use std::io::Read;
-use std::net::{TcpListener, UdpSocket};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
 use anyhow::{Context, bail};
+use bottle_probe::catalogue::{self, Case, Expect, Family};
 use serde::Serialize;
 
 use crate::cli::SelftestArgs;
 use crate::exit::{SANDBOX, Unavailable};
 use crate::output::Output;
+use host::{CREDENTIAL_HOST, HOST_ENV_VAR, Planted, Scratch, TOKEN_VAR, UPSTREAM_IP};
 
 const PROBE: &str = "bottle-probe";
-/// How long the whole bottle run may take; a hang is an error, not a pass.
-const RUN_TIMEOUT: Duration = Duration::from_secs(180);
-/// The launcher-side variable of the decoy credential; inside the bottle it holds only a placeholder.
-const TOKEN_VAR: &str = "BOT_BOTTLE_SELFTEST_TOKEN";
-/// The one allowed host, which the decoy credential is bound to (`.test`, RFC 2606), pinned by the policy to an
-/// unusual loopback address where a silent decoy upstream listens: no lookup and no dial leaves the host.
-const CREDENTIAL_HOST: &str = "selftest.bot-bottle.test";
-const UPSTREAM_IP: &str = "127.1.2.3";
 /// The host the bottle's own confinement self-test asks for (bottle_sandbox::namespace::init::SELFTEST_HOST).
 const INIT_SELFTEST_HOST: &str = "selftest.bot-bottle.invalid";
+const BACKEND: &str = "namespace";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -58,9 +51,17 @@ impl Verdict {
 #[derive(Debug, Serialize)]
 struct Row {
     case: String,
+    family: &'static str,
     backend: &'static str,
     verdict: Verdict,
     evidence: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+struct LeftOut {
+    case: &'static str,
+    family: &'static str,
+    reason: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -70,18 +71,27 @@ struct Report {
     escaped: usize,
     errors: usize,
     cases: Vec<Row>,
+    left_out: Vec<LeftOut>,
 }
 
 pub fn run(args: &SelftestArgs, out: &Output) -> anyhow::Result<u8> {
-    if args.backend != "namespace" {
+    let reason = match args.backend.as_str() {
+        BACKEND => None,
+        "container" => Some("there is no container backend yet, so there is nothing to self-test"),
+        _ => Some(
+            "only the namespace backend can be self-tested: on smolmachines the catalogue's cases would have to run \
+             inside a guest and be judged against decoys the guest can reach, which is not built yet",
+        ),
+    };
+    if let Some(reason) = reason {
         return Err(Unavailable {
             verb: "selftest",
-            reason: "only the namespace backend can be self-tested so far (container and smolmachines: later)",
+            reason,
         }
         .into());
     }
     let report = match selftest() {
-        Ok(rows) => report(rows),
+        Ok((rows, left_out)) => report(rows, left_out),
         Err(e) => {
             out.error(&e.context("the self-test could not run"), SANDBOX);
             return Ok(SANDBOX);
@@ -95,14 +105,15 @@ pub fn run(args: &SelftestArgs, out: &Output) -> anyhow::Result<u8> {
     })
 }
 
-fn report(cases: Vec<Row>) -> Report {
+fn report(cases: Vec<Row>, left_out: Vec<LeftOut>) -> Report {
     let count = |v| cases.iter().filter(|r| r.verdict == v).count();
     Report {
-        backend: "namespace",
+        backend: BACKEND,
         held: count(Verdict::Held),
         escaped: count(Verdict::Escaped),
         errors: count(Verdict::Error),
         cases,
+        left_out,
     }
 }
 
@@ -114,275 +125,121 @@ fn render(r: &Report) -> String {
     }
     let _ = writeln!(
         s,
-        "\n{} cases: {} held, {} escaped, {} errors",
+        "\n{} cases: {} held, {} escaped, {} errors; {} catalogue cases left out",
         r.cases.len(),
         r.held,
         r.escaped,
-        r.errors
+        r.errors,
+        r.left_out.len()
     );
     for c in r.cases.iter().filter(|c| c.verdict != Verdict::Held) {
         let _ = writeln!(s, "{} {}: {}", c.verdict.word(), c.case, c.evidence);
     }
+    if !r.left_out.is_empty() {
+        s.push('\n');
+    }
+    for l in &r.left_out {
+        let _ = writeln!(s, "left out {}: {}", l.case, l.reason);
+    }
     s
 }
 
-/// A temporary directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A catalogue case the self-test runs.
+struct Chosen {
+    family: &'static Family,
+    case: &'static Case,
+    argv: Vec<String>,
 }
 
-fn random_hex() -> anyhow::Result<String> {
-    let mut bytes = [0u8; 8];
-    rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()).context("no randomness")?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// Hex, so a needle on the probe's command line never appears there literally (the probe decodes `hex:`).
-fn hex(s: &str) -> String {
-    format!("hex:{}", s.bytes().map(|b| format!("{b:02x}")).collect::<String>())
-}
-
-/// Counts contacts with one decoy.
-#[derive(Clone, Default)]
-struct Hits(Arc<AtomicUsize>);
-
-impl Hits {
-    fn count(&self) -> usize {
-        self.0.load(Ordering::SeqCst)
-    }
-}
-
-fn spawn_counter<T: Send + 'static>(hits: &Hits, next: impl Fn() -> std::io::Result<T> + Send + 'static) {
-    let hits = hits.clone();
-    std::thread::spawn(move || {
-        while next().is_ok() {
-            hits.0.fetch_add(1, Ordering::SeqCst);
+/// Splits the catalogue into the cases this host can run and the ones it leaves out, with why.
+fn choose(p: &Planted, has_tool: impl Fn(&str) -> bool) -> (Vec<Chosen>, Vec<LeftOut>) {
+    let mut chosen = Vec::new();
+    let mut left_out = Vec::new();
+    for (family, case) in catalogue::all() {
+        let mut leave = |reason: String| {
+            left_out.push(LeftOut {
+                case: case.id,
+                family: family.name,
+                reason,
+            });
+        };
+        if let Some(need) = case.test_only() {
+            leave(need.reason());
+            continue;
         }
-    });
-}
-
-/// The host-side decoys and the values the cases look for.
-struct Decoys {
-    upstream_port: u16,
-    tcp_port: u16,
-    udp_port: u16,
-    tcp: Hits,
-    udp: Hits,
-    agent: Hits,
-    abstract_sock: Hits,
-    agent_path: PathBuf,
-    abstract_name: String,
-    secret: String,
-    file_secret: String,
-    marker: String,
-}
-
-/// A child process killed and reaped on drop.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if let Some(need) = case
+            .needs
+            .iter()
+            .find(|n| matches!(n, catalogue::Needs::Tool(t) if !has_tool(t)))
+        {
+            leave(need.reason());
+            continue;
+        }
+        if let Some((_, why)) = p.missing.iter().find(|(name, _)| case.placeholders().contains(name)) {
+            leave(why.clone());
+            continue;
+        }
+        match case.argv(&p.values) {
+            Ok(argv) => chosen.push(Chosen { family, case, argv }),
+            Err(e) => leave(format!("the self-test has {e}")),
+        }
     }
-}
-
-fn decoys(host: &Path) -> anyhow::Result<(Decoys, Reaped)> {
-    use std::os::linux::net::SocketAddrExt;
-    let upstream = TcpListener::bind((UPSTREAM_IP, 0)).context("decoy upstream")?;
-    let tcp = TcpListener::bind("127.0.0.1:0").context("decoy TCP listener")?;
-    let udp = UdpSocket::bind("127.0.0.1:0").context("decoy UDP socket")?;
-    let agent_path = host.join("agent.sock");
-    let agent = UnixListener::bind(&agent_path).context("decoy agent socket")?;
-    let abstract_name = format!("bot-bottle-selftest-{}", random_hex()?);
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(abstract_name.as_bytes())?;
-    let abstract_sock = UnixListener::bind_addr(&addr).context("decoy abstract socket")?;
-    let d = Decoys {
-        upstream_port: upstream.local_addr()?.port(),
-        tcp_port: tcp.local_addr()?.port(),
-        udp_port: udp.local_addr()?.port(),
-        tcp: Hits::default(),
-        udp: Hits::default(),
-        agent: Hits::default(),
-        abstract_sock: Hits::default(),
-        agent_path,
-        abstract_name,
-        secret: format!("selftest-secret-{}", random_hex()?),
-        file_secret: format!("selftest-file-{}", random_hex()?),
-        // `sleep` takes fractions: a duration nothing else uses marks the host process.
-        marker: format!("86399.{}", u32::from_str_radix(&random_hex()?[..6], 16)?),
-    };
-    // The allowed upstream: the proxy may dial it; it never answers, so no TLS handshake can complete.
-    spawn_counter(&Hits::default(), move || upstream.accept());
-    spawn_counter(&d.tcp, move || tcp.accept());
-    spawn_counter(&d.udp, move || udp.recv_from(&mut [0u8; 512]));
-    spawn_counter(&d.agent, move || agent.accept());
-    spawn_counter(&d.abstract_sock, move || abstract_sock.accept());
-    std::fs::write(host.join("secret.txt"), &d.file_secret)?;
-    let marked = Command::new("sleep")
-        .arg(&d.marker)
-        .stdin(Stdio::null())
-        .spawn()
-        .context("cannot start the marked host process (sleep)")?;
-    Ok((d, Reaped(marked)))
-}
-
-/// One case: a label, the probe's arguments, and the decoy whose counter must stay at zero.
-struct Case<'a> {
-    label: &'static str,
-    args: Vec<String>,
-    decoy: Option<&'a Hits>,
-}
-
-fn cases<'a>(d: &'a Decoys, home: &str) -> Vec<Case<'a>> {
-    let (tcp, udp) = (format!("127.0.0.1:{}", d.tcp_port), format!("127.0.0.1:{}", d.udp_port));
-    let tag = &d.marker;
-    let c = |label, args: &[&str], decoy| Case {
-        label,
-        args: args.iter().map(ToString::to_string).collect(),
-        decoy,
-    };
-    vec![
-        c(
-            "01 direct TCP to a host loopback service",
-            &["tcp-connect", &tcp],
-            Some(&d.tcp),
-        ),
-        c("02 direct TCP to an IP literal", &["tcp-connect", "192.0.2.1:80"], None),
-        c("03 ICMP echo over a raw socket", &["ping-raw", "192.0.2.1"], None),
-        c("04 UDP to a host loopback service", &["udp-send", &udp], Some(&d.udp)),
-        c(
-            "09 port scan of loopback",
-            &["port-scan", "127.0.0.1", "3128", "1-1024", &d.tcp_port.to_string()],
-            Some(&d.tcp),
-        ),
-        c(
-            "11 proxy asked for a loopback address",
-            &["proxy-get", &format!("http://{tcp}/")],
-            Some(&d.tcp),
-        ),
-        c(
-            "13 proxy asked for a non-allowed host",
-            &["proxy-connect", "not-allowed.bot-bottle.invalid:443"],
-            None,
-        ),
-        c(
-            "14 name lookup from inside",
-            &["resolve", "selftest.bot-bottle.invalid"],
-            None,
-        ),
-        c(
-            "15 DNS query straight to 8.8.8.8",
-            &["dns-udp", "8.8.8.8:53", "selftest.bot-bottle.invalid"],
-            None,
-        ),
-        c(
-            "20 CONNECT with another SNI",
-            &[
-                "proxy-sni",
-                &format!("{CREDENTIAL_HOST}:{}", d.upstream_port),
-                "other.bot-bottle.test",
-            ],
-            None,
-        ),
-        c(
-            "31 the real credential searched for",
-            &["find-secret", &hex(&d.secret)],
-            None,
-        ),
-        c(
-            "35 container daemon sockets",
-            &[
-                "unix-connect",
-                "/run/docker.sock",
-                "/var/run/docker.sock",
-                "/run/containerd/containerd.sock",
-                "/run/podman/podman.sock",
-            ],
-            None,
-        ),
-        c(
-            "36 the user's ssh-agent",
-            &["ssh-agent", &d.agent_path.display().to_string()],
-            Some(&d.agent),
-        ),
-        c("37 no_new_privs and no capabilities", &["proc-status"], None),
-        c("38 ptrace", &["syscall", "ptrace"], None),
-        c("38 mount", &["syscall", "mount"], None),
-        c("38 unshare a user namespace", &["syscall", "unshare-user"], None),
-        c("38 bpf", &["syscall", "bpf"], None),
-        c("38 keyctl", &["syscall", "keyctl"], None),
-        c("39 raw socket", &["raw-socket", "inet"], None),
-        c("40 route change over rtnetlink", &["netlink-route"], None),
-        c(
-            "42 host processes visible",
-            &["processes", &hex(&format!("sleep {tag}"))],
-            None,
-        ),
-        c("43 the user's ~/.ssh", &["list-dir", &format!("{home}/.ssh")], None),
-        c(
-            "44 write to /usr",
-            &["write-file", &format!("/usr/.bot-bottle-selftest-{tag}")],
-            None,
-        ),
-        c(
-            "44 write to /etc",
-            &["write-file", &format!("/etc/.bot-bottle-selftest-{tag}")],
-            None,
-        ),
-        c(
-            "45 workspace symlink to a host file",
-            &["read-file", "host-link", &hex(&d.file_secret)],
-            None,
-        ),
-        c(
-            "xx abstract socket of the host",
-            &["abstract-connect", &d.abstract_name],
-            Some(&d.abstract_sock),
-        ),
-        c("xx io_uring", &["syscall", "io-uring"], None),
-    ]
+    (chosen, left_out)
 }
 
 fn quote(arg: &str) -> String {
     format!("'{}'", arg.replace('\'', r"'\''"))
 }
 
-fn script(cases: &[Case<'_>]) -> String {
+/// Step `tools` checks that every tool a chosen case drives is in the bottle; then one step per chosen case.
+fn script(tools: &[&str], chosen: &[Chosen]) -> String {
     let mut s = String::from("step() { id=$1; shift; echo \"@@step $id\"; \"$@\"; echo \"@@rc $?\"; }\n");
-    for (i, c) in cases.iter().enumerate() {
-        let args: Vec<String> = c.args.iter().map(|a| quote(a)).collect();
+    let check = format!(
+        "for t in {}; do command -v \"$t\" >/dev/null || {{ echo \"$t is not installed\"; exit 1; }}; done",
+        tools.join(" ")
+    );
+    let _ = writeln!(s, "step tools ./{PROBE} command sh -c {}", quote(&check));
+    for (i, c) in chosen.iter().enumerate() {
+        let args: Vec<String> = c.argv.iter().map(|a| quote(a)).collect();
         let _ = writeln!(s, "step {i} ./{PROBE} {}", args.join(" "));
     }
     s.push_str("echo @@done\n");
     s
 }
 
-/// Each step's outcome: `Ok((escaped, evidence))`, or why there is no verdict.
-fn parse(stdout: &str, n: usize) -> Vec<Result<(bool, String), String>> {
-    let mut out: Vec<Result<(bool, String), String>> = (0..n).map(|_| Err("the step never ran".into())).collect();
-    let mut current: Option<(usize, Vec<&str>)> = None;
+/// What one step's probe printed.
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    escaped: bool,
+    evidence: String,
+    detail: serde_json::Value,
+}
+
+type Step = Result<Seen, String>;
+
+/// Each step's outcome by id (`tools`, `0`, `1`, ...), or why there is no verdict.
+fn parse(stdout: &str) -> std::collections::BTreeMap<String, Step> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut current: Option<(String, Vec<&str>)> = None;
     for line in stdout.lines() {
         if let Some(id) = line.strip_prefix("@@step ") {
-            current = id.trim().parse().ok().map(|i| (i, Vec::new()));
+            current = Some((id.trim().to_string(), Vec::new()));
         } else if let Some(rc) = line.strip_prefix("@@rc ") {
-            let Some((i, lines)) = current.take() else { continue };
+            let Some((id, lines)) = current.take() else { continue };
             let verdicts: Vec<serde_json::Value> = lines.iter().filter_map(|l| serde_json::from_str(l).ok()).collect();
             let result = match (rc.trim(), verdicts.as_slice()) {
                 ("0", [v]) => match (v["escaped"].as_bool(), v["evidence"].as_str()) {
-                    (Some(escaped), Some(evidence)) => Ok((escaped, evidence.to_string())),
+                    (Some(escaped), Some(evidence)) => Ok(Seen {
+                        escaped,
+                        evidence: evidence.to_string(),
+                        detail: v.get("detail").cloned().unwrap_or_default(),
+                    }),
                     _ => Err(format!("unparseable verdict {v}")),
                 },
                 ("0", _) => Err(format!("expected one verdict, got {lines:?}")),
                 (rc, _) => Err(format!("the probe could not run (exit {rc})")),
             };
-            if let Some(slot) = out.get_mut(i) {
-                *slot = result;
-            }
+            out.insert(id, result);
         } else if let Some((_, lines)) = current.as_mut() {
             lines.push(line);
         }
@@ -390,42 +247,39 @@ fn parse(stdout: &str, n: usize) -> Vec<Result<(bool, String), String>> {
     out
 }
 
-/// Runs `cmd` to completion, killing it after `RUN_TIMEOUT`.
-fn run_bottle(mut cmd: Command) -> anyhow::Result<(std::process::ExitStatus, String, String)> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("cannot start bot-bottle run")?;
-    let read_all = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_string(&mut s);
+/// A step's verdict under the catalogue's expectation. A refusal must be the proxy's (403 with `x-bottle-denied`); a
+/// control must get through, or the cases around it prove nothing.
+fn judge(expect: Expect, step: Option<&Step>) -> (Verdict, String) {
+    let seen = match step {
+        None => return (Verdict::Error, "the step never ran".into()),
+        Some(Err(e)) => return (Verdict::Error, e.clone()),
+        Some(Ok(seen)) => seen,
+    };
+    let e = seen.evidence.clone();
+    match (expect, seen.escaped) {
+        (Expect::Control, true) => (Verdict::Held, format!("control reached: {e}")),
+        (Expect::Control, false) => (Verdict::Error, format!("the control failed, so it proves nothing: {e}")),
+        (Expect::JudgedOutside, _) => (
+            Verdict::Held,
+            format!("inside the bottle: {e}; what counts is checked outside it (c44-host-untouched)"),
+        ),
+        (_, true) => (Verdict::Escaped, e),
+        (Expect::Held, false) => (Verdict::Held, e),
+        (Expect::Refused, false) => {
+            let refused = seen.detail["status"] == 403 && seen.detail["denied"].is_string();
+            if refused {
+                (Verdict::Held, e)
+            } else {
+                (
+                    Verdict::Error,
+                    format!("held, but not by the proxy's refusal (403): {e}"),
+                )
             }
-            s
-        })
-    };
-    let out = read_all(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let err = read_all(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
         }
-        if start.elapsed() > RUN_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            bail!("the self-test bottle did not finish within {RUN_TIMEOUT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let join = |h: std::thread::JoinHandle<String>| h.join().unwrap_or_default();
-    Ok((status, join(out), join(err)))
+    }
 }
 
-fn selftest() -> anyhow::Result<Vec<Row>> {
+fn selftest() -> anyhow::Result<(Vec<Row>, Vec<LeftOut>)> {
     let exe = std::env::current_exe().context("cannot find this executable")?;
     let probe = exe.with_file_name(PROBE);
     if !probe.is_file() {
@@ -435,23 +289,15 @@ fn selftest() -> anyhow::Result<Vec<Row>> {
             exe.display()
         );
     }
-    let dir = std::env::temp_dir().join(format!("bot-bottle-selftest-{}-{}", std::process::id(), random_hex()?));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .with_context(|| format!("cannot create {}", dir.display()))?;
-    let scratch = Scratch(dir);
-    let (work, state, host) = (scratch.0.join("work"), scratch.0.join("state"), scratch.0.join("host"));
-    for d in [&work, &state, &host] {
-        std::fs::create_dir(d).with_context(|| format!("cannot create {}", d.display()))?;
-    }
+    let scratch = Scratch::new()?;
+    let (work, state, host_dir) = (scratch.work(), scratch.state(), scratch.host());
     let in_work = work.join(PROBE);
     std::fs::copy(&probe, &in_work).with_context(|| format!("cannot copy {}", probe.display()))?;
-    std::fs::set_permissions(&in_work, std::fs::Permissions::from_mode(0o755))?;
-    std::os::unix::fs::symlink(host.join("secret.txt"), work.join("host-link"))?;
-    let policy = host.join("policy.toml");
-    let (d, marked) = decoys(&host)?;
-    let port = d.upstream_port;
+    std::fs::set_permissions(&in_work, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let planted = host::plant(&scratch, &home)?;
+    let policy = host_dir.join("policy.toml");
+    let port = planted.upstream_port;
     std::fs::write(
         &policy,
         format!(
@@ -460,51 +306,94 @@ fn selftest() -> anyhow::Result<Vec<Row>> {
              host = \"{CREDENTIAL_HOST}\"\nheader = \"authorization\"\nfrom_env = \"{TOKEN_VAR}\"\n"
         ),
     )?;
-    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-    let cases = cases(&d, &home);
-    let name = format!("selftest-{}", &random_hex()?[..6]);
+    let (chosen, left_out) = choose(&planted, host::has_tool);
+    let mut tools: Vec<&str> = chosen.iter().flat_map(|c| c.case.tools()).collect();
+    tools.sort_unstable();
+    tools.dedup();
+    let name = format!("selftest-{}", &host::random_hex()?[..6]);
     let mut cmd = Command::new(&exe);
     cmd.args(["run", "--name", &name, "--policy"])
         .arg(&policy)
-        .args(["--", "sh", "-c", &script(&cases)])
+        .args(["--", "sh", "-c", &script(&tools, &chosen)])
         .current_dir(&work)
         .env("XDG_STATE_HOME", &state)
-        .env(TOKEN_VAR, &d.secret)
-        .env("SSH_AUTH_SOCK", &d.agent_path)
+        .env(TOKEN_VAR, &planted.secret)
+        .env(HOST_ENV_VAR, &planted.host_env)
+        .env("SSH_AUTH_SOCK", &planted.agent_path)
         .env_remove("BOT_BOTTLE_LOG");
-    let result = run_bottle(cmd);
-    drop(marked);
+    let result = host::run_bottle(cmd);
     let (status, stdout, stderr) = result?;
     if !stdout.contains("@@done") {
         bail!("the self-test bottle failed ({status}): {}", stderr.trim());
     }
-    let mut rows: Vec<Row> = cases
+    let steps = parse(&stdout);
+    let tools_ok = match judge(Expect::Control, steps.get("tools")) {
+        (Verdict::Held, _) => None,
+        (_, why) => Some(format!("a tool the case drives is missing in the bottle: {why}")),
+    };
+    let mut rows: Vec<Row> = chosen
         .iter()
-        .zip(parse(&stdout, cases.len()))
-        .map(|(c, r)| {
-            let (verdict, evidence) = match r {
-                Ok((false, e)) => (Verdict::Held, e),
-                Ok((true, e)) => (Verdict::Escaped, e),
-                Err(e) => (Verdict::Error, e),
-            };
-            match c.decoy.map(Hits::count) {
-                Some(n) if n > 0 => Row {
-                    case: c.label.to_string(),
-                    backend: "namespace",
-                    verdict: Verdict::Escaped,
-                    evidence: format!("the host-side decoy was contacted {n} times ({evidence})"),
-                },
-                _ => Row {
-                    case: c.label.to_string(),
-                    backend: "namespace",
-                    verdict,
-                    evidence,
-                },
+        .enumerate()
+        .map(|(i, c)| {
+            let (mut verdict, mut evidence) = judge(c.case.expect, steps.get(&i.to_string()));
+            if let (Some(why), true) = (&tools_ok, c.case.tools().next().is_some()) {
+                (verdict, evidence) = (Verdict::Error, why.clone());
+            }
+            let names = c.case.placeholders();
+            let contacts: usize = planted
+                .decoys
+                .iter()
+                .filter(|(name, _)| names.contains(name))
+                .map(|(_, hits)| hits.count())
+                .sum();
+            if contacts > 0 {
+                (verdict, evidence) = (
+                    Verdict::Escaped,
+                    format!("the host-side decoy was contacted {contacts} times ({evidence})"),
+                );
+            }
+            Row {
+                case: c.case.id.to_string(),
+                family: c.family.name,
+                backend: BACKEND,
+                verdict,
+                evidence,
             }
         })
         .collect();
+    rows.push(unwritten_row(&planted.unwritten));
     rows.push(self_test_row(&state.join("bot-bottle").join(&name).join("audit.jsonl")));
-    Ok(rows)
+    drop(planted);
+    drop(scratch);
+    Ok((rows, left_out))
+}
+
+/// Escape case 44 on the host side: none of the paths the bottle tried to write exists on the host (a path that
+/// does is removed again, and reported).
+fn unwritten_row(paths: &[std::path::PathBuf]) -> Row {
+    let written: Vec<String> = paths
+        .iter()
+        .filter(|p| p.symlink_metadata().is_ok())
+        .map(|p| {
+            let _ = std::fs::remove_file(p);
+            p.display().to_string()
+        })
+        .collect();
+    let (verdict, evidence) = if written.is_empty() {
+        (Verdict::Held, format!("none of {} host paths was created", paths.len()))
+    } else {
+        (
+            Verdict::Escaped,
+            format!("the bottle created {} on the host", written.join(", ")),
+        )
+    };
+    Row {
+        case: "c44-host-untouched".into(),
+        family: catalogue::LOCAL_IPC_KERNEL.name,
+        backend: BACKEND,
+        verdict,
+        evidence,
+    }
 }
 
 /// Escape case 47: the bottle's own confinement self-test ran, and was refused, before anything the agent did.
@@ -525,8 +414,9 @@ fn self_test_row(audit: &Path) -> Row {
         None => (Verdict::Error, format!("no audit log at {}", audit.display())),
     };
     Row {
-        case: "47 confinement self-test before the agent".into(),
-        backend: "namespace",
+        case: "c47-confinement-self-test".into(),
+        family: "lifecycle",
+        backend: BACKEND,
         verdict,
         evidence,
     }
@@ -539,30 +429,81 @@ mod tests {
     #[test]
     fn parse_reads_each_step_and_fails_closed() {
         let out = "@@step 0\n{\"case\":\"x\",\"escaped\":false,\"evidence\":\"no\"}\n@@rc 0\n\
-                   @@step 1\nnoise\n@@rc 3\n@@step 2\nnot json\n@@rc 0\n";
-        let r = parse(out, 4);
-        assert_eq!(r[0], Ok((false, "no".to_string())));
-        assert!(r[1].as_ref().unwrap_err().contains("exit 3"));
-        assert!(r[2].is_err());
-        assert!(r[3].as_ref().unwrap_err().contains("never ran"));
+                   @@step 1\nnoise\n@@rc 3\n@@step 2\nnot json\n@@rc 0\n@@step 3\n";
+        let r = parse(out);
+        assert_eq!(judge(Expect::Held, r.get("0")), (Verdict::Held, "no".to_string()));
+        assert!(judge(Expect::Held, r.get("1")).1.contains("exit 3"));
+        assert_eq!(judge(Expect::Held, r.get("2")).0, Verdict::Error);
+        assert_eq!(
+            judge(Expect::Held, r.get("3")),
+            (Verdict::Error, "the step never ran".into())
+        );
     }
 
     #[test]
-    fn table_has_the_three_columns_and_names_escapes() {
-        let r = report(vec![
-            Row {
-                case: "01 a".into(),
-                backend: "namespace",
-                verdict: Verdict::Held,
-                evidence: String::new(),
-            },
-            Row {
-                case: "02 b".into(),
-                backend: "namespace",
-                verdict: Verdict::Escaped,
-                evidence: "got out".into(),
-            },
-        ]);
+    fn a_refusal_must_be_the_proxys_and_a_control_must_get_through() {
+        let seen = |escaped, detail| -> Step {
+            Ok(Seen {
+                escaped,
+                evidence: "e".into(),
+                detail,
+            })
+        };
+        let denied = serde_json::json!({"status": 403, "denied": "rule=not-allowed"});
+        assert_eq!(judge(Expect::Refused, Some(&seen(false, denied))).0, Verdict::Held);
+        let reset = serde_json::json!({"status": 502});
+        assert_eq!(judge(Expect::Refused, Some(&seen(false, reset))).0, Verdict::Error);
+        assert_eq!(
+            judge(Expect::Refused, Some(&seen(true, serde_json::Value::Null))).0,
+            Verdict::Escaped
+        );
+        assert_eq!(
+            judge(Expect::Control, Some(&seen(true, serde_json::Value::Null))).0,
+            Verdict::Held
+        );
+        assert_eq!(
+            judge(Expect::Control, Some(&seen(false, serde_json::Value::Null))).0,
+            Verdict::Error
+        );
+    }
+
+    #[test]
+    fn every_test_only_case_is_left_out_with_its_reason_and_so_is_a_missing_tool() {
+        let s = Scratch::new().unwrap();
+        let p = host::plant(&s, "/nonexistent-home").unwrap();
+        let (chosen, left_out) = choose(&p, |t| t != "ssh");
+        assert_eq!(chosen.len() + left_out.len(), catalogue::all().count());
+        for (_, c) in catalogue::all() {
+            let left = left_out.iter().find(|l| l.case == c.id);
+            if let Some(need) = c.test_only() {
+                assert_eq!(left.map(|l| l.reason.clone()), Some(need.reason()), "{}", c.id);
+            }
+        }
+        let ssh = left_out.iter().find(|l| l.case == "c07-ssh-client").unwrap();
+        assert!(ssh.reason.contains("`ssh`"), "{ssh:?}");
+        assert!(chosen.len() >= 51, "{}", chosen.len());
+    }
+
+    #[test]
+    fn table_has_the_three_columns_names_escapes_and_lists_what_was_left_out() {
+        let row = |case: &str, verdict, evidence: &str| Row {
+            case: case.into(),
+            family: "f",
+            backend: BACKEND,
+            verdict,
+            evidence: evidence.into(),
+        };
+        let r = report(
+            vec![
+                row("c01-a", Verdict::Held, ""),
+                row("c02-b", Verdict::Escaped, "got out"),
+            ],
+            vec![LeftOut {
+                case: "c10-c",
+                family: "f",
+                reason: "needs a second bottle".into(),
+            }],
+        );
         let t = render(&r);
         assert!(
             t.lines()
@@ -571,8 +512,9 @@ mod tests {
                 .split_whitespace()
                 .eq(["CASE", "BACKEND", "VERDICT"])
         );
-        assert!(t.contains("02 b  namespace  ESCAPED"));
-        assert!(t.contains("ESCAPED 02 b: got out"));
+        assert!(t.contains("c02-b  namespace  ESCAPED"));
+        assert!(t.contains("ESCAPED c02-b: got out"));
+        assert!(t.contains("left out c10-c: needs a second bottle"));
         assert_eq!((r.held, r.escaped, r.errors), (1, 1, 0));
     }
 }

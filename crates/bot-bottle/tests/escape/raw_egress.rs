@@ -5,11 +5,12 @@
 //! shared, so a contact from either counts.
 
 use std::net::IpAddr;
-use std::sync::OnceLock;
+
+use bottle_probe::catalogue::{RAW_EGRESS, Values};
 
 use crate::decoys::{self, Decoy, Upstream};
 use crate::lab::Lab;
-use crate::scenario::{self, Env, LAUNCHERS, Launch, Runs, Script, s};
+use crate::scenario::{self, Env, LAUNCHERS, Launch, Runs, Script};
 
 /// The other bottle: its lease address, its host-side proxy port, and a service on its address.
 struct Other {
@@ -38,9 +39,9 @@ struct Raw {
     other: Other,
 }
 
-static FAMILY: OnceLock<Result<Raw, String>> = OnceLock::new();
+static FAMILY: scenario::Cells<Raw> = scenario::Cells::new();
 
-fn family() -> Option<&'static Raw> {
+fn family() -> Vec<&'static Raw> {
     scenario::family(&FAMILY, setup, |f| {
         f.runs.tools_present();
     })
@@ -99,133 +100,18 @@ fn setup() -> Raw {
         .unwrap();
     let service = lab.enter(|| decoys::tcp(&format!("{addr}:0"), b"other bottle's service\n"));
 
-    let (lo, v6, udp) = (lo_http.port, lo_v6.port, lo_udp.port);
-    let (oa, op, os) = (addr.as_str(), proxy_port, service.port);
+    let lo = lo_http.port;
+    let mut values = Values::default();
+    values
+        .set("lo_http", lo)
+        .set("lo_v6", lo_v6.port)
+        .set("lo_udp", lo_udp.port)
+        .set("agent_path", agent_path.display())
+        .set("other_addr", &addr)
+        .set("other_proxy_port", proxy_port)
+        .set("other_service_port", service.port);
     let mut sc = Script::default();
-    sc.tools(&["curl", "bash", "ssh", "env"]);
-    // 1: no proxy
-    sc.probe("c01-direct-host-loopback", &["tcp-connect", &format!("127.0.0.1:{lo}")])
-        .probe("c01-direct-internet", &["tcp-connect", "8.8.8.8:443"])
-        .shell(
-            "c01-curl-noproxy-loopback",
-            &format!("env -u HTTP_PROXY -u http_proxy curl -sS --max-time 5 --noproxy '*' http://127.0.0.1:{lo}/"),
-        )
-        .shell(
-            "c01-curl-noproxy-internet",
-            "env -u HTTPS_PROXY -u https_proxy curl -sS --max-time 5 --noproxy '*' https://8.8.8.8/",
-        );
-    // 2: bash /dev/tcp
-    sc.shell("c02-bash-dev-tcp", "exec bash -c 'exec 3<>/dev/tcp/192.0.2.1/80'")
-        .probe("c02-tcp-ip-literal", &["tcp-connect", "192.0.2.1:80"]);
-    // 3: ICMP
-    sc.probe("c03-ping-raw-v4", &["ping-raw", "8.8.8.8"])
-        .probe("c03-ping-dgram-v4", &["ping-dgram", "8.8.8.8"])
-        .probe("c03-ping-raw-v6", &["ping-raw", "2001:4860:4860::8888"])
-        .probe("c03-ping-dgram-v6", &["ping-dgram", "2001:4860:4860::8888"]);
-    // 4: UDP
-    sc.probe("c04-udp-internet", &["udp-send", "8.8.4.4:443"])
-        .probe("c04-udp-host-loopback", &["udp-send", &format!("127.0.0.1:{udp}")]);
-    // 5: QUIC
-    sc.probe("c05-quic-v4", &["quic", "1.1.1.1:443"])
-        .probe("c05-quic-v6", &["quic", "[2001:4860:4860::8888]:443"]);
-    // 6: IPv6
-    sc.probe("c06-tcp-v6-literal", &["tcp-connect", "[2001:db8::1]:80"])
-        .probe("c06-tcp-v6-host-loopback", &["tcp-connect", &format!("[::1]:{v6}")])
-        .probe("c06-udp-v6-literal", &["udp-send", "[2001:db8::1]:443"])
-        .probe("c06-proxy-v6-literal", &["proxy-connect", "[2001:db8::1]:443"])
-        .probe("c06-proxy-v6-name", &["proxy-get", "http://rebind6.test/"]);
-    // 7: ssh on 22
-    sc.probe("c07-ssh-literal", &["ssh", "192.0.2.10:22"])
-        .probe("c07-ssh-name", &["ssh", "github.com:22"])
-        .shell(
-            "c07-ssh-client",
-            "ssh -o BatchMode=yes -o ConnectTimeout=5 -o StrictHostKeyChecking=no git@github.com true",
-        )
-        .shell(
-            "c07-ssh-client-literal",
-            "ssh -o BatchMode=yes -o ConnectTimeout=5 -o StrictHostKeyChecking=no git@192.0.2.10 true",
-        )
-        .probe("c07-proxy-connect-22", &["proxy-connect", "github.com:22"]);
-    // 8: ssh over CONNECT 443, and no agent
-    let agent_arg = agent_path.display().to_string();
-    sc.probe("c08-proxy-connect-ssh-443", &["proxy-connect", "ssh.github.com:443"])
-        .probe("c08-ssh-agent", &["ssh-agent", &agent_arg]);
-    // 9: port scan of loopback
-    let extra_ports = format!("{lo}");
-    sc.probe(
-        "c09-port-scan",
-        &[
-            "port-scan",
-            "127.0.0.1",
-            "3128",
-            "1-4096",
-            &extra_ports,
-            &format!("{v6}"),
-            "8080",
-            "8443",
-            "9090",
-        ],
-    )
-    .probe(
-        "c09-port-scan-v6",
-        &["port-scan", "::1", "3128", "1-1024", &format!("{v6}")],
-    );
-    // 10: another bottle
-    sc.probe("c10-other-proxy-direct", &["tcp-connect", &format!("{oa}:{op}")])
-        .probe("c10-other-service-direct", &["tcp-connect", &format!("{oa}:{os}")])
-        .probe("c10-other-proxy-via-proxy", &["proxy-connect", &format!("{oa}:{op}")])
-        .probe(
-            "c10-other-service-via-proxy",
-            &["proxy-get", &format!("http://{oa}:{os}/")],
-        );
-    // 11: private targets through the proxy, by literal and by name
-    for (id, target) in [
-        ("c11-connect-loopback", format!("127.0.0.1:{lo}")),
-        ("c11-connect-rfc1918-10", s("10.0.0.1:80")),
-        ("c11-connect-rfc1918-172", s("172.16.0.1:80")),
-        ("c11-connect-rfc1918-192", s("192.168.0.1:80")),
-        ("c11-connect-metadata", s("169.254.169.254:80")),
-        ("c11-connect-ula", s("[fd00::1]:80")),
-        ("c11-connect-v6-loopback", format!("[::1]:{v6}")),
-    ] {
-        sc.probe(id, &["proxy-connect", &target]);
-    }
-    for (id, url) in [
-        ("c11-get-loopback", format!("http://127.0.0.1:{lo}/")),
-        ("c11-get-metadata", s("http://169.254.169.254/latest/meta-data/")),
-        ("c11-get-localhost-name", format!("http://localhost:{lo}/")),
-        ("c11-get-name-rfc1918", s("http://internal.test/")),
-        ("c11-get-name-metadata", s("http://metadata.test/latest/meta-data/")),
-        ("c11-get-name-ula", s("http://ula.test/")),
-    ] {
-        sc.probe(id, &["proxy-get", &url]);
-    }
-    // 12: an allowed name whose DNS answer is private
-    sc.probe("c12-rebind-get", &["proxy-get", &format!("http://rebind.test:{lo}/")])
-        .probe("c12-rebind-connect", &["proxy-connect", &format!("rebind.test:{lo}")]);
-    // 13: a non-allowed host fails fast
-    sc.probe("c13-not-allowed-connect", &["proxy-connect", "nothere.example:443"])
-        .probe("c13-not-allowed-get", &["proxy-get", "http://nothere.example/"]);
-    // Our own: spellings of loopback and private addresses that parsers disagree on.
-    for (id, url) in [
-        ("x-decimal-ip", format!("http://2130706433:{lo}/")),
-        ("x-hex-ip", format!("http://0x7f000001:{lo}/")),
-        ("x-short-ip", format!("http://127.1:{lo}/")),
-        ("x-octal-ip", format!("http://0177.0.0.1:{lo}/")),
-        ("x-unspecified-v4", format!("http://0.0.0.0:{lo}/")),
-        ("x-unspecified-v6", format!("http://[::]:{v6}/")),
-        ("x-mapped-v6-loopback", format!("http://[::ffff:127.0.0.1]:{lo}/")),
-        ("x-mapped-v6-rfc1918", s("http://[::ffff:10.0.0.1]/")),
-        ("x-trailing-dot-ip", format!("http://127.0.0.1.:{lo}/")),
-        ("x-userinfo-host", format!("http://rebind.test:{lo}@127.0.0.1:{lo}/")),
-    ] {
-        sc.probe(id, &["proxy-get", &url]);
-    }
-    sc.probe(
-        "x-connect-mapped-v6",
-        &["proxy-connect", &format!("[::ffff:127.0.0.1]:{lo}")],
-    )
-    .probe("x-connect-unspecified", &["proxy-connect", &format!("0.0.0.0:{lo}")]);
+    sc.catalogue(&RAW_EGRESS, &values);
 
     let flags = [
         "--allow",
@@ -314,235 +200,256 @@ fn nothing_landed(f: &Raw) {
 
 #[test]
 fn case_01_noproxy_direct_connect_fails() {
-    let Some(f) = family() else { return };
-    for id in [
-        "c01-direct-host-loopback",
-        "c01-direct-internet",
-        "c01-curl-noproxy-loopback",
-        "c01-curl-noproxy-internet",
-    ] {
-        f.runs.held(id);
+    for f in family() {
+        for id in [
+            "c01-direct-host-loopback",
+            "c01-direct-internet",
+            "c01-curl-noproxy-loopback",
+            "c01-curl-noproxy-internet",
+        ] {
+            f.runs.held(id);
+        }
+        nothing_landed(f);
     }
-    nothing_landed(f);
 }
 
 #[test]
 fn case_02_dev_tcp_to_an_ip_literal_fails() {
-    let Some(f) = family() else { return };
-    f.runs.held("c02-bash-dev-tcp");
-    f.runs.held("c02-tcp-ip-literal");
-    assert_eq!(f.web80.log.count(), 0, "{:?}", f.web80.log.lines());
+    for f in family() {
+        f.runs.held("c02-bash-dev-tcp");
+        f.runs.held("c02-tcp-ip-literal");
+        assert_eq!(f.web80.log.count(), 0, "{:?}", f.web80.log.lines());
+    }
 }
 
 #[test]
 fn case_03_icmp_ping_is_denied_or_dropped() {
-    let Some(f) = family() else { return };
-    for id in [
-        "c03-ping-raw-v4",
-        "c03-ping-dgram-v4",
-        "c03-ping-raw-v6",
-        "c03-ping-dgram-v6",
-    ] {
-        f.runs.held(id);
+    for f in family() {
+        for id in [
+            "c03-ping-raw-v4",
+            "c03-ping-dgram-v4",
+            "c03-ping-raw-v6",
+            "c03-ping-dgram-v6",
+        ] {
+            f.runs.held(id);
+        }
     }
 }
 
 #[test]
 fn case_04_udp_sendto_is_dropped() {
-    let Some(f) = family() else { return };
-    f.runs.held("c04-udp-internet");
-    f.runs.held("c04-udp-host-loopback");
-    assert_eq!(f.lo_udp.log.count(), 0, "{:?}", f.lo_udp.log.lines());
-    assert_eq!(f.udp_any.log.count(), 0, "{:?}", f.udp_any.log.lines());
+    for f in family() {
+        f.runs.held("c04-udp-internet");
+        f.runs.held("c04-udp-host-loopback");
+        assert_eq!(f.lo_udp.log.count(), 0, "{:?}", f.lo_udp.log.lines());
+        assert_eq!(f.udp_any.log.count(), 0, "{:?}", f.udp_any.log.lines());
+    }
 }
 
 #[test]
 fn case_05_quic_on_udp_443_is_dropped() {
-    let Some(f) = family() else { return };
-    f.runs.held("c05-quic-v4");
-    f.runs.held("c05-quic-v6");
-    assert_eq!(f.udp_any.log.count(), 0, "{:?}", f.udp_any.log.lines());
+    for f in family() {
+        f.runs.held("c05-quic-v4");
+        f.runs.held("c05-quic-v6");
+        assert_eq!(f.udp_any.log.count(), 0, "{:?}", f.udp_any.log.lines());
+    }
 }
 
 #[test]
 fn case_06_ipv6_literals_and_aaaa_are_dropped() {
-    let Some(f) = family() else { return };
-    f.runs.held("c06-tcp-v6-literal");
-    f.runs.held("c06-tcp-v6-host-loopback");
-    f.runs.held("c06-udp-v6-literal");
-    f.runs.refused("c06-proxy-v6-literal");
-    for (who, v) in f.runs.refused("c06-proxy-v6-name") {
-        assert!(
-            v.detail["denied"].as_str().unwrap().contains("private-address"),
-            "{who}: {v:#?}"
-        );
+    for f in family() {
+        f.runs.held("c06-tcp-v6-literal");
+        f.runs.held("c06-tcp-v6-host-loopback");
+        f.runs.held("c06-udp-v6-literal");
+        f.runs.refused("c06-proxy-v6-literal");
+        for (who, v) in f.runs.refused("c06-proxy-v6-name") {
+            assert!(
+                v.detail["denied"].as_str().unwrap().contains("private-address"),
+                "{who}: {v:#?}"
+            );
+        }
+        assert_eq!(f.lo_v6.log.count(), 0, "{:?}", f.lo_v6.log.lines());
+        nothing_landed(f);
     }
-    assert_eq!(f.lo_v6.log.count(), 0, "{:?}", f.lo_v6.log.lines());
-    nothing_landed(f);
 }
 
 #[test]
 fn case_07_ssh_on_port_22_is_blocked() {
-    let Some(f) = family() else { return };
-    for id in [
-        "c07-ssh-literal",
-        "c07-ssh-name",
-        "c07-ssh-client",
-        "c07-ssh-client-literal",
-    ] {
-        f.runs.held(id);
+    for f in family() {
+        for id in [
+            "c07-ssh-literal",
+            "c07-ssh-name",
+            "c07-ssh-client",
+            "c07-ssh-client-literal",
+        ] {
+            f.runs.held(id);
+        }
+        f.runs.refused("c07-proxy-connect-22");
+        assert_eq!(f.ssh.log.count(), 0, "{:?}", f.ssh.log.lines());
     }
-    f.runs.refused("c07-proxy-connect-22");
-    assert_eq!(f.ssh.log.count(), 0, "{:?}", f.ssh.log.lines());
 }
 
 #[test]
 fn case_08_ssh_over_connect_443_is_blocked_and_no_agent_socket_exists() {
-    let Some(f) = family() else { return };
-    f.runs.refused("c08-proxy-connect-ssh-443");
-    for (who, v) in f.runs.held("c08-ssh-agent") {
-        assert!(v.evidence.contains("nothing reachable"), "{who}: {v:#?}");
+    for f in family() {
+        f.runs.refused("c08-proxy-connect-ssh-443");
+        for (who, v) in f.runs.held("c08-ssh-agent") {
+            assert!(v.evidence.contains("nothing reachable"), "{who}: {v:#?}");
+        }
+        assert_eq!(
+            f.agent.log.count(),
+            0,
+            "the host's ssh-agent was reached: {:?}",
+            f.agent.log.lines()
+        );
     }
-    assert_eq!(
-        f.agent.log.count(),
-        0,
-        "the host's ssh-agent was reached: {:?}",
-        f.agent.log.lines()
-    );
 }
 
 #[test]
 fn case_09_port_scan_of_loopback_finds_only_the_proxy() {
-    let Some(f) = family() else { return };
-    for (who, v) in f.runs.held("c09-port-scan") {
-        assert_eq!(
-            v.detail["open"],
-            serde_json::json!([3128]),
-            "the proxy must be the one open port ({who} launcher): {v:#?}"
-        );
-        assert!(v.detail["scanned"].as_u64().unwrap() >= 4096, "{who}: {v:#?}");
+    for f in family() {
+        for (who, v) in f.runs.held("c09-port-scan") {
+            assert_eq!(
+                v.detail["open"],
+                serde_json::json!([3128]),
+                "the proxy must be the one open port ({who} launcher): {v:#?}"
+            );
+            assert!(v.detail["scanned"].as_u64().unwrap() >= 4096, "{who}: {v:#?}");
+        }
+        for (who, v) in f.runs.held("c09-port-scan-v6") {
+            assert_eq!(v.detail["open"], serde_json::json!([]), "{who}: {v:#?}");
+        }
+        nothing_landed(f);
     }
-    for (who, v) in f.runs.held("c09-port-scan-v6") {
-        assert_eq!(v.detail["open"], serde_json::json!([]), "{who}: {v:#?}");
-    }
-    nothing_landed(f);
 }
 
 #[test]
 fn case_10_another_bottles_address_and_proxy_are_refused() {
-    let Some(f) = family() else { return };
-    f.runs.held("c10-other-proxy-direct");
-    f.runs.held("c10-other-service-direct");
-    f.runs.refused("c10-other-proxy-via-proxy");
-    f.runs.refused("c10-other-service-via-proxy");
-    let o = &f.other;
-    assert_eq!(
-        o.service.log.count(),
-        0,
-        "{}'s service was reached: {:?}",
-        o.addr,
-        o.service.log.lines()
-    );
-    assert!(o.proxy_port > 0);
-    // The other bottle's audit holds its own self-test and nothing from us.
-    assert!(
-        o.audit_lines <= 1,
-        "the other bottle's proxy saw {} requests",
-        o.audit_lines
-    );
+    for f in family() {
+        f.runs.held("c10-other-proxy-direct");
+        f.runs.held("c10-other-service-direct");
+        f.runs.refused("c10-other-proxy-via-proxy");
+        f.runs.refused("c10-other-service-via-proxy");
+        let o = &f.other;
+        assert_eq!(
+            o.service.log.count(),
+            0,
+            "{}'s service was reached: {:?}",
+            o.addr,
+            o.service.log.lines()
+        );
+        assert!(o.proxy_port > 0);
+        // The other bottle's audit holds its own self-test and nothing from us.
+        assert!(
+            o.audit_lines <= 1,
+            "the other bottle's proxy saw {} requests",
+            o.audit_lines
+        );
+    }
 }
 
 #[test]
 fn case_11_proxy_refuses_loopback_private_metadata_and_ula_targets() {
-    let Some(f) = family() else { return };
-    for id in [
-        "c11-connect-loopback",
-        "c11-connect-rfc1918-10",
-        "c11-connect-rfc1918-172",
-        "c11-connect-rfc1918-192",
-        "c11-connect-metadata",
-        "c11-connect-ula",
-        "c11-connect-v6-loopback",
-        "c11-get-loopback",
-        "c11-get-metadata",
-        "c11-get-localhost-name",
-    ] {
-        f.runs.refused(id);
-    }
-    for id in ["c11-get-name-rfc1918", "c11-get-name-metadata", "c11-get-name-ula"] {
-        for (who, v) in f.runs.refused(id) {
-            assert!(
-                v.detail["denied"].as_str().unwrap().contains("private-address"),
-                "{id} ({who} launcher): {v:#?}"
-            );
+    for f in family() {
+        for id in [
+            "c11-connect-loopback",
+            "c11-connect-rfc1918-10",
+            "c11-connect-rfc1918-172",
+            "c11-connect-rfc1918-192",
+            "c11-connect-metadata",
+            "c11-connect-ula",
+            "c11-connect-v6-loopback",
+            "c11-get-loopback",
+            "c11-get-metadata",
+            "c11-get-localhost-name",
+        ] {
+            f.runs.refused(id);
         }
+        for id in ["c11-get-name-rfc1918", "c11-get-name-metadata", "c11-get-name-ula"] {
+            for (who, v) in f.runs.refused(id) {
+                assert!(
+                    v.detail["denied"].as_str().unwrap().contains("private-address"),
+                    "{id} ({who} launcher): {v:#?}"
+                );
+            }
+        }
+        nothing_landed(f);
     }
-    nothing_landed(f);
 }
 
 #[test]
 fn case_12_dns_rebinding_to_a_private_address_is_refused() {
-    let Some(f) = family() else { return };
-    for id in ["c12-rebind-get", "c12-rebind-connect"] {
-        for (who, v) in f.runs.refused(id) {
+    for f in family() {
+        for id in ["c12-rebind-get", "c12-rebind-connect"] {
+            for (who, v) in f.runs.refused(id) {
+                assert!(
+                    v.detail["denied"].as_str().unwrap().contains("private-address"),
+                    "{id} ({who} launcher): {v:#?}"
+                );
+            }
+        }
+        // The proxy really asked DNS (this is rebinding, not a not-allowed name), then refused the answer.
+        for (who, lines) in &f.dns_per_run {
             assert!(
-                v.detail["denied"].as_str().unwrap().contains("private-address"),
-                "{id} ({who} launcher): {v:#?}"
+                lines.iter().any(|l| l.contains("rebind.test")),
+                "the {who} launcher's proxy never resolved rebind.test through the lab's DNS (a host whose nsswitch \
+             uses `resolve` bypasses it): {lines:?}"
             );
         }
+        nothing_landed(f);
     }
-    // The proxy really asked DNS (this is rebinding, not a not-allowed name), then refused the answer.
-    for (who, lines) in &f.dns_per_run {
-        assert!(
-            lines.iter().any(|l| l.contains("rebind.test")),
-            "the {who} launcher's proxy never resolved rebind.test through the lab's DNS (a host whose nsswitch \
-             uses `resolve` bypasses it): {lines:?}"
-        );
-    }
-    nothing_landed(f);
 }
 
 #[test]
 fn case_13_a_non_allowed_host_fails_fast_with_a_policy_error() {
-    let Some(f) = family() else { return };
-    for id in ["c13-not-allowed-connect", "c13-not-allowed-get"] {
-        for (who, v) in f.runs.refused(id) {
-            assert!(
-                v.detail["denied"].as_str().unwrap().contains("rule=not-allowed"),
-                "{who}: {v:#?}"
-            );
-            let ms = v.detail["elapsed_ms"].as_u64().unwrap();
-            assert!(
-                ms < 2000,
-                "{id} ({who} launcher): a refusal that takes {ms} ms looks like a hang"
-            );
+    for f in family() {
+        for id in ["c13-not-allowed-connect", "c13-not-allowed-get"] {
+            for (who, v) in f.runs.refused(id) {
+                assert!(
+                    v.detail["denied"].as_str().unwrap().contains("rule=not-allowed"),
+                    "{who}: {v:#?}"
+                );
+                let ms = v.detail["elapsed_ms"].as_u64().unwrap();
+                assert!(
+                    ms < 2000,
+                    "{id} ({who} launcher): a refusal that takes {ms} ms looks like a hang"
+                );
+            }
         }
+        assert!(
+            !f.dns.log.lines().iter().any(|l| l.contains("nothere")),
+            "a non-allowed name was resolved: {:?}",
+            f.dns.log.lines()
+        );
     }
-    assert!(
-        !f.dns.log.lines().iter().any(|l| l.contains("nothere")),
-        "a non-allowed name was resolved: {:?}",
-        f.dns.log.lines()
-    );
 }
 
 #[test]
 fn extra_numeric_mapped_and_unspecified_spellings_of_loopback_are_refused() {
-    let Some(f) = family() else { return };
-    for id in [
-        "x-decimal-ip",
-        "x-hex-ip",
-        "x-short-ip",
-        "x-octal-ip",
-        "x-unspecified-v4",
-        "x-unspecified-v6",
-        "x-mapped-v6-loopback",
-        "x-mapped-v6-rfc1918",
-        "x-trailing-dot-ip",
-        "x-userinfo-host",
-        "x-connect-mapped-v6",
-        "x-connect-unspecified",
-    ] {
-        f.runs.held(id);
+    for f in family() {
+        for id in [
+            "x-decimal-ip",
+            "x-hex-ip",
+            "x-short-ip",
+            "x-octal-ip",
+            "x-unspecified-v4",
+            "x-unspecified-v6",
+            "x-mapped-v6-loopback",
+            "x-mapped-v6-rfc1918",
+            "x-trailing-dot-ip",
+            "x-userinfo-host",
+            "x-connect-mapped-v6",
+            "x-connect-unspecified",
+        ] {
+            f.runs.held(id);
+        }
+        nothing_landed(f);
     }
-    nothing_landed(f);
+}
+
+#[test]
+fn extra_every_raw_egress_catalogue_case_meets_its_expectation() {
+    for f in family() {
+        f.runs.meet_the_catalogue(&RAW_EGRESS);
+    }
 }

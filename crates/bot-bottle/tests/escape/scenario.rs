@@ -12,8 +12,10 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use bottle_probe::catalogue::{self, Case, Expect, Family, Values};
 use serde_json::Value;
 
+pub use crate::backend::{Backend, Cells, backends, family, skip};
 use crate::lab::Lab;
 
 pub const BB: &str = env!("CARGO_BIN_EXE_bot-bottle");
@@ -22,88 +24,6 @@ pub const CURL: &str = "/usr/bin/curl";
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(240);
 /// An unprivileged user for runs that must not be root on the host.
 pub const NOBODY: u32 = 65534;
-
-// ---------------------------------------------------------------------------------------------------------------
-// Skips
-
-pub fn required() -> bool {
-    std::env::var("BOTTLE_TEST_REQUIRE").is_ok_and(|v| v.split(',').any(|b| b.trim() == "namespace"))
-}
-
-fn skip_reason() -> Option<String> {
-    static REASON: OnceLock<Option<String>> = OnceLock::new();
-    REASON
-        .get_or_init(|| {
-            let out = Command::new(BB)
-                .args(["doctor", "--backend", "namespace"])
-                .output()
-                .unwrap();
-            if !out.status.success() {
-                return Some(format!(
-                    "the namespace backend is unavailable here:\n{}",
-                    String::from_utf8_lossy(&out.stdout)
-                ));
-            }
-            if !rustix::process::geteuid().is_root() {
-                return Some("the suite's private lab network (a netns the decoys join) needs root".into());
-            }
-            for tool in ["/usr/bin/unshare", "/usr/bin/nsenter", "/usr/bin/setpriv"] {
-                if !Path::new(tool).is_file() {
-                    return Some(format!("{tool} is missing (apt-get install util-linux)"));
-                }
-            }
-            if !Path::new("/usr/sbin/ip").is_file() && !Path::new("/sbin/ip").is_file() {
-                return Some("`ip` is missing (apt-get install iproute2)".into());
-            }
-            if !Path::new(CURL).is_file() {
-                return Some(format!(
-                    "{CURL} is missing (apt-get install curl); the proxy cases drive it"
-                ));
-            }
-            None
-        })
-        .clone()
-}
-
-/// True when the test must return early: prints why. Under `BOTTLE_TEST_REQUIRE=namespace` a skip is a failure.
-pub fn skip() -> bool {
-    let Some(why) = skip_reason() else { return false };
-    assert!(!required(), "BOTTLE_TEST_REQUIRE=namespace but: {why}");
-    eprintln!("skipped: {why}");
-    true
-}
-
-/// A family's one-time setup, shared by its tests. A setup that panics fails every test of the family with the
-/// same message (it is not retried).
-/// A family's shared scenario, set up once: `None` (a skip, said by `skip`) where bottles cannot run here; otherwise
-/// the scenario, after `tools_present` checked that its runs had what they needed.
-pub fn family<T: Send + Sync>(
-    cell: &'static OnceLock<Result<T, String>>,
-    setup: fn() -> T,
-    tools_present: fn(&T),
-) -> Option<&'static T> {
-    if skip() {
-        return None;
-    }
-    let f = shared(cell, setup);
-    tools_present(f);
-    Some(f)
-}
-
-pub fn shared<T: Send + Sync>(cell: &'static OnceLock<Result<T, String>>, setup: fn() -> T) -> &'static T {
-    let result = cell.get_or_init(|| {
-        std::panic::catch_unwind(setup).map_err(|e| {
-            e.downcast_ref::<String>()
-                .cloned()
-                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "a non-string panic".into())
-        })
-    });
-    match result {
-        Ok(v) => v,
-        Err(e) => panic!("the scenario's setup failed, so none of its cases ran:\n{e}"),
-    }
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // The probe binary
@@ -253,7 +173,7 @@ impl Env {
 
 /// Hex, so a needle passed on a command line never appears there literally (the probe decodes `hex:`).
 pub fn hex(s: &str) -> String {
-    format!("hex:{}", s.bytes().map(|b| format!("{b:02x}")).collect::<String>())
+    catalogue::hex(s)
 }
 
 /// A random token for decoy secrets and markers.
@@ -360,6 +280,29 @@ impl Script {
             tools.join(" ")
         );
         self.shell("ctl-tools", &cmd)
+    }
+
+    /// Every case of `family`, templates filled from `values`, after a `ctl-tools` step for the tools its cases
+    /// drive. A template without a value fails the test.
+    pub fn catalogue(&mut self, family: &Family, values: &Values) -> &mut Self {
+        self.tools(&family.tools());
+        for c in family.cases {
+            self.case(c, values);
+        }
+        self
+    }
+
+    /// One catalogue case as a step named by its id; a slow one starts first and runs alongside the others.
+    pub fn case(&mut self, c: &Case, values: &Values) -> &mut Self {
+        let argv = c
+            .argv(values)
+            .unwrap_or_else(|e| panic!("catalogue case {}: {e}", c.id));
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        if c.slow {
+            self.background(c.id, &argv)
+        } else {
+            self.probe(c.id, &argv)
+        }
     }
 
     /// A shell command as a step (`command sh -c CMD`): escaped means it exited 0.
@@ -555,6 +498,26 @@ impl Runs {
         vs
     }
 
+    /// Every case of `family` met the catalogue's expectation in every run (held, refused, or a control reached).
+    pub fn meet_the_catalogue(&self, family: &Family) {
+        for c in family.cases {
+            match c.expect {
+                Expect::Held => {
+                    self.held(c.id);
+                }
+                Expect::Refused => {
+                    self.refused(c.id);
+                }
+                Expect::Control => {
+                    self.reached(c.id);
+                }
+                Expect::JudgedOutside => {
+                    self.verdicts(c.id);
+                }
+            }
+        }
+    }
+
     /// The `ctl-tools` control passed in every run.
     pub fn tools_present(&self) -> &Self {
         for (who, r) in &self.0 {
@@ -650,10 +613,6 @@ pub fn probe_unconfined(lab: &Lab, vars: &[(&str, &str)], args: &[&str]) -> Verd
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     Verdict::parse(stdout.trim()).unwrap_or_else(|| panic!("no verdict from {args:?}: {}", text(&out)))
-}
-
-pub fn s(v: impl ToString) -> String {
-    v.to_string()
 }
 
 #[cfg(test)]

@@ -18,11 +18,16 @@ const MAX_MESSAGE: usize = 4096;
 pub enum Message {
     /// The spec is written (from the launcher): the init, started ahead of it, may read it now.
     Spec,
+    /// A host path of the spec's `trees()` (by index), as an idmapped detached mount (SCM_RIGHTS), from the
+    /// launcher, before `Spec`.
+    Tree(u32),
     /// The init's proxy listener is attached (from the child) / the proxy serves it (from the launcher).
     Listener,
     Go,
     Ready,
     Fail(String),
+    /// From the agent's process: its command could not start (why). It may come before the init's `Ready`.
+    NoStart(String),
 }
 
 impl Message {
@@ -30,11 +35,17 @@ impl Message {
         match self {
             Self::Spec => b"spec".to_vec(),
             Self::Listener => b"listener".to_vec(),
+            Self::Tree(i) => format!("tree:{i}").into_bytes(),
             Self::Go => b"go".to_vec(),
             Self::Ready => b"ready".to_vec(),
             Self::Fail(why) => {
                 let mut v = b"fail:".to_vec();
                 v.extend(why.bytes().take(MAX_MESSAGE - 5));
+                v
+            }
+            Self::NoStart(why) => {
+                let mut v = b"nostart:".to_vec();
+                v.extend(why.bytes().take(MAX_MESSAGE - 8));
                 v
             }
         }
@@ -44,9 +55,18 @@ impl Message {
         Ok(match bytes {
             b"spec" => Self::Spec,
             b"listener" => Self::Listener,
+            [b't', b'r', b'e', b'e', b':', rest @ ..] => Self::Tree(
+                std::str::from_utf8(rest)
+                    .ok()
+                    .and_then(|i| i.parse().ok())
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "a tree message without its index"))?,
+            ),
             b"go" => Self::Go,
             b"ready" => Self::Ready,
             [b'f', b'a', b'i', b'l', b':', rest @ ..] => Self::Fail(String::from_utf8_lossy(rest).into_owned()),
+            [b'n', b'o', b's', b't', b'a', b'r', b't', b':', rest @ ..] => {
+                Self::NoStart(String::from_utf8_lossy(rest).into_owned())
+            }
             other => {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -134,10 +154,13 @@ mod tests {
     fn every_message_round_trips() {
         for m in [
             Message::Spec,
+            Message::Tree(0),
+            Message::Tree(17),
             Message::Listener,
             Message::Go,
             Message::Ready,
             Message::Fail("why".into()),
+            Message::NoStart("`x`: not found".into()),
         ] {
             assert_eq!(Message::decode(&m.encode()).unwrap(), m);
         }
@@ -146,5 +169,7 @@ mod tests {
     #[test]
     fn unknown_messages_are_errors() {
         assert!(Message::decode(b"ready!").is_err());
+        assert!(Message::decode(b"tree:").is_err());
+        assert!(Message::decode(b"tree:-1").is_err());
     }
 }

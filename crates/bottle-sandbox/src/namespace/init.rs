@@ -20,6 +20,7 @@ use rustix::thread::UnshareFlags;
 
 use super::control::{self, Message};
 use super::harden::{self, Hardening, LandlockMode};
+use super::ids;
 use super::rootfs;
 use super::spec::{EarlySpec, IN_BOTTLE_PROXY_PORT, InitSpec, RealFs, fs_plan};
 use crate::sys::ns::{self as sys, Forked};
@@ -28,7 +29,7 @@ use crate::sys::ns::{self as sys, Forked};
 pub const INIT_FAILED: i32 = 123;
 
 /// The name the self-test asks the proxy for; never allowed (`.invalid`, RFC 2606), so the proxy must deny it.
-pub const SELFTEST_HOST: &str = "selftest.bot-bottle.invalid";
+pub use crate::backend::SELFTEST_HOST;
 const SELFTEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Where the self-test proves direct egress is impossible: TEST-NET-1 (RFC 5737), never routed. In the bottle's
 /// network namespace there is no route at all, so nothing is ever sent.
@@ -44,6 +45,10 @@ pub enum InitError {
     Environment { source: io::Error },
     #[error("cannot write {file}")]
     IdMap { file: &'static str, source: io::Error },
+    #[error("cannot take the bottle's own ids")]
+    Ids { source: io::Error },
+    #[error("the bottle would hold host root: {0}")]
+    HostRoot(String),
     #[error("cannot fork")]
     Fork { source: io::Error },
     #[error("cannot set up the bottle network")]
@@ -84,10 +89,14 @@ pub(super) fn cloned(spec_path: &Path, early: &EarlySpec, control: OwnedFd, stdi
 
 /// The launcher starts the init before the spec exists; it says when the spec is complete. The spec must be
 /// for the namespaces already built.
-fn read_spec(spec_path: &Path, early: &EarlySpec, control: &OwnedFd) -> Result<InitSpec, InitError> {
-    match control::recv(control, false).map_err(|source| InitError::Control { source })? {
-        Some((Message::Spec, _)) => {}
-        _ => return Err(InitError::LauncherGone),
+fn read_spec(spec_path: &Path, early: &EarlySpec, control: &OwnedFd) -> Result<(InitSpec, Vec<OwnedFd>), InitError> {
+    let mut trees = Vec::new();
+    loop {
+        match control::recv(control, false).map_err(|source| InitError::Control { source })? {
+            Some((Message::Spec, _)) => break,
+            Some((Message::Tree(i), Some(tree))) if usize::try_from(i).ok() == Some(trees.len()) => trees.push(tree),
+            _ => return Err(InitError::LauncherGone),
+        }
     }
     let mut spec: InitSpec = std::fs::read(spec_path)
         .and_then(|b| serde_json::from_slice(&b).map_err(io::Error::other))
@@ -101,8 +110,18 @@ fn read_spec(spec_path: &Path, early: &EarlySpec, control: &OwnedFd) -> Result<I
             source: io::Error::other("its name, ids or namespaces differ from the ones the init was started with"),
         });
     }
+    if spec.trees().len() != trees.len() {
+        return Err(InitError::Spec {
+            path: spec_path.display().to_string(),
+            source: io::Error::other(format!(
+                "it names {} host trees, the launcher opened {}",
+                spec.trees().len(),
+                trees.len()
+            )),
+        });
+    }
     spec.add_pass_env(|k| early.pass_env.get(k).cloned());
-    Ok(spec)
+    Ok((spec, trees))
 }
 
 fn report(control: Option<&OwnedFd>, err: &InitError) -> i32 {
@@ -148,8 +167,12 @@ fn launcher_alive(control: &OwnedFd) -> Result<(), InitError> {
 }
 
 /// Maps the invoking uid/gid to themselves in the new user namespace: the agent owns what it writes in the
-/// workspace, and nothing else.
+/// workspace, and nothing else. With a root launcher (`host_id`), the launcher maps them instead (only a process
+/// holding CAP_SETUID on the host may map other ids), before it lets the init read its spec.
 fn map_ids(spec: &EarlySpec) -> Result<(), InitError> {
+    if spec.host_id.is_some() {
+        return Ok(());
+    }
     for (file, contents) in [
         ("/proc/self/setgroups", "deny".to_string()),
         ("/proc/self/uid_map", format!("{0} {0} 1\n", spec.uid)),
@@ -185,8 +208,38 @@ fn pid_one(spec_path: &Path, early: &EarlySpec, control: &OwnedFd) -> Result<i32
         .map_err(|source| InitError::Control { source })?;
     drop(listener);
 
-    let spec = &read_spec(spec_path, early, control)?;
-    rootfs::build(&spec.root, &fs_plan(spec, &RealFs))?;
+    let (spec, opened) = read_spec(spec_path, early, control)?;
+    let spec = &spec;
+    // While this process may still walk the state dir: with a root launcher, the ids it takes next cannot.
+    let root_dir = rustix::fs::open(
+        &spec.root,
+        rustix::fs::OFlags::PATH
+            | rustix::fs::OFlags::DIRECTORY
+            | rustix::fs::OFlags::NOFOLLOW
+            | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| InitError::Spec {
+        path: spec.root.display().to_string(),
+        source: e.into(),
+    })?;
+    if spec.host_id.is_some() {
+        ids::become_bottle_root().map_err(|source| InitError::Ids { source })?;
+        // SECURITY: a change of ids clears PDEATHSIG (prctl(2)): arm it again, and check again that the launcher
+        // did not die meanwhile.
+        launcher_alive(control)?;
+    }
+    ids::check_no_host_root(spec.host_id.is_some()).map_err(InitError::HostRoot)?;
+    let mut trees = rootfs::Trees::default();
+    for (from, tree) in spec.trees().into_iter().zip(opened) {
+        trees.add(from, tree);
+    }
+    let root = rootfs::mount_root(&root_dir)?;
+    drop(root_dir);
+    let mut planned = spec.clone();
+    planned.root = root.path();
+    rootfs::build(root, &fs_plan(&planned, &RealFs), spec.tmpfs_bytes, &mut trees)?;
+    drop(trees);
 
     match control::recv(control, false).map_err(|source| InitError::Control { source })? {
         Some((Message::Go, _)) => {}
@@ -209,7 +262,7 @@ fn pid_one(spec_path: &Path, early: &EarlySpec, control: &OwnedFd) -> Result<i32
                 None => exec_in_bottle(spec, &spec.argv),
             };
             let (line, code) = explain_exec_failure(spec, &err);
-            let _ = control::send(control, &Message::Fail(line.clone()), None);
+            let _ = control::send(control, &Message::NoStart(line.clone()), None);
             // The user sees why where the agent's output goes (terminal or agent log), and a shell's exit code.
             let _ = writeln!(io::stderr(), "{line}");
             sys::exit_child(code)
@@ -302,7 +355,7 @@ pub(super) fn explain_exec_failure(spec: &InitSpec, err: &InitError) -> (String,
         (io::ErrorKind::NotFound, _) => (
             format!(
                 "bot-bottle: `{program}`: not found in the bottle; PATH inside is {path}; tools under your home are not \
-                 visible in a bottle"
+                 visible in a bottle unless mounted (e.g. --mount ~/.cargo)"
             ),
             NOT_FOUND,
         ),
@@ -329,15 +382,24 @@ pub(super) fn exec_in_bottle(spec: &InitSpec, argv: &[String]) -> InitError {
             source: e.into(),
         };
     }
+    let mut read_write = vec![spec.workspace.clone(), "/tmp".into(), spec.home.clone(), "/dev".into()];
+    // A mount written `rw` is writable; a read-only one stays read-only (its mount says so, Landlock agrees).
+    read_write.extend(spec.mounts.iter().filter(|m| m.writable).map(|m| m.at.clone()));
     let hardening = Hardening {
         read_only: vec!["/".into()],
-        read_write: vec![spec.workspace.clone(), "/tmp".into(), spec.home.clone(), "/dev".into()],
+        read_write,
         landlock: LandlockMode::BestEffort,
     };
     if let Err(e) = harden::apply(&hardening) {
         return e.into();
     }
-    if let Err(source) = sys::close_from(3) {
+    if let Err(source) = sys::reset_signals() {
+        return InitError::Exec {
+            program: "sigprocmask".into(),
+            source,
+        };
+    }
+    if let Err(source) = sys::close_keeping_control_until_exec() {
         return InitError::Exec {
             program: "close_range".into(),
             source,

@@ -65,8 +65,17 @@ fn join(spec_path: &Path, pid_one: u32, supervisor_pid: u32, argv: &[String]) ->
             .map_err(|e| format!("cannot join the bottle's {name} namespace: {e}"))?;
     }
     drop(fds);
+    // SECURITY (#12): joined as the launcher's ids (host root); become the bottle's own, as its init did.
+    if spec.host_id.is_some() {
+        super::ids::become_bottle_root().map_err(|e| format!("cannot take the bottle's own ids: {e}"))?;
+    }
     match sys::fork().map_err(|e| format!("cannot fork: {e}"))? {
         Forked::Child => {
+            // In the bottle's pid namespace now, so its /proc shows this process.
+            if let Err(why) = super::ids::check_no_host_root(spec.host_id.is_some()) {
+                eprintln!("bot-bottle exec: the command would hold host root: {why}");
+                sys::exit_child(INIT_FAILED)
+            }
             let err = exec_in_bottle(&spec, argv);
             let (line, code) = explain_exec_failure(&spec, &err);
             eprintln!("{line}");

@@ -9,9 +9,9 @@
 //! refuses otherwise; the child scrubs what it inherited (descriptors, environment) before it does anything else.
 
 use std::net::TcpListener;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use rustix::event::{PollFd, PollFlags, Timespec};
 use rustix::process::{Pid, WaitOptions};
 
 use super::control::{self, Message};
+use super::ids;
 use super::init;
 use super::spec::EarlySpec;
 use crate::ready::WaitError;
@@ -41,6 +42,13 @@ pub enum LaunchError {
     Namespaces { source: std::io::Error },
     #[error("cannot clone the bottle init: the launcher runs {threads} threads (it must clone before starting any)")]
     Threads { threads: usize },
+    #[error("cannot map the bottle's ids to its own host id")]
+    Ids { source: std::io::Error },
+    #[error(
+        "cannot show {path} to the bottle under its own ids (an idmapped mount: Linux 5.12 or later, and a filesystem \
+         that supports them, such as ext4, xfs, btrfs or tmpfs; run bot-bottle as your own user otherwise)"
+    )]
+    Tree { path: PathBuf, source: std::io::Error },
     #[error("the bottle init failed: {reason}")]
     Init { reason: String },
     #[error("the bottle init exited ({status}) before {step}")]
@@ -69,6 +77,8 @@ pub struct Bottle {
     pid: Pid,
     control: OwnedFd,
     finished: bool,
+    /// Why the agent's command could not start, when it said so before the init said ready.
+    no_start: Option<String>,
 }
 
 /// Clones the init into the bottle's namespaces; it sets them up from `early` at once and waits for `spec_written` before it
@@ -99,11 +109,18 @@ pub fn spawn(spec_path: &Path, early: &EarlySpec, stdio: Stdio3) -> Result<Bottl
             let pid = Pid::from_raw(child).ok_or_else(|| LaunchError::Spawn {
                 source: std::io::Error::other("clone returned pid 0 to the parent"),
             })?;
-            Ok(Bottle {
+            let bottle = Bottle {
                 pid,
                 control: ours,
                 finished: false,
-            })
+                no_start: None,
+            };
+            // SECURITY (#12): before the init reads its spec, which it does only after `spec_written`. On failure
+            // the dropped `Bottle` kills the init.
+            if let Some(id) = early.host_id {
+                ids::write_maps(bottle.pid(), id).map_err(|source| LaunchError::Ids { source })?;
+            }
+            Ok(bottle)
         }
     }
 }
@@ -111,6 +128,32 @@ pub fn spawn(spec_path: &Path, early: &EarlySpec, stdio: Stdio3) -> Result<Bottl
 impl Bottle {
     pub fn pid(&self) -> u32 {
         self.pid.as_raw_nonzero().get().unsigned_abs()
+    }
+
+    /// With a root launcher (`host_id`): hands the init the host paths of its spec's `trees()`, each a detached
+    /// mount idmapped through the bottle's user namespace, so the bottle's uid 0 sees the invoking user's files as
+    /// its own while its ids are not the user's. Before `spec_written`.
+    pub fn send_trees(&mut self, trees: &[PathBuf]) -> Result<(), LaunchError> {
+        if trees.is_empty() {
+            return Ok(());
+        }
+        let userns =
+            std::fs::File::open(format!("/proc/{}/ns/user", self.pid())).map_err(|source| LaunchError::Tree {
+                path: PathBuf::from("the bottle's user namespace"),
+                source,
+            })?;
+        for (i, path) in trees.iter().enumerate() {
+            let tree = sys::idmapped_tree(path, userns.as_fd()).map_err(|source| LaunchError::Tree {
+                path: path.clone(),
+                source,
+            })?;
+            let i = u32::try_from(i).map_err(|_| LaunchError::Control {
+                source: std::io::Error::other("too many host trees"),
+            })?;
+            control::send(&self.control, &Message::Tree(i), Some(tree.as_fd()))
+                .map_err(|source| LaunchError::Control { source })?;
+        }
+        Ok(())
     }
 
     /// Lets the init read its spec (written completely by now).
@@ -139,21 +182,45 @@ impl Bottle {
     /// Lets the init run its self-test (the proxy now serves the listener) and waits for its verdict. Returns the
     /// master side of the agent's terminal when the spec asked for one.
     pub fn go_and_wait_ready(&mut self, timeout: Duration) -> Result<Option<OwnedFd>, LaunchError> {
-        control::send(&self.control, &Message::Go, None).map_err(|source| LaunchError::Control { source })?;
-        match self.next("the confinement self-test", timeout)? {
-            (Message::Ready, master) => Ok(master),
-            (message, _) => Err(LaunchError::Protocol {
-                step: "the confinement self-test",
-                message,
-            }),
+        if let Err(source) = control::send(&self.control, &Message::Go, None) {
+            // The init may have failed building the bottle's filesystem: its reason is waiting in our queue.
+            return match self.next("the bottle's filesystem", SPEC_REFUSED_GRACE) {
+                Err(e @ (LaunchError::Init { .. } | LaunchError::Exited { .. })) => Err(e),
+                _ => Err(LaunchError::Control { source }),
+            };
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next("the confinement self-test", left)? {
+                (Message::Ready, master) => return Ok(master),
+                // The agent's process is forked before the init says ready: a command that cannot start may say so
+                // first. The bottle is up all the same; `wait` reports the reason with the command's exit code.
+                (Message::NoStart(reason), _) => self.no_start = Some(reason),
+                (message, _) => {
+                    return Err(LaunchError::Protocol {
+                        step: "the confinement self-test",
+                        message,
+                    });
+                }
+            }
         }
     }
 
-    /// Waits for the agent; returns its exit status.
-    pub fn wait(mut self) -> std::io::Result<ExitStatus> {
+    /// Waits for the agent; returns its exit status, and the reason the command could not start if it could not
+    /// (the agent's process says so on the control channel before it exits with 127 or 126).
+    pub fn wait(mut self) -> std::io::Result<(ExitStatus, Option<String>)> {
         let status = self.reap(WaitOptions::empty())?;
         self.finished = true;
-        status.ok_or_else(|| std::io::Error::other("waitpid returned no status"))
+        let status = status.ok_or_else(|| std::io::Error::other("waitpid returned no status"))?;
+        let reason = match self.no_start.take() {
+            Some(reason) => Some(reason),
+            None => match control::recv(&self.control, true) {
+                Ok(Some((Message::NoStart(reason) | Message::Fail(reason), _))) => Some(reason),
+                _ => None,
+            },
+        };
+        Ok((status, reason))
     }
 
     /// The init's exit status if it has exited (`NOHANG`), or once it does.
@@ -189,7 +256,13 @@ impl Bottle {
                 Err(e) => return Err(WaitError::Failed { step, source: e.into() }.into()),
             }
             let closed = fds[0].revents().intersects(PollFlags::HUP | PollFlags::ERR);
-            match control::recv(&self.control, true).map_err(|source| WaitError::Failed { step, source })? {
+            let received = match control::recv(&self.control, true) {
+                // An init that exits with our last message unread resets the channel (unix(7)): the error is
+                // reported once, then what it sent before (its reason) is still there to read.
+                Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => control::recv(&self.control, true),
+                other => other,
+            };
+            match received.map_err(|source| WaitError::Failed { step, source })? {
                 Some((Message::Fail(reason), _)) => return Err(LaunchError::Init { reason }),
                 Some(m) => return Ok(m),
                 None => {}

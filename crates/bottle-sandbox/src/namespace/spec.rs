@@ -46,6 +46,14 @@ pub const SYSTEM_ROOTS: [&str; 3] = [
 /// Top-level host entries provided from the host's `/usr` (merged-/usr systems make these symlinks).
 pub const USR_LINKS: [&str; 6] = ["bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 
+/// A host path the user chose to show, and where (inside the bottle).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserMount {
+    pub from: PathBuf,
+    pub at: PathBuf,
+    pub writable: bool,
+}
+
 /// What the init needs before the spec exists: enough to build the bottle's namespaces and its proxy listener
 /// while the launcher mints the CA and starts the proxy. The spec repeats these and must agree.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +62,8 @@ pub struct EarlySpec {
     pub uid: u32,
     pub gid: u32,
     pub cgroup_ns: bool,
+    /// See `InitSpec::host_id`.
+    pub host_id: Option<u32>,
     /// SECURITY: the values of `pass_env` variables. They reach the init in memory (it is cloned from the
     /// launcher), never through the spec file on disk, which a killed launcher would leave behind.
     pub pass_env: BTreeMap<String, String>,
@@ -72,10 +82,29 @@ impl InitSpec {
     }
 }
 
+impl InitSpec {
+    /// The host paths the launcher opens for the bottle when it maps the bottle's ids (`host_id`), one per use, in
+    /// plan order: the init, whose ids are not the invoking user's, cannot reach them by path (a workspace in a
+    /// 0700 directory, the kept home under the state root, a tool directory in `/root`).
+    pub fn trees(&self) -> Vec<PathBuf> {
+        if self.host_id.is_none() {
+            return Vec::new();
+        }
+        let mut trees: Vec<PathBuf> = self.home_source.iter().cloned().collect();
+        trees.push(self.workspace.clone());
+        trees.extend(self.mounts.iter().map(|m| m.from.clone()));
+        trees
+    }
+}
+
 impl EarlySpec {
     /// Whether `spec` was written for the namespaces this init already built.
     pub fn agrees_with(&self, spec: &InitSpec) -> bool {
-        self.name == spec.name && self.uid == spec.uid && self.gid == spec.gid && self.cgroup_ns == spec.cgroup_ns
+        self.name == spec.name
+            && self.uid == spec.uid
+            && self.gid == spec.gid
+            && self.cgroup_ns == spec.cgroup_ns
+            && self.host_id == spec.host_id
     }
 }
 
@@ -84,8 +113,15 @@ pub struct InitSpec {
     pub name: String,
     /// Empty directory on the host that becomes the bottle's root (a tmpfs is mounted on it).
     pub root: PathBuf,
+    /// The ids inside the bottle (the agent's).
     pub uid: u32,
     pub gid: u32,
+    /// SECURITY (#12): `Some(h)` when the launcher is root: the bottle's uid and gid 0 are host uid and gid `h`, an
+    /// id no user owns, and nothing in the bottle is ever host uid 0 or in a host group. The launcher writes that
+    /// mapping and hands in the host paths the bottle writes to (`trees`) as idmapped mounts, which show the
+    /// invoking user's files as the bottle's own. `None`: the invoking ids map to themselves.
+    #[serde(default)]
+    pub host_id: Option<u32>,
     /// Host directory bound read-write into the bottle at the same path.
     pub workspace: PathBuf,
     pub home: PathBuf,
@@ -112,11 +148,25 @@ pub struct InitSpec {
     /// starts (the relay only follows later changes, and an agent may ask at once).
     #[serde(default)]
     pub tty_size: Option<(u16, u16)>,
+    /// The size of each tmpfs in the bottle (`/tmp`, `/dev/shm`, a fresh home, the root); `None`: the kernel's
+    /// default, half the host's RAM.
+    #[serde(default)]
+    pub tmpfs_bytes: Option<u64>,
+    /// Host paths shown on purpose (`--mount`), bound after the workspace.
+    #[serde(default)]
+    pub mounts: Vec<UserMount>,
 }
 
 /// One step of the filesystem the init builds, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FsStep {
+    /// A host path the user chose to show. SECURITY: its mount point may lie under a host directory the agent could
+    /// write in an earlier run (the kept home, the workspace), so it is made without following any link.
+    Mount {
+        from: PathBuf,
+        at: PathBuf,
+        read_only: bool,
+    },
     /// tmpfs at a path inside the new root.
     Tmpfs { at: PathBuf, mode: u32 },
     /// Bind a host path, read-only or read-write.
@@ -281,8 +331,14 @@ pub fn fs_plan(spec: &InitSpec, host: &dyn HostFs) -> Vec<FsStep> {
             at: spec.workspace.clone(),
             read_only: false,
         },
-        FsStep::Proc,
     ]);
+    // After the home and the workspace, so one may sit inside them; never through a link (see `FsStep::Mount`).
+    steps.extend(spec.mounts.iter().map(|m| FsStep::Mount {
+        from: m.from.clone(),
+        at: m.at.clone(),
+        read_only: !m.writable,
+    }));
+    steps.push(FsStep::Proc);
     // SECURITY: the kernel's knobs are read-only inside whatever Landlock does (it is best-effort): with a root
     // launcher the bottle's root is host root to /proc/sys (core_pattern runs a program as host root), as container
     // runtimes also mask (#12). Each is the bottle's own procfs entry, bound onto itself read-only.
@@ -373,6 +429,7 @@ mod tests {
             root: "/state/b1/root".into(),
             uid: 1000,
             gid: 1000,
+            host_id: None,
             workspace: "/home/u/project".into(),
             home: "/home/agent".into(),
             home_source: None,
@@ -384,6 +441,8 @@ mod tests {
             canary: None,
             tty: false,
             tty_size: None,
+            tmpfs_bytes: None,
+            mounts: Vec::new(),
         }
     }
 
@@ -482,6 +541,8 @@ mod tests {
                 // The bottle's procfs is mounted after the seal; its entries made read-only come after it too.
                 FsStep::Bind { at, .. } if at.starts_with("/proc") => true,
                 FsStep::Bind { read_only, .. } => !read_only,
+                // The user's mounts come after the home and the workspace they may sit in, read-only or not.
+                FsStep::Mount { .. } => true,
                 FsStep::Tmpfs { .. } | FsStep::Proc | FsStep::DevPts => true,
                 // Written into the root tmpfs, which the seal makes read-only.
                 FsStep::File { .. } | FsStep::CaBundle { .. } => false,
@@ -490,6 +551,44 @@ mod tests {
             };
             assert_eq!(writable, i > seal, "{step:?} is on the wrong side of the seal");
         }
+    }
+
+    #[test]
+    fn user_mounts_follow_the_home_and_the_workspace_and_keep_their_mode() {
+        let mut spec = spec();
+        spec.mounts = vec![
+            UserMount {
+                from: "/home/u/.cargo".into(),
+                at: "/home/agent/.cargo".into(),
+                writable: false,
+            },
+            UserMount {
+                from: "/srv/tools".into(),
+                at: "/opt/tools".into(),
+                writable: true,
+            },
+        ];
+        let steps = fs_plan(&spec, &Debian);
+        let workspace = steps
+            .iter()
+            .position(|s| matches!(s, FsStep::Bind { at, .. } if at == &spec.workspace))
+            .unwrap();
+        let mounts: Vec<(usize, &FsStep)> = steps
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| matches!(s, FsStep::Mount { .. }))
+            .collect();
+        assert_eq!(mounts.len(), 2);
+        assert!(mounts.iter().all(|(i, _)| *i > workspace));
+        assert_eq!(
+            mounts[0].1,
+            &FsStep::Mount {
+                from: "/home/u/.cargo".into(),
+                at: "/home/agent/.cargo".into(),
+                read_only: true
+            }
+        );
+        assert!(matches!(mounts[1].1, FsStep::Mount { read_only: false, .. }));
     }
 
     #[test]
@@ -554,5 +653,36 @@ mod tests {
             own["PATH"], "/opt/tools/bin:/usr/bin",
             "a PATH the user set is honoured"
         );
+    }
+
+    #[test]
+    fn a_mapped_bottle_gets_every_written_host_path_as_a_tree_and_an_unmapped_one_none() {
+        let mut s = spec();
+        s.home_source = Some("/state/homes/claude".into());
+        s.mounts = vec![UserMount {
+            from: "/root/.cargo".into(),
+            at: "/root/.cargo".into(),
+            writable: false,
+        }];
+        assert!(s.trees().is_empty(), "self-mapped ids reach their own paths");
+        s.host_id = Some(2_130_706_434);
+        assert_eq!(
+            s.trees(),
+            [
+                PathBuf::from("/state/homes/claude"),
+                "/home/u/project".into(),
+                "/root/.cargo".into()
+            ]
+        );
+        // Every one of them is a source the plan binds, so the init attaches each tree it got.
+        let steps = fs_plan(&s, &Debian);
+        for tree in s.trees() {
+            assert!(
+                steps
+                    .iter()
+                    .any(|st| matches!(st, FsStep::Bind { from, .. } | FsStep::Mount { from, .. } if *from == tree)),
+                "{tree:?} is not bound by the plan"
+            );
+        }
     }
 }

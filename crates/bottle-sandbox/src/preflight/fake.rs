@@ -38,6 +38,10 @@ pub(crate) struct FakeHost {
     pub unshare: HashMap<NamespaceProbe, Errno>,
     /// Makes every `try_unshare` fail as if fork(2) had.
     pub fork_error: Option<Errno>,
+    /// Makes `idmapped_mount` fail with this errno.
+    pub idmap: Option<Errno>,
+    /// Makes `bottle_ids_free` say this.
+    pub ids_taken: Option<String>,
     pub landlock: Result<u32, Errno>,
     pub seccomp: Result<SeccompSupport, Errno>,
     /// A missing key answers present.
@@ -46,6 +50,8 @@ pub(crate) struct FakeHost {
     pub sysctls: HashMap<String, String>,
     /// Keyed by (socket path, request target such as `/_ping`); a missing key answers ECONNREFUSED.
     pub sockets: HashMap<(PathBuf, String), Vec<u8>>,
+    /// The cgroup v2 base bottles' cgroups would go in; `None`: no cgroups for this launcher.
+    pub cgroups: Option<PathBuf>,
     calls: RefCell<Vec<String>>,
 }
 
@@ -103,6 +109,8 @@ impl FakeHost {
             once: RefCell::default(),
             unshare: HashMap::new(),
             fork_error: None,
+            idmap: None,
+            ids_taken: None,
             landlock: Ok(7),
             seccomp: Ok(SeccompSupport::Filter { current_mode: 0 }),
             kernel_calls: HashMap::new(),
@@ -112,6 +120,7 @@ impl FakeHost {
                 ("user.max_user_namespaces".to_owned(), "96365".to_owned()),
             ]),
             sockets: HashMap::new(),
+            cgroups: Some(PathBuf::from("/sys/fs/cgroup/bot-bottle")),
             calls: RefCell::new(Vec::new()),
         };
         host.file("/dev/kvm", meta(FileKind::CharDevice, 0o660, 0, KVM_GID));
@@ -195,6 +204,16 @@ fn errno(code: Errno) -> io::Error {
 }
 
 impl Host for FakeHost {
+    fn cgroups(&self) -> Result<crate::cgroup::Hierarchy, crate::cgroup::CgroupError> {
+        self.record("cgroups".to_owned());
+        match &self.cgroups {
+            Some(base) => Ok(crate::cgroup::Hierarchy::V2 { base: base.clone() }),
+            None => Err(crate::cgroup::CgroupError::Unavailable {
+                reason: "the fake host has none".into(),
+            }),
+        }
+    }
+
     // Not recorded: the platform is a build-time fact of a real host, not an observation of the machine.
     fn platform(&self) -> Platform {
         self.platform
@@ -255,6 +274,19 @@ impl Host for FakeHost {
             Some(Err(code)) => Err(errno(*code)),
             None => Err(errno(libc::ENOENT)),
         }
+    }
+
+    fn idmapped_mount(&self, path: &Path) -> io::Result<()> {
+        self.record(format!("idmapped_mount {}", path.display()));
+        match self.idmap {
+            Some(code) => Err(errno(code)),
+            None => Ok(()),
+        }
+    }
+
+    fn bottle_ids_free(&self) -> Result<(), String> {
+        self.record("bottle_ids_free".to_owned());
+        self.ids_taken.clone().map_or(Ok(()), Err)
     }
 
     fn try_unshare(&self, probe: NamespaceProbe) -> io::Result<Unshare> {

@@ -177,6 +177,23 @@ pub trait Host {
     fn sysctl(&self, name: &str) -> io::Result<String>;
     /// Connects to a unix socket, writes `request`, reads until EOF; the whole exchange is bounded by `timeout`.
     fn unix_exchange(&self, path: &Path, request: &[u8], timeout: Duration) -> io::Result<Vec<u8>>;
+    /// Root only: whether `path` can be shown through an idmapped mount (a root launcher's bottle sees the workspace
+    /// and its home that way).
+    fn idmapped_mount(&self, path: &Path) -> io::Result<()> {
+        let _ = path;
+        Err(io::Error::other("this host was not asked"))
+    }
+    /// Root only: why a root launcher's bottles could not have their own host ids here (an account or subordinate
+    /// range owns one of them); `Ok` when none is taken.
+    fn bottle_ids_free(&self) -> Result<(), String> {
+        Err("this host was not asked".into())
+    }
+    /// Where this launcher could make its bottles' cgroups (resource limits), or why it cannot.
+    fn cgroups(&self) -> Result<crate::cgroup::Hierarchy, crate::cgroup::CgroupError> {
+        Err(crate::cgroup::CgroupError::Unavailable {
+            reason: "this host was not asked".into(),
+        })
+    }
 }
 
 /// The machine this process runs on.
@@ -184,6 +201,14 @@ pub trait Host {
 pub struct RealHost;
 
 impl Host for RealHost {
+    fn cgroups(&self) -> Result<crate::cgroup::Hierarchy, crate::cgroup::CgroupError> {
+        let own =
+            std::fs::read_to_string("/proc/self/cgroup").map_err(|e| crate::cgroup::CgroupError::Unavailable {
+                reason: format!("cannot read /proc/self/cgroup: {e}"),
+            })?;
+        crate::cgroup::detect(Path::new(crate::cgroup::CGROUP_ROOT), &own, self.euid() == 0)
+    }
+
     fn metadata(&self, path: &Path) -> io::Result<FileMeta> {
         let meta = std::fs::metadata(path)?;
         let ft = meta.file_type();
@@ -271,6 +296,19 @@ impl Host for RealHost {
             stdout: stdout.recv_timeout(PIPE_GRACE).unwrap_or_default(),
             stderr: stderr.recv_timeout(PIPE_GRACE).unwrap_or_default(),
         })
+    }
+
+    fn idmapped_mount(&self, path: &Path) -> io::Result<()> {
+        sys::idmapped_mount_in_child(
+            path,
+            crate::namespace::ids::host_id(std::net::Ipv4Addr::new(127, 0, 0, 2)),
+        )
+    }
+
+    fn bottle_ids_free(&self) -> Result<(), String> {
+        // The whole default pool: 127.0.0.2–254, each account file read once.
+        let pool: Vec<_> = (2..=254).map(|n| std::net::Ipv4Addr::new(127, 0, 0, n)).collect();
+        crate::namespace::ids::check_all_free(&pool).map_err(|e| e.to_string())
     }
 
     fn try_unshare(&self, probe: NamespaceProbe) -> io::Result<Unshare> {

@@ -34,7 +34,63 @@ pub(super) fn checks(host: &dyn Host) -> Vec<Check> {
         landlock(host),
         no_new_privs(host),
         kernel_calls(host),
+        resource_limits(host),
+        bottle_ids(host),
     ]
+}
+
+/// Whose ids bottles run with (#12). An unprivileged launcher's bottles have its own ids. A root launcher's bottles
+/// get host ids of their own, which must be free, and see the workspace through an idmapped mount, probed here on
+/// the current directory (where `run` takes its workspace from by default).
+fn bottle_ids(host: &dyn Host) -> Check {
+    const NAME: &str = "bottle ids";
+    if host.euid() != 0 {
+        return Check::ok(NAME, "your own ids, mapped to themselves");
+    }
+    if let Err(why) = host.bottle_ids_free() {
+        return Check::new(
+            NAME,
+            Status::missing(
+                why,
+                "free that id (remove the account or subordinate id range that holds it), or narrow BOT_BOTTLE_POOL \
+                 to addresses whose ids are free",
+            ),
+        );
+    }
+    match host.idmapped_mount(std::path::Path::new(".")) {
+        Ok(()) => Check::ok(
+            NAME,
+            "root's bottles run as host ids of their own (2130706432 + N for 127.0.0.N), never as root; the current \
+             directory can be shown to them through an idmapped mount",
+        ),
+        Err(e) => Check::new(
+            NAME,
+            Status::missing(
+                format!("the current directory cannot be shown to a bottle through an idmapped mount ({e})"),
+                "keep the workspace on a filesystem with idmapped mounts (ext4, xfs, btrfs; tmpfs from Linux 6.3), or \
+                 run bot-bottle as your own user",
+            ),
+        ),
+    }
+}
+
+/// Whether bottles get their memory, process and cpu limits here. Without cgroups a bottle still confines, with
+/// bounded tmpfs sizes; a policy that writes a limit is refused.
+fn resource_limits(host: &dyn Host) -> Check {
+    const NAME: &str = "resource limits (cgroups)";
+    match host.cgroups() {
+        Ok(crate::cgroup::Hierarchy::V2 { base }) => Check::ok(NAME, format!("cgroup v2 under {}", base.display())),
+        Ok(crate::cgroup::Hierarchy::V1 { .. }) => {
+            Check::ok(NAME, "cgroup v1 memory, pids and cpu controllers, as root")
+        }
+        Err(e) => Check::new(
+            NAME,
+            Status::degraded(format!(
+                "{e}; bottles run without default memory and process limits, and a policy that sets \
+                 [bottle.resources] is refused"
+            )),
+        ),
+    }
 }
 
 /// The system calls a launch cannot do without (it fails closed on them; this says so before it is tried).
@@ -429,6 +485,48 @@ mod tests {
         assert_eq!(
             not_linux().status,
             Status::missing("the namespace backend needs Linux", NOT_LINUX_REMEDY)
+        );
+    }
+
+    #[test]
+    fn without_cgroups_limits_are_degraded_and_the_backend_stays_usable() {
+        let mut host = FakeHost::healthy();
+        assert_eq!(
+            check(&checks(&host), "resource limits (cgroups)").status.severity(),
+            Severity::Ok
+        );
+        host.cgroups = None;
+        let checks = checks(&host);
+        let limits = check(&checks, "resource limits (cgroups)");
+        assert_eq!(limits.status.severity(), Severity::Degraded);
+        assert!(format!("{:?}", limits.status).contains("[bottle.resources] is refused"));
+    }
+
+    #[test]
+    fn a_root_launcher_needs_free_bottle_ids_and_idmapped_mounts() {
+        let host = FakeHost::healthy();
+        assert_eq!(check(&checks(&host), "bottle ids").status.severity(), Severity::Ok);
+        assert!(host.called("idmapped_mount ."));
+        let mut taken = FakeHost::healthy();
+        taken.ids_taken = Some("host id 2130706434 belongs to odd in /etc/passwd".into());
+        let c = check(&checks(&taken), "bottle ids").clone();
+        assert!(
+            matches!(&c.status, Status::Missing { reason, .. } if reason.contains("odd")),
+            "{c:?}"
+        );
+        let mut no_idmap = FakeHost::healthy();
+        no_idmap.idmap = Some(libc::EINVAL);
+        let c = check(&checks(&no_idmap), "bottle ids").clone();
+        assert!(
+            matches!(&c.status, Status::Missing { remedy, .. } if remedy.contains("your own user")),
+            "{c:?}"
+        );
+        let mut user = FakeHost::healthy();
+        user.euid = 1000;
+        assert_eq!(check(&checks(&user), "bottle ids").status.severity(), Severity::Ok);
+        assert!(
+            !user.called("idmapped_mount"),
+            "an unprivileged launcher needs no idmap"
         );
     }
 }

@@ -12,6 +12,7 @@
 /// bottle name. The preflight checks this directory, not smolvm's default.
 pub const STATE_SUBDIR: &str = ".smolvm";
 
+pub mod backend;
 pub mod cli;
 pub mod db;
 pub mod plan;

@@ -83,6 +83,48 @@ pub(crate) fn make_tree_read_only(path: &std::path::Path) -> io::Result<()> {
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
+/// MOUNT_ATTR_IDMAP (linux/mount.h).
+const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+
+/// open_tree(2) `OPEN_TREE_CLONE` of `path`: a detached copy of the one mount there (not the ones below it, like a
+/// plain bind), shown through the id mapping of the user namespace `userns` (mount_setattr(2) `MOUNT_ATTR_IDMAP`):
+/// a file of host uid `k` appears as the uid that `userns` maps to `k`, and what is created through it is stored
+/// as `k`. Needs CAP_SYS_ADMIN over the filesystem (the root launcher); attached elsewhere with move_mount(2).
+pub(crate) fn idmapped_tree(
+    path: &std::path::Path,
+    userns: std::os::fd::BorrowedFd<'_>,
+) -> io::Result<std::os::fd::OwnedFd> {
+    use rustix::mount::{OpenTreeFlags, open_tree};
+    use std::os::fd::AsRawFd;
+    let tree = open_tree(
+        rustix::fs::CWD,
+        path,
+        OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+    )?;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_IDMAP,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: u64::try_from(userns.as_raw_fd()).map_err(io::Error::other)?,
+    };
+    // SAFETY: an open descriptor, an empty NUL-terminated path with AT_EMPTY_PATH (the descriptor itself), and a
+    // mount_attr we own with its exact size; the kernel only reads them.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(tree)
+}
+
 /// Sets IFF_UP on the loopback interface of the current network namespace (netdevice(7)).
 pub(crate) fn loopback_up() -> io::Result<()> {
     let sock = rustix::net::socket(rustix::net::AddressFamily::INET, rustix::net::SocketType::DGRAM, None)?;
@@ -110,6 +152,38 @@ pub(crate) fn close_from(first: u32) -> io::Result<()> {
     // SAFETY: close_range takes plain integers; the caller is about to exec and owns no Rust object that
     // wraps a descriptor >= first that it will use again.
     let r = unsafe { libc::syscall(libc::SYS_close_range, first, u32::MAX, 0) };
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Closes every descriptor from 4 up and marks 3 (the init's control channel) close-on-exec: the agent never has it,
+/// but a command that cannot start can still say why on it.
+pub(crate) fn close_keeping_control_until_exec() -> io::Result<()> {
+    // SAFETY: close_range takes plain integers; CLOSE_RANGE_CLOEXEC only sets a flag on descriptor 3.
+    let r = unsafe { libc::syscall(libc::SYS_close_range, 3u32, 3u32, libc::CLOSE_RANGE_CLOEXEC) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    close_from(4)
+}
+
+/// Every signal back to its default disposition and an empty signal mask, just before an exec: the agent starts as
+/// a fresh process would, not with what its launcher's own parent ignored or blocked (a launcher started in the
+/// background of a non-interactive shell ignores SIGINT, and the agent would not stop on Ctrl-C).
+pub(crate) fn reset_signals() -> io::Result<()> {
+    for signal in 1..=libc::SIGRTMAX() {
+        if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: SIG_DFL has no handler to call; numbers the C library reserves for itself answer EINVAL, which
+        // leaves them as they are (this process is about to exec).
+        unsafe { libc::signal(signal, libc::SIG_DFL) };
+    }
+    // SAFETY: an empty sigset_t we own, initialised by sigemptyset before sigprocmask reads it.
+    let r = unsafe {
+        let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        libc::sigemptyset(set.as_mut_ptr());
+        libc::sigprocmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut())
+    };
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 

@@ -81,6 +81,54 @@ mod linux {
         )))
     }
 
+    /// Whether this process (root) can show `path` through an idmapped mount, as a root launcher's bottle needs: a
+    /// forked child makes a user namespace and waits; this process maps it (`0 id 1`), idmaps a detached copy of
+    /// `path` through it, and lets the child go.
+    pub(crate) fn idmapped_mount_in_child(path: &std::path::Path, id: u32) -> io::Result<()> {
+        // Close-on-exec: a process another thread starts meanwhile must not hold an end open.
+        let (ready_r, ready_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        let (go_r, go_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+        // SAFETY: as in `unshare_in_child`: the child runs only unshare(2), write(2), read(2) and _exit(2).
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if pid == 0 {
+            // SAFETY: unshare reads its integer argument; write/read use descriptors this child owns and a byte on
+            // its stack; _exit never returns.
+            unsafe {
+                // The parent's ends: with them open here, the read below would never see the parent let go.
+                libc::close(ready_r.as_raw_fd());
+                libc::close(go_w.as_raw_fd());
+                let code = if libc::unshare(libc::CLONE_NEWUSER) == 0 {
+                    0u8
+                } else {
+                    1u8
+                };
+                libc::write(ready_w.as_raw_fd(), (&code as *const u8).cast(), 1);
+                let mut byte = 0u8;
+                libc::read(go_r.as_raw_fd(), (&mut byte as *mut u8).cast(), 1);
+                libc::_exit(0)
+            }
+        }
+        drop((ready_w, go_r));
+        let mut code = [1u8];
+        let outcome = match rustix::io::read(&ready_r, &mut code) {
+            Ok(1) if code[0] == 0 => std::fs::write(format!("/proc/{pid}/uid_map"), format!("0 {id} 1\n"))
+                .and_then(|()| std::fs::write(format!("/proc/{pid}/gid_map"), format!("0 {id} 1\n")))
+                .and_then(|()| std::fs::File::open(format!("/proc/{pid}/ns/user")))
+                .and_then(|userns| {
+                    use std::os::fd::AsFd;
+                    crate::sys::ns::idmapped_tree(path, userns.as_fd()).map(drop)
+                }),
+            Ok(_) => Err(io::Error::other("the probe could not make a user namespace")),
+            Err(e) => Err(e.into()),
+        };
+        drop(go_w);
+        wait_for(pid)?;
+        outcome
+    }
+
     fn wait_for(pid: libc::pid_t) -> io::Result<libc::c_int> {
         loop {
             let mut status: libc::c_int = 0;
@@ -209,6 +257,9 @@ mod other {
         io::Error::new(io::ErrorKind::Unsupported, "this probe exists on Linux only")
     }
     pub(crate) fn unshare_in_child(_: NamespaceProbe) -> io::Result<Result<(), io::Error>> {
+        Err(unsupported())
+    }
+    pub(crate) fn idmapped_mount_in_child(_: &std::path::Path, _: u32) -> io::Result<()> {
         Err(unsupported())
     }
     pub(crate) fn kvm_api_version(_: BorrowedFd<'_>) -> io::Result<i32> {

@@ -27,18 +27,34 @@ use bottle_sandbox::state::{BottleState, STATE_FILE, URLS_FILE};
 use tempfile::TempDir;
 
 use super::*;
+use crate::exit;
+use bottle_proxy::CA_KEY_FILE;
+use bottle_sandbox::engine::{self};
+use bottle_sandbox::ready::WaitError;
+use bottle_sandbox::smolmachines::backend::{
+    AGENT_FILE, SMOLVM_STATE_DIR, Smolmachines, StepError, Tuning, exec_with, guest_can_reach, probe_args, smolvm_for,
+};
+use bottle_sandbox::smolmachines::plan::MACHINE_PREFIX;
+use bottle_sandbox::smolmachines::{CliError, DbError, MachineName, Smolvm};
+use std::time::Instant;
+
+const INTERCEPTOR_KEY: &str = "interceptor";
+const PROXY_KEY: &str = "proxy";
+
+/// The smolmachines backend on `engine`, with test bounds.
+fn backend(engine: &Engine, tuning: Tuning) -> Smolmachines {
+    Smolmachines {
+        engine: Some(engine.clone()),
+        tuning,
+    }
+}
 
 const COMPONENT: &str = "smolmachines";
 const FAKE_ENGINE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/fake_smolvm_boots.sh");
 
 /// Skips with a reason, unless `BOTTLE_TEST_REQUIRE` names smolmachines, in which case the skip is a failure.
 fn skip(why: &str) {
-    let required = std::env::var("BOTTLE_TEST_REQUIRE").unwrap_or_default();
-    assert!(
-        !required.split(',').any(|c| c.trim() == COMPONENT),
-        "{COMPONENT} required but unavailable: {why}"
-    );
-    eprintln!("skipping: {why}");
+    bottle_test_support::require::skip(COMPONENT, why);
 }
 
 fn real_engine() -> Option<Engine> {
@@ -168,14 +184,13 @@ fn tuning(ready: Duration) -> Tuning {
     }
 }
 
-fn steps() -> Steps {
-    Steps(Instant::now())
-}
-
-/// The typed step error in an error chain.
+/// The smolmachines backend's typed step error in an error chain.
 fn step_error(err: &anyhow::Error) -> &StepError {
     err.chain()
-        .find_map(|c| c.downcast_ref::<StepError>())
+        .find_map(|c| {
+            c.downcast_ref::<BackendError>()
+                .and_then(|b| b.downcast_ref::<StepError>())
+        })
         .unwrap_or_else(|| panic!("no step error in: {err:#}"))
 }
 
@@ -217,12 +232,12 @@ fn real_engine_start_fails_plainly_after_create_and_verify_and_nothing_is_left()
     let Some(engine) = real_engine() else { return };
     let scene = Scene::new();
     let req = scene.request("realstart", &["true"]);
-    let result = launch(req, &engine, &scene.root, tuning(Duration::from_secs(60)), &steps());
+    let result = launch(req, &backend(&engine, tuning(Duration::from_secs(60))), &scene.root);
     let state = scene.state_of("realstart");
     match &result {
         // A host where KVM works: the machine booted and `true` ran in it.
-        Ok(code) => {
-            assert_eq!(*code, 0);
+        Ok(exit) => {
+            assert_eq!(exit.code, 0);
             assert_eq!(state.status, Status::Exited);
         }
         Err(err) => {
@@ -245,7 +260,7 @@ fn real_engine_start_fails_plainly_after_create_and_verify_and_nothing_is_left()
                 | StartError::KvmDeniedAfterPrivilegeDrop { remedy, .. }
                 | StartError::GuestNeverBooted { remedy, .. } => {
                     assert!(format!("{err:#}").contains(remedy), "the remedy is not in: {err:#}");
-                    assert_eq!(step_error(err).exit_code(), exit::PREFLIGHT);
+                    assert_eq!(exit::classify(err), exit::PREFLIGHT);
                 }
                 // A nested-KVM host where the guest hangs: smolvm's own 30 s wait, or ours.
                 StartError::Cli(CliError::TimedOut { .. }) => {}
@@ -286,19 +301,26 @@ fn fake_engine_boot_path_polls_until_ready_inits_runs_the_agent_and_tears_down()
     create("other", &[]);
     let alive = StateDir::create(&scene.root, "alive").unwrap();
     alive
-        .write(&state::starting("alive", "smolmachines", "127.0.0.200", true).unwrap())
+        .write(
+            &state::starting(
+                &BottleName::parse("alive").unwrap(),
+                backend::Kind::Smolmachines,
+                std::net::Ipv4Addr::new(127, 0, 0, 200),
+                true,
+            )
+            .unwrap(),
+        )
         .unwrap();
 
     let agent = r#"echo "proxy=$HTTPS_PROXY ca=$SSL_CERT_FILE foo=$FOO"; exit 7"#;
     let req = scene.request("boots", &["/bin/sh", "-c", agent]);
     let code = launch(
         req,
-        &fake_engine(),
+        &backend(&fake_engine(), tuning(Duration::from_secs(30))),
         &scene.root,
-        tuning(Duration::from_secs(30)),
-        &steps(),
     )
-    .unwrap();
+    .unwrap()
+    .code;
 
     // The agent's exit code passes through, with the proxy settings and the policy's env.
     assert_eq!(code, 7);
@@ -328,7 +350,7 @@ fn fake_engine_boot_path_polls_until_ready_inits_runs_the_agent_and_tears_down()
     for probe in &calls[2..6] {
         assert_eq!(
             probe[..],
-            guest::probe_args(&MachineName::parse("bb-boots").unwrap())
+            probe_args(&MachineName::parse("bb-boots").unwrap())
                 .iter()
                 .map(|a| a.to_string_lossy())
                 .collect::<Vec<_>>()[..]
@@ -381,10 +403,8 @@ fn fake_engine_a_guest_that_never_gets_ready_times_out_loudly_and_is_removed() {
     let req = scene.request("neverready", &["true"]);
     let err = launch(
         req,
-        &fake_engine(),
+        &backend(&fake_engine(), tuning(Duration::from_millis(800))),
         &scene.root,
-        tuning(Duration::from_millis(800)),
-        &steps(),
     )
     .unwrap_err();
     let StepError::Ready { source, .. } = step_error(&err) else {
@@ -417,10 +437,8 @@ fn fake_engine_a_row_with_an_unknown_field_is_refused_before_any_start() {
     let req = scene.request("badrow", &["true"]);
     let err = launch(
         req,
-        &fake_engine(),
+        &backend(&fake_engine(), tuning(Duration::from_secs(5))),
         &scene.root,
-        tuning(Duration::from_secs(5)),
-        &steps(),
     )
     .unwrap_err();
     let StepError::Db { step, source, .. } = step_error(&err) else {
@@ -481,7 +499,7 @@ fn fake_engine_exec_runs_in_the_machine_with_the_agents_environment() {
     let agent = format!("while [ ! -e '{}' ]; do sleep 0.05; done", stop.display());
     let req = scene.request("execd", &["/bin/sh", "-c", &agent]);
     let (root, engine) = (scene.root.clone(), fake_engine());
-    let launched = std::thread::spawn(move || launch(req, &engine, &root, tuning(Duration::from_secs(30)), &steps()));
+    let launched = std::thread::spawn(move || launch(req, &backend(&engine, tuning(Duration::from_secs(30))), &root));
     let dir = StateDir {
         path: scene.root.join("execd"),
     };
@@ -491,17 +509,18 @@ fn fake_engine_exec_runs_in_the_machine_with_the_agents_environment() {
         assert!(!launched.is_finished(), "the launch ended early");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let record = dir.file(exec::AGENT_FILE);
+    let record = dir.file(AGENT_FILE);
     assert_eq!(fs::metadata(&record).unwrap().permissions().mode() & 0o777, 0o600);
 
     let out = scene.workspace.join("exec.out");
     let command = format!("echo \"$HTTPS_PROXY $FOO\" > '{}'; exit 5", out.display());
-    let code = exec::exec_with(
+    let code = exec_with(
         &dir,
         &scene.root,
         &fake_engine(),
         Timeouts::default(),
         &["/bin/sh".into(), "-c".into(), command],
+        &|_| {},
     )
     .unwrap();
     assert_eq!(code, 5);
@@ -512,10 +531,18 @@ fn fake_engine_exec_runs_in_the_machine_with_the_agents_environment() {
     assert!(exec_call.windows(2).any(|w| w == ["--workdir", "/workspace"]));
 
     fs::write(&stop, "").unwrap();
-    assert_eq!(launched.join().unwrap().unwrap(), 0);
+    assert_eq!(launched.join().unwrap().unwrap().code, 0);
     // The record (it may hold pass_env values) goes with the bottle; an exec after that fails and says why.
     assert!(!record.exists());
-    let err = exec::exec_with(&dir, &scene.root, &fake_engine(), Timeouts::default(), &["true".into()]).unwrap_err();
+    let err = exec_with(
+        &dir,
+        &scene.root,
+        &fake_engine(),
+        Timeouts::default(),
+        &["true".into()],
+        &|_| {},
+    )
+    .unwrap_err();
     assert!(format!("{err:#}").contains("not running"), "{err:#}");
     scene.assert_nothing_left(&real, "execd", &[]);
 }

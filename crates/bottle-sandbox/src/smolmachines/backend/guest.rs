@@ -11,8 +11,8 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use bottle_sandbox::smolmachines::cli::parse_error_line;
-use bottle_sandbox::smolmachines::{CliError, EngineError, ErrorCode, MachineName, Smolvm};
+use crate::smolmachines::cli::parse_error_line;
+use crate::smolmachines::{CliError, EngineError, ErrorCode, MachineName, Smolvm};
 
 /// The guest's own roots plus the bottle CA, as the init script writes them.
 pub const GUEST_CA_BUNDLE: &str = "/etc/bot-bottle/ca-bundle.pem";
@@ -316,7 +316,7 @@ fn exit_code(status: ExitStatus) -> u8 {
     match (status.code(), status.signal()) {
         (Some(c), _) => u8::try_from(c).unwrap_or(u8::MAX),
         (None, Some(sig)) => u8::try_from(128 + sig).unwrap_or(u8::MAX),
-        _ => crate::exit::SANDBOX,
+        _ => u8::MAX,
     }
 }
 

@@ -9,15 +9,13 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use anyhow::Context;
-use bottle_sandbox::engine::{self, Engine};
-use bottle_sandbox::preflight::RealHost;
-use bottle_sandbox::smolmachines::{MachineName, Timeouts};
-use bottle_sandbox::state::StateDir;
 use serde::{Deserialize, Serialize};
 
 use super::guest::{self, AgentEnv, AgentStdio};
 use super::{GUEST_WORKSPACE, StepError, smolvm_for};
+use crate::engine::Engine;
+use crate::smolmachines::{MachineName, Timeouts};
+use crate::state::StateDir;
 
 /// The agent's machine and environment, written by the run step before the bottle reads as running.
 pub const AGENT_FILE: &str = "agent.json";
@@ -42,39 +40,40 @@ impl AgentRecord {
         }
     }
 
-    pub fn write(&self, dir: &StateDir) -> anyhow::Result<()> {
-        let bytes = serde_json::to_vec(self).context("cannot encode the agent record")?;
-        Ok(dir.write_file(AGENT_FILE, &bytes)?)
-    }
-
-    fn read(dir: &StateDir) -> anyhow::Result<Self> {
-        let path = dir.file(AGENT_FILE);
-        let bytes = std::fs::read(&path).with_context(|| {
-            format!(
-                "cannot read {}: the bottle is not running (or was started by an older bot-bottle)",
-                path.display()
-            )
+    pub fn write(&self, dir: &StateDir) -> Result<(), StepError> {
+        let bytes = serde_json::to_vec(self).map_err(|e| StepError::Record {
+            path: dir.file(AGENT_FILE),
+            reason: e.to_string(),
         })?;
-        serde_json::from_slice(&bytes).with_context(|| format!("{} is damaged", path.display()))
+        dir.create_file(AGENT_FILE, &bytes)
+            .map_err(|source| StepError::State { step: "init", source })
+    }
+
+    fn read(dir: &StateDir) -> Result<Self, StepError> {
+        let path = dir.file(AGENT_FILE);
+        let refuse = |reason: String| StepError::Record {
+            path: path.clone(),
+            reason,
+        };
+        let bytes = std::fs::read(&path).map_err(|e| refuse(e.to_string()))?;
+        serde_json::from_slice(&bytes).map_err(|e| refuse(e.to_string()))
     }
 }
 
-/// Runs `command` in the bottle's machine; returns its exit code.
-pub fn exec(dir: &StateDir, root: &Path, command: &[String]) -> anyhow::Result<u8> {
-    let engine = engine::discover_verified(&RealHost).map_err(StepError::Engine)?;
-    exec_with(dir, root, &engine, Timeouts::default(), command)
-}
-
-pub(super) fn exec_with(
+/// Runs `command` in the bottle's machine with the agent's environment; returns its exit code.
+pub fn exec_with(
     dir: &StateDir,
     root: &Path,
     engine: &Engine,
     timeouts: Timeouts,
     command: &[String],
-) -> anyhow::Result<u8> {
+    forward_termination: &dyn Fn(u32),
+) -> Result<u8, StepError> {
     let record = AgentRecord::read(dir)?;
-    let machine = MachineName::parse(&record.machine)
-        .map_err(|e| anyhow::anyhow!("{} names no valid machine: {e}", dir.file(AGENT_FILE).display()))?;
+    let machine = MachineName::parse(&record.machine).map_err(|e| StepError::Record {
+        path: dir.file(AGENT_FILE),
+        reason: format!("it names no valid machine: {e}"),
+    })?;
     let smolvm = smolvm_for(engine, root, timeouts)?;
     let env = AgentEnv {
         plain: record.env,
@@ -84,23 +83,18 @@ pub(super) fn exec_with(
             .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
             .collect(),
     };
-    // smolvm forwards stdin only with a terminal (`-i -t`); otherwise the command's output streams.
-    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdin());
+    // smolvm forwards stdin only with a terminal (`-i -t`); otherwise the command's output streams. A terminal is
+    // asked for only when both stdin and stdout are one, as `run` does.
+    let terminal =
+        std::io::IsTerminal::is_terminal(&std::io::stdin()) && std::io::IsTerminal::is_terminal(&std::io::stdout());
     let stdio = if terminal {
         AgentStdio::Terminal
     } else {
         AgentStdio::Inherit
     };
     let (args, host_env) = guest::agent_args(&machine, GUEST_WORKSPACE, terminal, &env, command);
-    guest::run_agent(&smolvm, &args, &host_env, stdio, forward_termination)
-        .with_context(|| format!("exec in machine `{machine}` failed"))
-}
-
-/// SIGTERM/SIGHUP to `exec` go on to the engine's `machine exec`, as `run` does for the agent.
-fn forward_termination(pid: u32) {
-    std::thread::spawn(move || {
-        if let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            runtime.block_on(crate::recipe::forward_termination(pid));
-        }
-    });
+    guest::run_agent(&smolvm, &args, &host_env, stdio, forward_termination).map_err(|source| StepError::Agent {
+        machine: machine.clone(),
+        source: Box::new(source),
+    })
 }

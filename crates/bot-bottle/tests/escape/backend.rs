@@ -1,0 +1,156 @@
+//! The backends the families run on, and skips: each family runs once per backend that can run here; every other
+//! backend says why it skips, and `BOTTLE_TEST_REQUIRE` naming that backend's requirement makes the skip a failure.
+//! A family's shared scenario is set up at most once per backend.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::OnceLock;
+
+use crate::scenario::{BB, CURL};
+
+/// A backend the families can run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Namespace,
+    Container,
+    Smolmachines,
+}
+
+/// Every backend, in the order the families try them.
+pub const BACKENDS: [Backend; 3] = [Backend::Namespace, Backend::Container, Backend::Smolmachines];
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Namespace => "namespace",
+            Self::Container => "container",
+            Self::Smolmachines => "smolmachines",
+        }
+    }
+
+    /// The `BOTTLE_TEST_REQUIRE` word that turns this backend's skip into a failure.
+    ///
+    /// The families need a bottle whose attempts land in the suite's lab. On smolmachines that means a guest that
+    /// boots, which is its own capability: CI sets `BOTTLE_TEST_REQUIRE=namespace,smolmachines` on hosts where the
+    /// smolmachines launch tests run but guests cannot boot (nested KVM hangs), so `smolmachines` alone must not
+    /// make these families fail. `smolmachines-boot` does.
+    pub fn requirement(self) -> &'static str {
+        match self {
+            Self::Namespace => "namespace",
+            Self::Container => "container",
+            Self::Smolmachines => "smolmachines-boot",
+        }
+    }
+
+    /// Why the families cannot run on this backend here, or `None` when they can.
+    fn skip_reason(self) -> Option<String> {
+        match self {
+            Self::Namespace => namespace_skip_reason(),
+            Self::Container => Some("there is no container backend yet, so no family has a container runner".into()),
+            Self::Smolmachines => Some(
+                "the families have no smolmachines runner yet: a guest's attempts would have to land in the lab \
+                 (its egress path is the host's, not a netns the suite owns), and a guest must boot (nested KVM \
+                 hangs on some CI hosts); BOTTLE_TEST_REQUIRE=smolmachines-boot makes this a failure"
+                    .into(),
+            ),
+        }
+    }
+}
+
+/// Whether `BOTTLE_TEST_REQUIRE` names `word` (the one rule, in the test-support crate).
+pub fn required(word: &str) -> bool {
+    bottle_test_support::require::required(word)
+}
+
+fn namespace_skip_reason() -> Option<String> {
+    static REASON: OnceLock<Option<String>> = OnceLock::new();
+    REASON
+        .get_or_init(|| {
+            let out = Command::new(BB)
+                .args(["doctor", "--backend", "namespace"])
+                .output()
+                .unwrap();
+            if !out.status.success() {
+                return Some(format!(
+                    "the namespace backend is unavailable here:\n{}",
+                    String::from_utf8_lossy(&out.stdout)
+                ));
+            }
+            if !rustix::process::geteuid().is_root() {
+                return Some("the suite's private lab network (a netns the decoys join) needs root".into());
+            }
+            for tool in ["/usr/bin/unshare", "/usr/bin/nsenter", "/usr/bin/setpriv"] {
+                if !Path::new(tool).is_file() {
+                    return Some(format!("{tool} is missing (apt-get install util-linux)"));
+                }
+            }
+            if !Path::new("/usr/sbin/ip").is_file() && !Path::new("/sbin/ip").is_file() {
+                return Some("`ip` is missing (apt-get install iproute2)".into());
+            }
+            if !Path::new(CURL).is_file() {
+                return Some(format!(
+                    "{CURL} is missing (apt-get install curl); the proxy cases drive it"
+                ));
+            }
+            None
+        })
+        .clone()
+}
+
+/// True when a family must skip `backend`: prints why. When `BOTTLE_TEST_REQUIRE` names the backend's requirement,
+/// a skip is a failure.
+pub fn skip(backend: Backend) -> bool {
+    let Some(why) = backend.skip_reason() else { return false };
+    let word = backend.requirement();
+    assert!(!required(word), "BOTTLE_TEST_REQUIRE={word} but: {why}");
+    eprintln!("skipped on {}: {why}", backend.name());
+    true
+}
+
+/// The backends a family runs on here. Every other backend says why it skips (a failure when required).
+pub fn backends() -> Vec<Backend> {
+    BACKENDS.into_iter().filter(|b| !skip(*b)).collect()
+}
+
+/// A family's shared scenario per backend, each set up at most once.
+pub struct Cells<T>([OnceLock<Result<T, String>>; BACKENDS.len()]);
+
+impl<T> Cells<T> {
+    pub const fn new() -> Self {
+        Self([const { OnceLock::new() }; BACKENDS.len()])
+    }
+}
+
+/// A family's shared scenarios, one per backend that runs here (each backend that cannot says why, via `skip`).
+/// Each is set up once, then `tools_present` checks that its runs had what they needed. A setup that panics fails
+/// every test of the family with the same message (it is not retried).
+///
+/// The families' setups drive the namespace backend (the lab is a network namespace the launcher joins); another
+/// backend gets a setup of its own when it gets a runner, and until then `Backend::skip_reason` says so.
+pub fn family<T: Send + Sync>(cells: &'static Cells<T>, setup: fn() -> T, tools_present: fn(&T)) -> Vec<&'static T> {
+    let mut runs = Vec::new();
+    for (i, backend) in BACKENDS.into_iter().enumerate() {
+        if skip(backend) {
+            continue;
+        }
+        let f = shared(&cells.0[i], setup);
+        tools_present(f);
+        runs.push(f);
+    }
+    runs
+}
+
+fn shared<T: Send + Sync>(cell: &'static OnceLock<Result<T, String>>, setup: fn() -> T) -> &'static T {
+    let result = cell.get_or_init(|| {
+        std::panic::catch_unwind(setup).map_err(|e| {
+            e.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "a non-string panic".into())
+        })
+    });
+    match result {
+        Ok(v) => v,
+        Err(e) => panic!("the scenario's setup failed, so none of its cases ran:\n{e}"),
+    }
+}
