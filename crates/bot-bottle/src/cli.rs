@@ -58,6 +58,9 @@ pub enum Command {
     Allow(LiveArgs),
     /// Deny a host in a running bottle, at once, for new requests (validated as a policy line; audited).
     Deny(LiveArgs),
+    /// Ask mode (`run --ask`): list the requests bottles hold for an answer, or answer one
+    /// (`approvals NAME ID allow-once|allow|deny`).
+    Approvals(ApprovalsArgs),
     /// Run the egress proxy alone, in the foreground (benchmarks, containers, debugging).
     Proxy(ProxyArgs),
     /// Attempt a representative set of escapes from a real bottle on this host; exit 123 if any gets out.
@@ -161,6 +164,21 @@ pub struct LiveArgs {
     pub name: String,
     /// As `--allow` / `--deny` take it: HOST[:PORT], a wildcard, an IP:PORT.
     pub entry: String,
+}
+
+#[derive(Debug, Args)]
+pub struct ApprovalsArgs {
+    /// The bottle (default: every running bottle, for listing).
+    pub name: Option<String>,
+    /// The question to answer, as listed.
+    #[arg(requires = "decision")]
+    pub id: Option<u64>,
+    /// allow-once (this request only), allow (this host and port from now on), or deny (this host from now on).
+    #[arg(value_parser = ["allow-once", "allow", "deny"])]
+    pub decision: Option<String>,
+    /// Why (recorded in the audit log).
+    #[arg(long, requires = "decision")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Args)]

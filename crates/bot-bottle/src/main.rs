@@ -1,5 +1,6 @@
 //! `bot-bottle`: run AI coding agents in a bottle whose only way out is a policed egress proxy.
 
+mod asks;
 mod cli;
 mod cmd;
 mod credential_sources;

@@ -47,6 +47,10 @@ pub struct PolicyArgs {
     /// appears under the bottle's home. Credential stores, sockets and bot-bottle's state are refused. Repeatable.
     #[arg(long = "mount", value_name = "SRC[:DST][:ro|rw]")]
     pub mounts: Vec<String>,
+    /// Hold a request for a host the policy does not cover and ask: `bot-bottle approvals` (or the policy's
+    /// `[network.ask] reviewer`) answers allow-once, allow or deny (`[network] unknown = "ask"`).
+    #[arg(long)]
+    pub ask: bool,
 }
 
 impl PolicyArgs {
@@ -62,6 +66,7 @@ impl PolicyArgs {
             env: self.env.clone(),
             home: self.home.clone(),
             mounts: self.mounts.clone(),
+            ask: self.ask,
         }
     }
 

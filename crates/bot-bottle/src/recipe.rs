@@ -10,6 +10,7 @@ mod smolmachines_tests;
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::Context;
 use bottle_policy::{BottleName, Policy, preset::preset};
@@ -228,6 +229,8 @@ fn launch_and_run(
     config.bottle = bottle.state.name.to_string();
     config.placeholder_seed = placeholder_seed;
     config.upstream_ca = req.upstream_ca.clone();
+    let asks = crate::asks::Asks::new(bottle.state.name.as_str(), bottle.dir.path.clone(), &policy.network.ask);
+    config.reviewer = Some(Arc::new(crate::asks::Reviewing(Arc::clone(&asks))));
     let bundle = bundle.insert(Bundle::start(config)?);
     let attachment = launch.attach()?;
     bundle.serve(attachment.listener, listen(attachment.serve));
@@ -247,8 +250,13 @@ fn launch_and_run(
     let started = launch.start(&services, &urls)?;
     // Live changes from the bottle's owner (`bot-bottle allow|deny NAME ...`), from the moment it runs.
     if let Some(handle) = bundle.handle() {
-        crate::live::serve(&handle, &bottle.dir, bundle.proxy().clone(), policy.clone())
-            .context("cannot open the bottle's control socket")?;
+        let live = Arc::new(crate::live::Live::new(
+            bundle.proxy().clone(),
+            policy.clone(),
+            &bottle.dir,
+        ));
+        asks.set_live(Arc::clone(&live));
+        crate::live::serve(&handle, &bottle.dir, live, asks).context("cannot open the bottle's control socket")?;
     }
     bottle.set(|s| {
         s.status = Status::Running;

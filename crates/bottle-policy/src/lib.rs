@@ -17,8 +17,8 @@ use std::path::Path;
 
 pub use error::{Location, PolicyError};
 pub use model::{
-    AddressVerdict, Agent, Backend, Bottle, BottleName, Credential, HostRule, HostVerdict, Mount, Network, Origin,
-    Placement, Policy, Resources, SecretSource, TlsMode,
+    AddressVerdict, Agent, Ask, Backend, Bottle, BottleName, Credential, HostRule, HostVerdict, Mount, Network, Origin,
+    Placement, Policy, Resources, SecretSource, TlsMode, Unknown,
 };
 pub use render::Effective;
 pub use validate::{

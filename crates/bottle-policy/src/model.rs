@@ -221,6 +221,42 @@ pub struct Network {
     pub deny: Vec<HostPattern>,
     pub allow_cidr: Vec<IpNet>,
     pub resolve: BTreeMap<HostName, Vec<IpAddr>>,
+    /// What happens to a request for a host the policy does not cover.
+    pub unknown: Unknown,
+    pub ask: Ask,
+}
+
+/// `[network] unknown`: refuse a host the policy does not cover (the default), or hold the request and ask a
+/// reviewer. Private destinations, explicit denials and placeholders sent to the wrong host are never asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unknown {
+    #[default]
+    Deny,
+    Ask,
+}
+
+/// How a held request is reviewed: `[network] ask_timeout` and `[network.ask] reviewer`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ask {
+    /// A request not answered within this is refused (`timeout`).
+    pub timeout: std::time::Duration,
+    /// A program given one JSON question on stdin that answers one JSON object on stdout.
+    pub reviewer: Option<Vec<String>>,
+}
+
+impl Ask {
+    pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
+    pub const MAX_TIMEOUT_SECS: u64 = 3600;
+}
+
+impl Default for Ask {
+    fn default() -> Self {
+        Self {
+            timeout: std::time::Duration::from_secs(Self::DEFAULT_TIMEOUT_SECS),
+            reviewer: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]

@@ -69,6 +69,18 @@ pub struct RawNetwork {
     pub allow_cidr: Vec<S<String>>,
     #[serde(default)]
     pub resolve: BTreeMap<S<String>, S<OneOrMany>>,
+    /// `"deny"` (default) or `"ask"`.
+    pub unknown: Option<S<String>>,
+    /// Seconds a held request waits for a reviewer.
+    pub ask_timeout: Option<S<i64>>,
+    pub ask: Option<S<RawAsk>>,
+}
+
+/// `[network.ask]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAsk {
+    pub reviewer: Option<S<Vec<S<String>>>>,
 }
 
 #[derive(Debug, Deserialize)]

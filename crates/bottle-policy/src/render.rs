@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::model::{Credential, HostRule, Placement, Policy, Resources, SecretSource, TlsMode};
+use crate::model::{Credential, HostRule, Placement, Policy, Resources, SecretSource, TlsMode, Unknown};
 use crate::rules::OtherQuery;
 
 #[derive(Serialize)]
@@ -57,8 +57,19 @@ struct ENetwork {
     deny: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     allow_cidr: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unknown: Option<Unknown>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ask_timeout: Option<u64>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     resolve: BTreeMap<String, Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ask: Option<EAsk>,
+}
+
+#[derive(Serialize)]
+struct EAsk {
+    reviewer: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -128,6 +139,9 @@ impl Effective {
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.iter().map(ToString::to_string).collect()))
                     .collect(),
+                unknown: (n.unknown == Unknown::Ask).then_some(Unknown::Ask),
+                ask_timeout: (n.unknown == Unknown::Ask).then_some(n.ask.timeout.as_secs()),
+                ask: n.ask.reviewer.clone().map(|reviewer| EAsk { reviewer }),
             },
             host: n.hosts.iter().filter(|h| !plain(h)).map(host).collect(),
             credential: p.credentials.iter().map(credential).collect(),

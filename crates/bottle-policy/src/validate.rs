@@ -1,6 +1,8 @@
 //! Turns the raw file, the agent preset and command-line additions into a `Policy`, stopping at the first
 //! problem with an error that points at it.
 
+mod ask;
+
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::ops::Range;
@@ -79,6 +81,8 @@ pub struct Overrides {
     pub home: Option<String>,
     /// `--mount SRC[:DST][:ro|rw]`.
     pub mounts: Vec<String>,
+    /// `--ask`: `unknown = "ask"`.
+    pub ask: bool,
 }
 
 /// The text of a policy and where it came from.
@@ -158,6 +162,7 @@ impl Validator<'_> {
         bottle.mounts = self.mounts(&raw.mount)?;
         let mut network = self.network(&raw, bottle.agent)?;
         self.resolve(&raw, &mut network)?;
+        self.ask(&raw.network, &mut network)?;
         let credentials = self.credentials(&raw.credential, bottle.agent, &network)?;
         self.check_env_against_credentials(&raw.bottle, &bottle, &credentials)?;
         Ok(Policy {
@@ -365,6 +370,7 @@ impl Validator<'_> {
             deny,
             allow_cidr,
             resolve: BTreeMap::new(),
+            ..Network::default()
         })
     }
 

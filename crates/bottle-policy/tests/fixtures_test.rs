@@ -9,6 +9,26 @@ use bottle_policy::{Effective, Location, Overrides, from_bytes, load_file};
 
 /// (fixture, line, column, part of the message)
 const EXPECT: &[(&str, usize, usize, &str)] = &[
+    (
+        "ask-unknown-value.toml",
+        2,
+        11,
+        "unknown `maybe`; expected \"deny\" or \"ask\"",
+    ),
+    (
+        "ask-timeout-without-ask.toml",
+        3,
+        15,
+        "ask_timeout does nothing unless unknown = \"ask\"",
+    ),
+    ("ask-timeout-zero.toml", 3, 15, "ask_timeout must be 1 to 3600 seconds"),
+    ("ask-reviewer-empty.toml", 5, 12, "reviewer is empty"),
+    (
+        "ask-reviewer-without-ask.toml",
+        4,
+        1,
+        "[network.ask] does nothing unless",
+    ),
     ("bad-agent.toml", 2, 9, "unknown agent `copilot`"),
     ("bad-backend.toml", 2, 11, "unknown backend `vmware`"),
     ("bad-name.toml", 2, 8, "bottle name `My Bottle` is not valid"),

@@ -39,6 +39,8 @@ pub enum Verdict {
     /// Allowed, and a credential placeholder was replaced by its real value.
     Inject,
     Error,
+    /// Held for a reviewer (ask mode); the answer is a line of its own.
+    Ask,
 }
 
 /// The decision could not be recorded: nothing may be forwarded on it.
@@ -76,6 +78,12 @@ pub struct Event {
     /// The address dialled, or the private address a name resolved to (a refusal's reason).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub addr: Option<String>,
+    /// Ask mode: the question's id, on the `ask` line and on the decision line that answers it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ask: Option<u64>,
+    /// Ask mode: who answered and why (`approvals (uid 1000): ok`), or why nobody did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reviewer: Option<String>,
     /// For a refusal: the flag or policy line that would allow it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hint: Option<String>,

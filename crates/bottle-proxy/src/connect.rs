@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bottle_policy::TlsMode;
+use bottle_policy::{HostRule, TlsMode};
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
+use crate::ask;
 use crate::audit::{self, Event, Pending, Verdict};
 use crate::body::{MeteredIo, ProxyBody, empty};
 use crate::decide::{self, DenyReason, Target};
@@ -35,6 +36,9 @@ pub struct Tunnel {
     pub predialed: Option<(TcpStream, SocketAddr)>,
     /// The id of the CONNECT's decision line, for the tunnel's `end` line.
     pub audit_id: u64,
+    /// Ask mode: the reviewer let this tunnel through to a host the policy does not cover; its requests are judged
+    /// by this rule (and by the policy, should it come to cover the host).
+    pub grant: Option<Arc<HostRule>>,
 }
 
 pub async fn handle(session: Arc<Session>, mut req: Request<Incoming>) -> Response<ProxyBody> {
@@ -66,12 +70,22 @@ pub async fn handle(session: Arc<Session>, mut req: Request<Incoming>) -> Respon
         return refuse(proxy, event, &reason, start);
     }
     let policy = proxy.policy();
-    let allowed = match decide::decide_target(&policy.network, &target, port) {
-        Ok(a) => a,
+    let (rule, tls, grant, asked) = match decide::decide_target(&policy.network, &target, port) {
+        Ok(a) => (a.rule.pattern.to_string(), a.tls, None, None),
+        Err(reason) if ask::asks(proxy, &policy, &target, &reason) => {
+            match ask::ask(proxy, &policy, &mut event, &target, port, None).await {
+                Ok(g) => (event.rule.clone(), TlsMode::Intercept, Some(g.rule), Some(g.checked)),
+                Err(reason) => return refuse(proxy, event, &reason, start),
+            }
+        }
         Err(reason) => return refuse(proxy, event, &reason, start),
     };
     let limits = &proxy.inner.limits;
-    let dialled = match upstream::resolve(&policy.network, &target, port, limits.connect_timeout).await {
+    let resolved = match asked {
+        Some(checked) => Ok(checked),
+        None => upstream::resolve(&policy.network, &target, port, limits.connect_timeout).await,
+    };
+    let dialled = match resolved {
         Ok(checked) => upstream::dial(&checked, limits.connect_timeout)
             .await
             .map(|d| (checked, d)),
@@ -90,7 +104,7 @@ pub async fn handle(session: Arc<Session>, mut req: Request<Incoming>) -> Respon
             return deny::upstream_error(&target.to_string(), port, &upstream::describe(&e));
         }
     };
-    event.rule = allowed.rule.pattern.to_string();
+    event.rule = rule;
     event.duration_ms = audit::elapsed_ms(start);
     event.addr = Some(addr.ip().to_string());
     event.id = proxy.inner.audit.next_id();
@@ -101,10 +115,11 @@ pub async fn handle(session: Arc<Session>, mut req: Request<Incoming>) -> Respon
     let tunnel = Tunnel {
         target,
         port,
-        tls: allowed.tls,
+        tls,
         checked,
         predialed: Some((tcp, addr)),
         audit_id: event.id,
+        grant,
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let (proxy, peer) = (proxy.clone(), session.peer.clone());

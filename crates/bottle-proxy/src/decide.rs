@@ -126,6 +126,14 @@ pub enum DenyReason {
     /// The bottle's TLS handshake with the proxy failed (often: the client does not trust the bottle CA).
     ClientTls,
     Timeout(&'static str),
+    /// Ask mode: the reviewer said no (`by: reason`).
+    Reviewer {
+        reason: String,
+    },
+    /// Ask mode: no reviewer answered in time.
+    AskTimeout {
+        secs: u64,
+    },
 }
 
 impl DenyReason {
@@ -151,6 +159,8 @@ impl DenyReason {
             Self::MissingSni => "missing-sni",
             Self::ClientTls => "client-tls-failed",
             Self::Timeout(_) => "timeout",
+            Self::Reviewer { .. } => "denied-by-reviewer",
+            Self::AskTimeout { .. } => "timeout",
         }
     }
 
@@ -183,6 +193,10 @@ impl DenyReason {
             Self::MissingSni => "the ClientHello has no server name".into(),
             Self::ClientTls => "the TLS handshake with the proxy failed (does the client trust the bottle CA?)".into(),
             Self::Timeout(what) => format!("timed out {what}"),
+            Self::Reviewer { reason } => format!("the reviewer refused it ({reason})"),
+            Self::AskTimeout { secs } => {
+                format!("the host is not in the allow list and no reviewer answered within {secs} s")
+            }
         }
     }
 
@@ -207,6 +221,10 @@ impl DenyReason {
             Self::PlaceholderLeak { env, .. } => format!("send `{env}` only to its bound host, over https"),
             Self::HostMismatch { seen } => format!("open a separate CONNECT to {seen}"),
             Self::HttpsInPlainRequest => format!("CONNECT {host}:{port}"),
+            Self::Reviewer { .. } => format!("bot-bottle allow NAME {host}:{port}"),
+            Self::AskTimeout { .. } => {
+                format!("answer sooner with `bot-bottle approvals`, or bot-bottle allow NAME {host}:{port}")
+            }
             _ => "nothing: the request is malformed".into(),
         }
     }

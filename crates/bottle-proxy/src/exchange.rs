@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use bottle_policy::Policy;
+use bottle_policy::{HostRule, Policy};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version, request};
 use http_body_util::BodyExt;
@@ -13,6 +13,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
+use crate::ask;
 use crate::audit::{self, Event, Pending, Verdict};
 use crate::body::{Direction, MeteredIo, ProxyBody, empty, metered};
 use crate::credentials::Credentials;
@@ -49,18 +50,41 @@ pub async fn handle(session: Arc<Session>, req: Request<Incoming>) -> Response<P
         return refuse(&session, event, &reason, start);
     }
     let policy = session.proxy.policy();
-    let (rule, switch) = match decide::decide_request(
+    let decided = decide::decide_request(
         &policy.network,
         &target,
         port,
         parts.method.as_str(),
         parts.uri.path(),
         parts.uri.query(),
-    ) {
-        Ok(allowed) => match switch::police(&mut parts, allowed.rule) {
-            Ok(switch) => (allowed.rule.pattern.to_string(), switch),
-            Err(reason) => return refuse(&session, event, &reason, start),
-        },
+    );
+    let granted: Arc<HostRule>;
+    let (rule, label) = match decided {
+        Ok(allowed) => (allowed.rule, allowed.rule.pattern.to_string()),
+        // A tunnel the reviewer let through (its CONNECT was asked): its requests need no question of their own.
+        Err(DenyReason::HostNotAllowed) if let Some(grant) = &session.grant => {
+            if let Err(reason) = decide::check_path(parts.uri.path()) {
+                return refuse(&session, event, &reason, start);
+            }
+            (&**grant, "approved-once".to_string())
+        }
+        Err(reason) if !intercepted && ask::asks(&session.proxy, &policy, &target, &reason) => {
+            let request = Some((parts.method.as_str(), parts.uri.path()));
+            match ask::ask(&session.proxy, &policy, &mut event, &target, port, request).await {
+                Ok(g) => {
+                    if let Err(reason) = decide::check_path(parts.uri.path()) {
+                        return refuse(&session, event, &reason, start);
+                    }
+                    granted = g.rule;
+                    (&*granted, event.rule.clone())
+                }
+                Err(reason) => return refuse(&session, event, &reason, start),
+            }
+        }
+        Err(reason) => return refuse(&session, event, &reason, start),
+    };
+    let switch = match switch::police(&mut parts, rule) {
+        Ok(switch) => switch,
         Err(reason) => return refuse(&session, event, &reason, start),
     };
     // SECURITY: secrets only inside interception, only for the bound host; anything else is a leak.
@@ -77,7 +101,7 @@ pub async fn handle(session: Arc<Session>, req: Request<Incoming>) -> Response<P
             return refuse(&session, event, &reason, start);
         }
     };
-    event.rule = rule;
+    event.rule = label;
     event.decision = if injected.is_empty() {
         Verdict::Allow
     } else {

@@ -4,6 +4,7 @@
 //! SECURITY: it fails closed. Every path that cannot decide ends in a 403, a 400 or a closed connection with an
 //! audit record; nothing is tunnelled uninspected except passthrough hosts, and only after their SNI matched.
 
+mod ask;
 mod audit;
 mod body;
 mod bundle;
@@ -33,6 +34,7 @@ mod write_through;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+pub use ask::{Answer, Decision, Question, Reviewer};
 pub use audit::{AUDIT_FAILING_FILE, AuditError};
 pub use bundle::{Bundle, Listen};
 pub use ca::{CA_CERT_FILE, CA_KEY_FILE, CaError};
@@ -88,6 +90,8 @@ pub struct StandaloneOptions {
     pub upstream_ca: Vec<PathBuf>,
     /// Bottle name for the audit log.
     pub bottle: String,
+    /// Answers ask mode's questions (`unknown = "ask"` is refused without one).
+    pub reviewer: Option<std::sync::Arc<dyn Reviewer>>,
 }
 
 /// Runs the proxy in the foreground until SIGINT/SIGTERM. Prints exactly one line to stdout,

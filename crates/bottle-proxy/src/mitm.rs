@@ -53,9 +53,18 @@ where
         port: tunnel.port,
     };
     let predialed = tunnel.predialed.take();
+    let grant = tunnel.grant.take();
     let limits = proxy.inner.limits.clone();
     let activity = peer.activity.clone();
-    let session = Arc::new(Session::tunnel(proxy, peer, scope, h2, tunnel.checked, predialed));
+    let session = Arc::new(Session::tunnel(
+        proxy,
+        peer,
+        scope,
+        h2,
+        tunnel.checked,
+        predialed,
+        grant,
+    ));
     let ended = if h2 {
         // The smuggling guard follows HTTP/1 message framing, which HTTP/2 streams do not have (`stops_the_guard`
         // is false for every HTTP/2 request).

@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 use bottle_policy::Policy;
 use tokio::sync::Semaphore;
 
+use crate::ask::Reviewer;
 use crate::audit::{AuditError, AuditLog, Event, Verdict};
 use crate::ca::{Ca, CaError};
 use crate::credentials::{CredentialError, Credentials};
@@ -74,6 +75,8 @@ pub struct ProxyConfig {
     /// an agent that remembers which key it approved (Claude Code keeps its last characters in its kept home) is not
     /// asked again. The seed stays in this process; a placeholder says nothing of the real value.
     pub placeholder_seed: Option<Vec<u8>>,
+    /// Answers ask mode's questions; a policy with `unknown = "ask"` needs one.
+    pub reviewer: Option<Arc<dyn Reviewer>>,
 }
 
 impl ProxyConfig {
@@ -89,6 +92,7 @@ impl ProxyConfig {
             limits: Limits::default(),
             secret_env: None,
             placeholder_seed: None,
+            reviewer: None,
         }
     }
 }
@@ -123,6 +127,10 @@ pub enum ProxyError {
     Signal(#[source] std::io::Error),
     #[error("cannot write to stdout")]
     Stdout(#[source] std::io::Error),
+    #[error(
+        "the policy asks about unknown hosts (unknown = \"ask\") but nothing can answer here: run it in a bottle (`bot-bottle run`), or set [network.ask] reviewer"
+    )]
+    NoReviewer,
 }
 
 pub(crate) struct Inner {
@@ -133,6 +141,7 @@ pub(crate) struct Inner {
     pub creds: Credentials,
     pub limits: Limits,
     pub slots: Arc<Semaphore>,
+    pub reviewer: Option<Arc<dyn Reviewer>>,
     /// Bumped by every reload: spliced connections re-decide their host then.
     changes: tokio::sync::watch::Sender<u64>,
 }
@@ -147,6 +156,9 @@ impl Proxy {
     /// Sets up everything that can fail before the first connection: state directory, CA, upstream roots,
     /// credentials (a required one whose source is missing is an error), audit log.
     pub fn new(config: ProxyConfig) -> Result<Self, ProxyError> {
+        if config.policy.network.unknown == bottle_policy::Unknown::Ask && config.reviewer.is_none() {
+            return Err(ProxyError::NoReviewer);
+        }
         raise_file_limit();
         DirBuilder::new()
             .recursive(true)
@@ -192,6 +204,7 @@ impl Proxy {
                     config.limits.max_connections.clamp(1, Semaphore::MAX_PERMITS),
                 )),
                 limits: config.limits,
+                reviewer: config.reviewer,
                 changes: tokio::sync::watch::channel(0).0,
             }),
         })

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use bottle_policy::Network;
+use bottle_policy::{HostRule, Network};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -66,6 +66,8 @@ pub struct Session {
     predialed: Mutex<Option<(TcpStream, SocketAddr)>>,
     /// The tunnel's one resolution (resolve once per CONNECT).
     checked: Option<Checked>,
+    /// Ask mode: a tunnel the reviewer let through to a host the policy does not cover.
+    pub grant: Option<Arc<HostRule>>,
 }
 
 impl Session {
@@ -78,6 +80,7 @@ impl Session {
             pool: Mutex::new(Vec::new()),
             predialed: Mutex::new(None),
             checked: None,
+            grant: None,
         }
     }
 
@@ -88,9 +91,11 @@ impl Session {
         client_h2: bool,
         checked: Checked,
         predialed: Option<(TcpStream, SocketAddr)>,
+        grant: Option<Arc<HostRule>>,
     ) -> Self {
         Self {
             client_h2,
+            grant,
             predialed: Mutex::new(predialed),
             checked: Some(checked),
             ..Self::new(proxy, peer, scope)

@@ -42,6 +42,7 @@ async fn serve(opts: StandaloneOptions) -> Result<(), ProxyError> {
         limits: Limits::default(),
         secret_env: None,
         placeholder_seed: None,
+        reviewer: opts.reviewer,
     };
     let proxy = Proxy::new(config)?;
     proxy.warm_upstream_roots()?;
@@ -83,6 +84,10 @@ fn reload(proxy: &Proxy, path: Option<&std::path::Path>, overrides: &bottle_poli
         None => bottle_policy::from_flags(overrides),
     };
     match loaded {
+        Ok(policy) if policy.network.unknown == bottle_policy::Unknown::Ask && proxy.inner.reviewer.is_none() => {
+            tracing::error!(error = %ProxyError::NoReviewer, "policy reload refused; the previous policy stays in force");
+            proxy.audit_event("reload", Verdict::Error, "reload-refused");
+        }
         Ok(policy) => proxy.reload(policy),
         Err(e) => {
             tracing::error!(error = %e, "policy reload refused; the previous policy stays in force");

@@ -7,9 +7,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bottle_policy::TlsMode;
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
+use crate::ask;
 use crate::audit::{self, Event, Verdict};
 use crate::connect::{self, Tunnel};
 use crate::decide::{self, DenyReason, Target};
@@ -74,12 +76,22 @@ impl Proxy {
             Err(reason) => return self.refuse(event, &reason, start),
         };
         let policy = self.policy();
-        let allowed = match decide::decide_target(&policy.network, &target, port) {
-            Ok(a) => a,
+        let (rule, tls, grant, asked) = match decide::decide_target(&policy.network, &target, port) {
+            Ok(a) => (a.rule.pattern.to_string(), a.tls, None, None),
+            Err(reason) if ask::asks(self, &policy, &target, &reason) => {
+                match ask::ask(self, &policy, &mut event, &target, port, None).await {
+                    Ok(g) => (event.rule.clone(), TlsMode::Intercept, Some(g.rule), Some(g.checked)),
+                    Err(reason) => return self.refuse(event, &reason, start),
+                }
+            }
             Err(reason) => return self.refuse(event, &reason, start),
         };
         let connect_timeout = self.inner.limits.connect_timeout;
-        let checked = match upstream::resolve(&policy.network, &target, port, connect_timeout).await {
+        let resolved = match asked {
+            Some(checked) => Ok(checked),
+            None => upstream::resolve(&policy.network, &target, port, connect_timeout).await,
+        };
+        let checked = match resolved {
             Ok(c) => c,
             Err(e) => {
                 if let Some(reason) = e.as_denial() {
@@ -93,7 +105,7 @@ impl Proxy {
                 return;
             }
         };
-        event.rule = allowed.rule.pattern.to_string();
+        event.rule = rule;
         event.duration_ms = audit::elapsed_ms(start);
         event.id = self.inner.audit.next_id();
         // SECURITY: the decision is on disk before anything is relayed, or the connection closes.
@@ -103,10 +115,11 @@ impl Proxy {
         let tunnel = Tunnel {
             target,
             port,
-            tls: allowed.tls,
+            tls,
             checked,
             predialed: None,
             audit_id: event.id,
+            grant,
         };
         connect::after_hello(self.clone(), peer, io, hello, tunnel, start).await;
     }

@@ -105,6 +105,11 @@ pub struct Checked {
 }
 
 impl Checked {
+    /// The address that would be dialled first (never empty: `resolve` refuses a name without one).
+    pub fn first(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
     /// Re-runs the address check on every address (the policy may have been reloaded since the resolution).
     pub fn recheck_all(&self, net: &Network, target: &Target) -> Result<(), DialError> {
         self.addrs.iter().try_for_each(|a| recheck(net, target, *a))

@@ -48,6 +48,7 @@ async fn serves_reloads_on_sighup_and_stops_on_sigterm() {
         ca_key: None,
         upstream_ca: Vec::new(),
         bottle: "standalone".into(),
+        reviewer: None,
     };
     let handle = std::thread::spawn(move || bottle_proxy::run_standalone(opts));
     for _ in 0..200 {

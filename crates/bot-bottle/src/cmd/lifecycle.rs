@@ -140,6 +140,8 @@ struct Row {
     uptime_secs: Option<u64>,
     allowed: usize,
     denied: usize,
+    /// Ask mode: requests held for an answer now (`bot-bottle approvals NAME`).
+    asking: usize,
     exit_code: Option<i32>,
     error: Option<String>,
     /// Why the audit log cannot be written, while it cannot (the proxy refuses what it cannot record).
@@ -171,6 +173,7 @@ fn damaged_row(e: &anyhow::Error, leases: &[bottle_sandbox::lease::LeaseRecord])
         uptime_secs: None,
         allowed: 0,
         denied: 0,
+        asking: 0,
         exit_code: None,
         error: Some(format!("{e:#}; `bot-bottle rm -f {name}` stops and removes it")),
         audit_failing: None,
@@ -204,7 +207,11 @@ pub fn ls(out: &Output) -> anyhow::Result<u8> {
             Ok((reap_if_dead(&dir, s)?, dir))
         }) {
             Ok((s, dir)) => {
-                let (allowed, denied) = count_decisions(&dir);
+                let Counts {
+                    allowed,
+                    denied,
+                    asking,
+                } = count_decisions(&dir);
                 let state = match (s.effective_status(), s.exit_code) {
                     (Status::Exited, Some(c)) => format!("exited({c})"),
                     (st, _) => format!("{st:?}").to_lowercase(),
@@ -217,6 +224,7 @@ pub fn ls(out: &Output) -> anyhow::Result<u8> {
                     address: s.addr.to_string(),
                     allowed,
                     denied,
+                    asking: if s.is_live() { asking } else { 0 },
                     exit_code: s.exit_code,
                     error: s.error,
                     audit_failing: audit_failing(&dir),
@@ -247,6 +255,7 @@ pub fn ls(out: &Output) -> anyhow::Result<u8> {
             uptime_secs: None,
             allowed: 0,
             denied: 0,
+            asking: 0,
             exit_code: None,
             error: Some(format!(
                 "its state directory is gone; `bot-bottle rm -f {}` stops it (supervisor pid {})",
@@ -274,6 +283,13 @@ pub fn ls(out: &Output) -> anyhow::Result<u8> {
             // Why a bottle failed (its command could not start, its supervisor was killed, …) under its row.
             if let Some(why) = &r.error {
                 let _ = writeln!(t, "  ! {}: {why}", r.name);
+            }
+            if r.asking > 0 {
+                let _ = writeln!(
+                    t,
+                    "  ? {}: {} request(s) waiting for an answer: bot-bottle approvals {}",
+                    r.name, r.asking, r.name
+                );
             }
             if let Some(why) = &r.audit_failing {
                 let _ = writeln!(
@@ -306,9 +322,24 @@ fn reap_if_dead(dir: &StateDir, mut s: BottleState) -> anyhow::Result<BottleStat
     Ok(s)
 }
 
-fn count_decisions(dir: &StateDir) -> (usize, usize) {
+struct Counts {
+    allowed: usize,
+    denied: usize,
+    /// `ask` lines no decision line answers yet.
+    asking: usize,
+}
+
+fn count_decisions(dir: &StateDir) -> Counts {
     let (mut allowed, mut denied) = (0, 0);
+    let mut asked = std::collections::BTreeSet::new();
     for v in crate::refusals::agent_lines(dir) {
+        if let Some(id) = v["ask"].as_u64() {
+            if v["decision"] == "ask" {
+                asked.insert(id);
+            } else {
+                asked.remove(&id);
+            }
+        }
         // An `unrecorded` line counts the decisions the log could not hold while failing (all refusals).
         let n = v["count"]
             .as_u64()
@@ -319,7 +350,11 @@ fn count_decisions(dir: &StateDir) -> (usize, usize) {
             _ => {}
         }
     }
-    (allowed, denied)
+    Counts {
+        allowed,
+        denied,
+        asking: asked.len(),
+    }
 }
 
 fn open(name: &str) -> anyhow::Result<(StateDir, BottleState)> {

@@ -26,29 +26,40 @@ struct Changed<'a> {
     policy: String,
 }
 
-pub fn change(op: &str, args: &LiveArgs, out: &Output) -> anyhow::Result<u8> {
-    BottleName::parse(&args.name).map_err(crate::exit::Usage)?;
-    let dir = StateDir::open(&state::state_root()?, &args.name)?;
+/// Sends one request to a running bottle's supervisor and reads its answer.
+pub fn ask_supervisor(name: &str, change: &Change) -> anyhow::Result<Answer> {
+    BottleName::parse(name).map_err(crate::exit::Usage)?;
+    let dir = StateDir::open(&state::state_root()?, name)?;
     let s = dir.read()?;
     if !(s.is_live() && s.status == Status::Running) {
-        return Err(state::StateError::NotRunning(args.name.clone()).into());
+        return Err(state::StateError::NotRunning(name.to_string()).into());
     }
     let path = dir.file(CONTROL_SOCKET);
     let mut stream = UnixStream::connect(&path).with_context(|| format!("cannot reach {}", path.display()))?;
     stream
         .set_read_timeout(Some(ANSWER_TIMEOUT))
         .context("control socket")?;
-    let mut request = serde_json::to_string(&Change {
-        op: op.into(),
-        entry: args.entry.clone(),
-    })?;
+    let mut request = serde_json::to_string(change)?;
     request.push('\n');
-    stream.write_all(request.as_bytes()).context("cannot send the change")?;
+    stream
+        .write_all(request.as_bytes())
+        .context("cannot send the request")?;
     let mut line = String::new();
     BufReader::new(&stream)
         .read_line(&mut line)
         .context("the bottle's supervisor did not answer")?;
-    let answer: Answer = serde_json::from_str(&line).context("the bottle's supervisor answered nonsense")?;
+    serde_json::from_str(&line).context("the bottle's supervisor answered nonsense")
+}
+
+pub fn change(op: &str, args: &LiveArgs, out: &Output) -> anyhow::Result<u8> {
+    let answer = ask_supervisor(
+        &args.name,
+        &Change {
+            op: op.into(),
+            entry: args.entry.clone(),
+            ..Change::default()
+        },
+    )?;
     if let Some(error) = answer.error {
         return Err(PolicyError::whole_file(None, error).into());
     }

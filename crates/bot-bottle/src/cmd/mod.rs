@@ -1,5 +1,6 @@
 //! One module per verb; `dispatch` returns the process exit code on success.
 
+mod approvals;
 mod doctor;
 mod exec;
 pub mod home;
@@ -28,6 +29,7 @@ pub fn dispatch(command: Command, out: &Output) -> anyhow::Result<u8> {
         Command::Policy(crate::cli::PolicyCommand::Show(args)) => live::show(&args.name, out),
         Command::Allow(args) => live::change("allow", &args, out),
         Command::Deny(args) => live::change("deny", &args, out),
+        Command::Approvals(args) => approvals::run(&args, out),
         Command::Home(command) => home::run(&command, out),
         Command::Proxy(args) => proxy::run(args, out),
         Command::Selftest(args) => selftest::run(&args, out),

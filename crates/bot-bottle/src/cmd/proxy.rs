@@ -14,7 +14,14 @@ pub fn run(args: ProxyArgs, _out: &Output) -> anyhow::Result<u8> {
         .name
         .as_ref()
         .map_or_else(|| "standalone".to_string(), ToString::to_string);
+    // Ask mode here has only the policy's reviewer command (no `approvals`: a standalone proxy has no control socket).
+    let reviewer: Option<std::sync::Arc<dyn bottle_proxy::Reviewer>> =
+        policy.network.ask.reviewer.is_some().then(|| {
+            let asks = crate::asks::Asks::new(&bottle, args.state_dir.clone(), &policy.network.ask);
+            std::sync::Arc::new(crate::asks::Reviewing(asks)) as _
+        });
     let opts = StandaloneOptions {
+        reviewer,
         policy,
         policy_path,
         overrides: args.policy.overrides(),
