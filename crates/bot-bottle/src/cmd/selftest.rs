@@ -295,7 +295,10 @@ fn selftest() -> anyhow::Result<(Vec<Row>, Vec<LeftOut>)> {
     std::fs::copy(&probe, &in_work).with_context(|| format!("cannot copy {}", probe.display()))?;
     std::fs::set_permissions(&in_work, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
     let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
-    let planted = host::plant(&scratch, &home)?;
+    let mut planted = host::plant(&scratch, &home)?;
+    let name = format!("selftest-{}", &host::random_hex()?[..6]);
+    let control = state.join("bot-bottle").join(&name).join(crate::live::CONTROL_SOCKET);
+    planted.values.set("control_sock", control.display());
     let policy = host_dir.join("policy.toml");
     let port = planted.upstream_port;
     std::fs::write(
@@ -310,7 +313,6 @@ fn selftest() -> anyhow::Result<(Vec<Row>, Vec<LeftOut>)> {
     let mut tools: Vec<&str> = chosen.iter().flat_map(|c| c.case.tools()).collect();
     tools.sort_unstable();
     tools.dedup();
-    let name = format!("selftest-{}", &host::random_hex()?[..6]);
     let mut cmd = Command::new(&exe);
     cmd.args(["run", "--name", &name, "--policy"])
         .arg(&policy)

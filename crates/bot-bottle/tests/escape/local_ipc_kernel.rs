@@ -65,7 +65,7 @@ struct Targets {
     write_token: String,
 }
 
-fn script(env: &Env, t: &Targets) -> Script {
+fn script(env: &Env, t: &Targets, name: &str) -> Script {
     let mut values = Values::default();
     values
         .set("home", env.home().display())
@@ -76,6 +76,7 @@ fn script(env: &Env, t: &Targets) -> Script {
         .set("marker_pid", t.marker_pid)
         .set("host_env", &t.host_env)
         .set("write_token", &t.write_token)
+        .set("control_sock", env.bottle_dir(name).join("control.sock").display())
         .set("parent", env.dir.path().display())
         .set("machine_id", machine_id());
     let mut sc = Script::default();
@@ -153,7 +154,8 @@ fn setup() -> Ipc {
             host_env: host_env.clone(),
             write_token: scenario::token("bb-escape-write-"),
         };
-        let sc = script(&env, &targets);
+        let name = format!("ipc-{who}");
+        let sc = script(&env, &targets, &name);
         if let Some(uid) = user {
             env.open_to(uid);
         }
@@ -170,7 +172,7 @@ fn setup() -> Ipc {
             .map(std::path::PathBuf::from),
         );
         written.push(env.dir.path().join(w));
-        let ran = Launch::new(&lab, &env, &format!("ipc-{who}"))
+        let ran = Launch::new(&lab, &env, &name)
             .user(user)
             .var("SSH_AUTH_SOCK", agent_path.display())
             .var("BOTTLE_TEST_HOST_ONLY", &host_env)
@@ -442,6 +444,13 @@ fn extra_abstract_unix_socket_of_the_host_is_unreachable() {
     for f in family() {
         held_everywhere(f, "x-abstract-socket");
         assert_eq!(f.abstract_sock.log.count(), 0, "{:?}", f.abstract_sock.log.lines());
+    }
+}
+
+#[test]
+fn extra_the_bottles_control_socket_is_unreachable_from_inside() {
+    for f in family() {
+        held_everywhere(f, "x-control-socket");
     }
 }
 

@@ -156,6 +156,8 @@ pub const CASES: &[Case] = &[
         &["write-file", "/sys/fs/cgroup/release_agent"],
     ),
     probe("x-abstract-socket", &["abstract-connect", "{{abstract_name}}"]),
+    // The bottle's own control socket (live policy changes, ask-mode answers) is its owner's, on the host only.
+    probe("x-control-socket", &["unix-connect", "{{control_sock}}"]),
     probe("x-init-mem", &["proc-mem", "1"]),
     probe("x-init-environ", &["read-file", "/proc/1/environ", "{{hex:host_env}}"]),
     probe("x-host-env-anywhere", &["find-secret", "{{hex:host_env}}"]),
