@@ -63,6 +63,8 @@ pub struct Asks {
     /// Set once the bottle's proxy runs; without it (a standalone proxy) `allow`/`deny` answers hold once.
     live: OnceLock<Arc<Live>>,
     reviewers: Arc<Semaphore>,
+    /// Told whenever the questions change (the terminal prompt of an interactive run).
+    watcher: Mutex<Option<std::sync::mpsc::Sender<()>>>,
 }
 
 impl Asks {
@@ -75,7 +77,21 @@ impl Asks {
             held: Mutex::new(BTreeMap::new()),
             live: OnceLock::new(),
             reviewers: Arc::new(Semaphore::new(MAX_REVIEWERS_AT_ONCE)),
+            watcher: Mutex::new(None),
         })
+    }
+
+    /// A channel told whenever a question arrives or goes (one watcher; a new one replaces the old).
+    pub fn watch(&self) -> std::sync::mpsc::Receiver<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        *self.watcher.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx);
+        rx
+    }
+
+    fn changed(&self) {
+        if let Some(tx) = &*self.watcher.lock().unwrap_or_else(std::sync::PoisonError::into_inner) {
+            let _ = tx.send(());
+        }
     }
 
     pub fn set_live(&self, live: Arc<Live>) {
@@ -104,6 +120,7 @@ impl Asks {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&id);
+        self.changed();
         let Some(held) = held else {
             return Err(format!(
                 "no question {id} is waiting (answered already, timed out, or its request went away)"
@@ -219,6 +236,7 @@ impl Drop for Unhold<'_> {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(&self.1);
+        self.0.changed();
     }
 }
 
@@ -243,6 +261,7 @@ impl Reviewer for Reviewing {
                     },
                 );
             let _unhold = Unhold(&me, id);
+            me.changed();
             me.run_command(&question);
             match answered.await {
                 Ok((answer, Stick::AsAnswered)) => me.remember(&question, answer),

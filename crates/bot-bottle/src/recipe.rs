@@ -246,7 +246,11 @@ fn launch_and_run(
     steps.done("discover");
 
     // step: start (plan, launch, init, wait until the bottle proves it is ready)
-    let services = Supervisor { bundle };
+    let services = Supervisor {
+        bundle,
+        asks: (policy.network.unknown == bottle_policy::Unknown::Ask)
+            .then(|| (Arc::clone(&asks), bottle.state.name.to_string())),
+    };
     let started = launch.start(&services, &urls)?;
     // Live changes from the bottle's owner (`bot-bottle allow|deny NAME ...`), from the moment it runs.
     if let Some(handle) = bundle.handle() {
@@ -289,6 +293,8 @@ fn listen(serve: Serve) -> Listen {
 /// The launcher's side of a running bottle, as its backend sees it: the proxy bundle, signals, the terminal.
 struct Supervisor<'a> {
     bundle: &'a Bundle,
+    /// Ask mode's questions, put to the user at an interactive run's terminal.
+    asks: Option<(Arc<crate::asks::Asks>, String)>,
 }
 
 impl Services for Supervisor<'_> {
@@ -315,7 +321,8 @@ impl Services for Supervisor<'_> {
             .bundle
             .handle()
             .ok_or_else(|| std::io::Error::other("the proxy runtime is gone"))?;
-        Ok(Box::new(crate::terminal::Relay::start(master, &handle)?))
+        let asks = self.asks.as_ref().map(|(a, name)| (Arc::clone(a), name.as_str()));
+        Ok(Box::new(crate::terminal::Relay::start(master, &handle, asks)?))
     }
 }
 

@@ -14,6 +14,10 @@ use std::thread::JoinHandle;
 
 use rustix::termios::{OptionalActions, Termios};
 
+use crate::asks::Asks;
+
+mod prompt;
+
 pub struct Relay {
     /// The user's terminal settings before the relay made it raw.
     saved: Option<(File, Termios)>,
@@ -22,7 +26,12 @@ pub struct Relay {
 
 impl Relay {
     /// Makes the user's terminal raw and starts copying both ways; window-size changes are followed on `runtime`.
-    pub fn start(master: OwnedFd, runtime: &tokio::runtime::Handle) -> io::Result<Self> {
+    /// With `asks`, the bottle's ask-mode questions are put to the user here (see `prompt`).
+    pub fn start(
+        master: OwnedFd,
+        runtime: &tokio::runtime::Handle,
+        asks: Option<(Arc<Asks>, &str)>,
+    ) -> io::Result<Self> {
         let stdin = File::from(rustix::io::dup(rustix::stdio::stdin())?);
         let stdout = File::from(rustix::io::dup(rustix::stdio::stdout())?);
         let master = Arc::new(File::from(master));
@@ -36,16 +45,32 @@ impl Relay {
         let mut raw = saved;
         raw.make_raw();
         rustix::termios::tcsetattr(&stdin, OptionalActions::Now, &raw)?;
+        let screen = prompt::Screen::new(stdout.try_clone()?, Arc::clone(&master), asks);
+        if let Some(screen) = &screen {
+            let (screen, changes) = (Arc::clone(screen), screen.watch());
+            // Ends when the bottle's questions are gone with the process.
+            std::thread::Builder::new()
+                .name("bottle-tty-ask".into())
+                .spawn(move || {
+                    for () in changes {
+                        screen.refresh();
+                    }
+                })?;
+        }
         let to_agent = Arc::clone(&master);
+        let keys = screen.clone();
         // Never joined: it stays blocked on the user's next key until the process exits.
         std::thread::Builder::new()
             .name("bottle-tty-in".into())
-            .spawn(move || copy(stdin, &*to_agent))?;
+            .spawn(move || copy(stdin, Sink::Agent(&to_agent, keys)))?;
         let from_agent = Arc::clone(&master);
-        let screen = stdout.try_clone()?;
+        let sink = match screen {
+            Some(screen) => Sink::Screen(screen),
+            None => Sink::File(stdout.try_clone()?),
+        };
         let output = std::thread::Builder::new()
             .name("bottle-tty-out".into())
-            .spawn(move || copy(&*from_agent, screen))?;
+            .spawn(move || copy(&*from_agent, sink))?;
         runtime.spawn(async move {
             let Ok(mut winch) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()) else {
                 return;
@@ -87,14 +112,42 @@ fn follow_size(user: &File, agent: &File) {
     }
 }
 
+/// Where relayed bytes go.
+enum Sink<'a> {
+    File(File),
+    /// The user's screen, with a question shown at times.
+    Screen(Arc<prompt::Screen>),
+    /// The agent's terminal; keys answer a question first, when one is shown.
+    Agent(&'a File, Option<Arc<prompt::Screen>>),
+}
+
+impl Sink<'_> {
+    fn put(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Self::File(f) => f.write_all(bytes).and_then(|()| f.flush()),
+            Self::Screen(screen) => screen.agent_output(bytes),
+            Self::Agent(agent, screen) => {
+                let pass = match screen {
+                    Some(screen) => screen.keys(bytes),
+                    None => Some(bytes),
+                };
+                match pass {
+                    Some(bytes) => agent.write_all(bytes).and_then(|()| agent.flush()),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
 /// Copies until end of input or an error (a pty master reads EIO once its last peer is closed).
-fn copy(mut from: impl Read, mut to: impl Write) {
+fn copy(mut from: impl Read, mut to: Sink<'_>) {
     let mut buf = [0u8; 8192];
     loop {
         match from.read(&mut buf) {
             Ok(0) => return,
             Ok(n) => {
-                if to.write_all(&buf[..n]).and_then(|()| to.flush()).is_err() {
+                if to.put(&buf[..n]).is_err() {
                     return;
                 }
             }

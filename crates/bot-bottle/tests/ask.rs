@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use bottle_test_support::bottles::{self, text};
 use bottle_test_support::ca::{TestCa, server_config};
+use bottle_test_support::tui::Tui;
 use bottle_test_support::{require, upstream};
 
 const BB: &str = env!("CARGO_BIN_EXE_bot-bottle");
@@ -375,6 +376,73 @@ esac"#,
         );
         assert!(first["recent_refusals"].is_array(), "{first}");
     });
+}
+
+#[test]
+fn issue_16_an_interactive_run_asks_at_its_terminal_and_restores_the_screen() {
+    if let Some(why) = skip_reason() {
+        require::skip("namespace", &why);
+        return;
+    }
+    let scene = Scene::new();
+    let ca = TestCa::mint(scene.path(), "upstream-ca", "ask test upstream CA");
+    let up = upstream::https(server_config(&ca.leaf(&["new.example"]), &[b"http/1.1"]));
+    let mut launcher = Command::new(BB);
+    launcher
+        .args(["run", "--ask", "--name", "tty", "--upstream-ca"])
+        .arg(&ca.cert_path)
+        .args([
+            "--resolve",
+            "new.example=127.0.0.1",
+            "--allow-cidr",
+            "127.0.0.1/32",
+            "-e",
+            "PS1=$ ",
+        ])
+        .args(["--", "bash", "--norc", "--noprofile", "-i"])
+        .env("XDG_STATE_HOME", scene.state())
+        .env("HOME", scene.path());
+    let mut tui = Tui::start(&launcher, &scene.path().join("w"));
+    scene.with_bottle("tty", || {
+        tui.type_keys(b"echo ready-$((20+1))\r");
+        tui.wait_for("ready-21");
+        // The program in the foreground (a TUI would redraw on the SIGWINCH the answer sends it) says it got one.
+        let url = format!("https://new.example:{}/", up.port);
+        tui.type_keys(
+            format!("bash -c \"trap 'echo WINCH-SEEN' WINCH; curl -sS -w ' code=%{{http_code}}' {url}; echo\"\r")
+                .as_bytes(),
+        );
+        tui.wait_for(&format!(
+            "tty asks for new.example:{} (127.0.0.1, private) - [o]nce [a]lways [d]eny",
+            up.port
+        ));
+        assert_eq!(up.requests(), 0);
+        // A key that is no answer is swallowed; `o` answers.
+        tui.type_keys(b"x");
+        tui.type_keys(b"o");
+        tui.wait_for("hello from tls upstream: GET / code=200");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !tui.text().contains("WINCH-SEEN") {
+            assert!(Instant::now() < deadline, "no redraw signal: {}", tui.text());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Keys reach the agent again, and nothing typed at the question did.
+        tui.type_keys(b"echo after-$((1+1))\r");
+        tui.wait_for("after-2");
+        assert!(!tui.text().contains("xecho"), "{}", tui.text());
+        // The cursor was saved before the question and put back after it, the question's line cleared.
+        let raw = String::from_utf8_lossy(&tui.raw()).into_owned();
+        let saved = raw.find("\u{1b}7").expect("cursor saved");
+        let restored = raw.find("\r\u{1b}[2K\u{1b}8").expect("line cleared, cursor restored");
+        assert!(saved < restored, "{raw:?}");
+        let audit = scene.audit("tty");
+        let answered = audit
+            .iter()
+            .find(|v| v["rule"] == "approved-once")
+            .expect("answered once");
+        assert_eq!(answered["reviewer"], "terminal: answered at the terminal");
+    });
+    let _ = tui.finish();
 }
 
 /// A name that resolves, on these machines, into a documentation range (a private destination for the proxy).

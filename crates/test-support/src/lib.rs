@@ -10,4 +10,5 @@ pub mod ca;
 pub mod child;
 pub mod engine;
 pub mod require;
+pub mod tui;
 pub mod upstream;
