@@ -226,7 +226,7 @@ where
             Some(Err(e)) => tracing::debug!(error = %e, "passthrough tunnel ended with an error"),
             None => pending.fail("idle-timeout"),
         },
-        reason = proxy.denied_later(&tunnel.target, tunnel.port) => {
+        reason = proxy.denied_later(&tunnel.target, tunnel.port, false) => {
             tracing::info!(host = %tunnel.target, rule = reason.code(), "passthrough tunnel cut: the policy now denies it");
             pending.fail("policy-changed");
         }
@@ -235,7 +235,7 @@ where
     pending.add(hello.raw.len() as u64, 0);
 }
 
-fn tunnel_event(peer: &Peer, tunnel: &Tunnel) -> Event {
+pub fn tunnel_event(peer: &Peer, tunnel: &Tunnel) -> Event {
     Event {
         event: "tunnel",
         client: Arc::clone(&peer.label),

@@ -324,6 +324,7 @@ fn splice_upgrade(
 ) -> Response<ProxyBody> {
     let upstream = hyper::upgrade::on(&mut resp);
     let (proxy, target) = (session.proxy.clone(), target.clone());
+    let granted = session.grant.is_some();
     let activity = session.peer.activity.clone();
     let idle = session.proxy.inner.limits.idle_timeout;
     let needles = if scan_answers {
@@ -348,7 +349,7 @@ fn splice_upgrade(
                 }
                 Some(_) => {}
             },
-            reason = proxy.denied_later(&target, port) => {
+            reason = proxy.denied_later(&target, port, granted) => {
                 tracing::info!(host = %target, rule = reason.code(), "upgraded stream cut: the policy now denies it");
                 pending.fail("policy-changed");
             }

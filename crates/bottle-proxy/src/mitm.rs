@@ -54,6 +54,8 @@ where
     };
     let predialed = tunnel.predialed.take();
     let grant = tunnel.grant.take();
+    let (granted, watched_peer) = (grant.is_some(), peer.clone());
+    let watcher = proxy.clone();
     let limits = proxy.inner.limits.clone();
     let activity = peer.activity.clone();
     let session = Arc::new(Session::tunnel(
@@ -61,21 +63,36 @@ where
         peer,
         scope,
         h2,
-        tunnel.checked,
+        tunnel.checked.clone(),
         predialed,
         grant,
     ));
-    let ended = if h2 {
-        // The smuggling guard follows HTTP/1 message framing, which HTTP/2 streams do not have (`stops_the_guard`
-        // is false for every HTTP/2 request).
-        let service = service_fn(move |req| {
-            let session = Arc::clone(&session);
-            async move { Ok::<_, Infallible>(exchange::handle(session, req).await) }
-        });
-        let conn = h2_builder(&limits).serve_connection(TokioIo::new(tls), service);
-        idle::watch(conn, &activity, limits.idle_timeout).await
-    } else {
-        serve_http1(session, tls, exchange::handle).await
+    let served = async move {
+        if h2 {
+            // The smuggling guard follows HTTP/1 message framing, which HTTP/2 streams do not have
+            // (`stops_the_guard` is false for every HTTP/2 request).
+            let service = service_fn(move |req| {
+                let session = Arc::clone(&session);
+                async move { Ok::<_, Infallible>(exchange::handle(session, req).await) }
+            });
+            let conn = h2_builder(&limits).serve_connection(TokioIo::new(tls), service);
+            idle::watch(conn, &activity, limits.idle_timeout).await
+        } else {
+            serve_http1(session, tls, exchange::handle).await
+        }
+    };
+    // SECURITY: a change that denies the host closes the open connection too, not only its next request.
+    let ended = tokio::select! {
+        ended = served => ended,
+        reason = watcher.denied_later(&tunnel.target, tunnel.port, granted) => {
+            tracing::info!(host = %tunnel.target, rule = reason.code(), "intercepted connection cut: the policy now denies it");
+            let mut event = connect::tunnel_event(&watched_peer, &tunnel);
+            event.refused(&reason, start);
+            event.rule = "policy-changed".into();
+            event.id = tunnel.audit_id;
+            let _ = watcher.inner.audit.write(&event);
+            return;
+        }
     };
     match ended {
         None => tracing::debug!("intercepted connection idle; closed"),

@@ -253,18 +253,28 @@ impl Proxy {
 
     /// Resolves once a reloaded policy denies `target:port`: a connection spliced to it (a passthrough tunnel, an
     /// upgraded stream) is then cut, since no later request on it would be decided. Never resolves otherwise.
-    pub(crate) async fn denied_later(&self, target: &crate::decide::Target, port: u16) -> crate::decide::DenyReason {
+    pub(crate) async fn denied_later(
+        &self,
+        target: &crate::decide::Target,
+        port: u16,
+        granted: bool,
+    ) -> crate::decide::DenyReason {
+        // A connection a reviewer let through (ask mode) was never covered by the policy: only a denial cuts it.
+        let cuts = |policy: &Policy| match crate::decide::decide_target(&policy.network, target, port) {
+            Err(crate::decide::DenyReason::HostNotAllowed) if granted => None,
+            Err(reason) => Some(reason),
+            Ok(_) => None,
+        };
         let mut changes = self.inner.changes.subscribe();
         // A reload between the connection's decision and this subscription is seen here.
-        if let Err(reason) = crate::decide::decide_target(&self.inner.policy.load().network, target, port) {
+        if let Some(reason) = cuts(&self.inner.policy.load()) {
             return reason;
         }
         loop {
             if changes.changed().await.is_err() {
                 return std::future::pending().await;
             }
-            let policy = self.inner.policy.load();
-            if let Err(reason) = crate::decide::decide_target(&policy.network, target, port) {
+            if let Some(reason) = cuts(&self.inner.policy.load()) {
                 return reason;
             }
         }

@@ -96,3 +96,32 @@ async fn reload_denying_a_host_cuts_its_open_passthrough_tunnel() {
         .wait_audit(|v| v["event"] == "end" && v["rule"] == "policy-changed")
         .await;
 }
+
+/// #16: an intercepted tunnel is closed when a change denies its host (not only its next request refused); one to
+/// a host still allowed stays open.
+#[tokio::test]
+async fn reload_denying_a_host_closes_its_open_intercepted_tunnel() {
+    let w = World::start().await;
+    let at = w.tls_at("upstream.test");
+    let mut client = w.lab.h1_in_tunnel(&at).await;
+    assert_eq!(text(client.send_request(get("/one", &at)).await.unwrap()).await.0, 200);
+
+    let other_denied = STANDARD_POLICY.replace("[network]\n", "[network]\ndeny = [\"other.test\"]\n");
+    w.lab.proxy.reload(policy(&other_denied));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(text(client.send_request(get("/two", &at)).await.unwrap()).await.0, 200);
+
+    let own_denied = STANDARD_POLICY.replace("[network]\n", "[network]\ndeny = [\"upstream.test\"]\n");
+    w.lab.proxy.reload(policy(&own_denied));
+    // Closed by the proxy: the connection ends without any request being sent on it.
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while !client.is_closed() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the intercepted tunnel to a denied host stayed open");
+    w.lab
+        .wait_audit(|v| v["event"] == "tunnel" && v["rule"] == "policy-changed" && v["host"] == "upstream.test")
+        .await;
+}
