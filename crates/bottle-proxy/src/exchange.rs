@@ -69,6 +69,12 @@ pub async fn handle(session: Arc<Session>, req: Request<Incoming>) -> Response<P
             (&**grant, "approved-once".to_string())
         }
         Err(reason) if !intercepted && ask::asks(&session.proxy, &policy, &target, &reason) => {
+            // SECURITY: a placeholder sent to a host it is not bound to is refused as always, never asked about.
+            let (mut uri, mut headers) = (parts.uri.clone(), parts.headers.clone());
+            if let Err(reason) = session.proxy.inner.creds.apply(&mut uri, &mut headers, None) {
+                event.event = "placeholder-leak";
+                return refuse(&session, event, &reason, start);
+            }
             let request = Some((parts.method.as_str(), parts.uri.path()));
             match ask::ask(&session.proxy, &policy, &mut event, &target, port, request).await {
                 Ok(g) => {
