@@ -198,6 +198,16 @@ fn issue_16_the_user_answers_allow_once_then_allow_then_deny() {
         let third = curl_in(&scene, "ask", &url).join().unwrap();
         assert!(third.ends_with(" 200 200"), "{third}");
         assert!(scene.pending("ask", 0).is_empty());
+        // `ls` counts the bottle's decisions only, a CONNECT and its request each (not the live change the answer
+        // made, nor the reload it caused).
+        let ls = scene.bb(&["--json", "ls"]);
+        let rows: Vec<serde_json::Value> = serde_json::from_slice(&ls.stdout).unwrap();
+        let row = rows.iter().find(|r| r["name"] == "ask").unwrap();
+        assert_eq!(
+            (row["allowed"].as_u64(), row["asking"].as_u64()),
+            (Some(6), Some(0)),
+            "{row}"
+        );
 
         // Deny is remembered: the next request to that host is refused without a question.
         let no = format!("https://no.example:{}/", up.port);

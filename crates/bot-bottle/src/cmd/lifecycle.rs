@@ -333,6 +333,10 @@ fn count_decisions(dir: &StateDir) -> Counts {
     let (mut allowed, mut denied) = (0, 0);
     let mut asked = std::collections::BTreeSet::new();
     for v in crate::refusals::agent_lines(dir) {
+        // The proxy's own records (a reload, a live change) decide no request.
+        if v["client"] == "proxy" {
+            continue;
+        }
         if let Some(id) = v["ask"].as_u64() {
             if v["decision"] == "ask" {
                 asked.insert(id);
