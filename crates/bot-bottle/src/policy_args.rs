@@ -51,6 +51,9 @@ pub struct PolicyArgs {
     /// `[network.ask] reviewer`) answers allow-once, allow or deny (`[network] unknown = "ask"`).
     #[arg(long)]
     pub ask: bool,
+    /// The container backend's image (a local one: `docker load`, `docker build`; bot-bottle never pulls).
+    #[arg(long, value_name = "NAME")]
+    pub image: Option<String>,
 }
 
 impl PolicyArgs {
@@ -67,6 +70,7 @@ impl PolicyArgs {
             home: self.home.clone(),
             mounts: self.mounts.clone(),
             ask: self.ask,
+            image: self.image.clone(),
         }
     }
 

@@ -241,20 +241,22 @@ fn lifecycle_verbs_on_unknown_bottles_say_so() {
 }
 
 #[test]
-fn backends_not_wired_into_run_say_not_available_yet() {
+fn the_container_backend_without_an_image_says_how_to_name_one_and_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     bb(tmp.path())
         .args(["run", "--backend", "container", "--", "true"])
         .assert()
-        .code(UNAVAILABLE)
-        .stderr(predicate::str::contains("not available yet"));
-    assert!(!tmp.path().join("state").exists(), "an unavailable backend wrote state");
+        .code(122)
+        .stderr(predicate::str::contains(
+            "needs an image: `--image NAME` or `[bottle] image`",
+        ));
+    assert!(!tmp.path().join("state").exists(), "a refused launch wrote state");
 }
 
 #[test]
 fn selftest_on_a_backend_it_cannot_test_exits_120_saying_why_and_launches_nothing() {
     for (backend, why) in [
-        ("container", "no container backend"),
+        ("container", "not built for it yet"),
         ("smolmachines", "inside a guest"),
     ] {
         let tmp = tempfile::tempdir().unwrap();
@@ -357,7 +359,6 @@ fn exec_goes_by_the_bottles_backend_and_refuses_what_is_not_running() {
     let tmp = tempfile::tempdir().unwrap();
     fake_state(tmp.path(), "sm-done", "smolmachines", "exited");
     fake_state(tmp.path(), "sm-starting", "smolmachines", "starting");
-    fake_state(tmp.path(), "ct", "container", "running");
     for name in ["sm-done", "sm-starting"] {
         bb(tmp.path())
             .args(["exec", name, "--", "true"])
@@ -365,11 +366,7 @@ fn exec_goes_by_the_bottles_backend_and_refuses_what_is_not_running() {
             .code(TARGET)
             .stderr(predicate::str::contains("is not running"));
     }
-    bb(tmp.path())
-        .args(["exec", "ct", "--", "true"])
-        .assert()
-        .code(UNAVAILABLE)
-        .stderr(predicate::str::contains("backend `container`"));
+    // A container bottle's `exec` goes through the engine: tests/container.rs.
 }
 
 #[test]
@@ -458,8 +455,19 @@ fn the_readme_exit_code_table_matches_what_each_verb_returns() {
     check(119, code(&["stop", "nosuch"], &[]), "no bottle of that name");
     check(
         120,
-        code(&["run", "--backend", "container", "--", "true"], &[]),
-        "an unwired backend",
+        code(
+            &[
+                "run",
+                "--backend",
+                "smolmachines",
+                "--home",
+                "/nonexistent",
+                "--",
+                "true",
+            ],
+            &[],
+        ),
+        "a setting the backend does not do",
     );
     check(
         121,

@@ -83,6 +83,8 @@ pub struct Overrides {
     pub mounts: Vec<String>,
     /// `--ask`: `unknown = "ask"`.
     pub ask: bool,
+    /// `--image NAME`: the container backend's image.
+    pub image: Option<String>,
 }
 
 /// The text of a policy and where it came from.
@@ -193,9 +195,10 @@ impl Validator<'_> {
             Some(w) => Some(self.at(w, |s| non_empty(s, "workspace").map(PathBuf::from))?),
             None => None,
         };
-        let image = match &raw.image {
-            Some(i) => Some(self.at(i, |s| image_ref(s))?),
-            None => None,
+        let image = match (&self.overrides.image, &raw.image) {
+            (Some(flag), _) => Some(Self::flag("--image", flag, image_ref)?),
+            (None, Some(i)) => Some(self.at(i, |s| image_ref(s))?),
+            (None, None) => None,
         };
         let home = match (&self.overrides.home, &raw.home) {
             (Some(h), _) => Some(Self::flag("--home", h, home_choice)?),

@@ -288,12 +288,6 @@ pub fn for_kind(kind: Kind) -> Result<Box<dyn Backend>, BackendError> {
     match kind {
         Kind::Namespace => Ok(Box::new(crate::namespace::backend::Namespace)),
         Kind::Smolmachines => Ok(Box::new(crate::smolmachines::backend::Smolmachines::default())),
-        Kind::Container => Err(BackendError::new(
-            FailureClass::Unsupported,
-            NotAvailable {
-                kind,
-                reason: "it is not built; use --backend namespace or smolmachines",
-            },
-        )),
+        Kind::Container => Ok(Box::new(crate::container::Container)),
     }
 }

@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod cgroup;
+pub mod container;
 pub mod engine;
 pub mod lease;
 pub mod namespace;

@@ -8,6 +8,7 @@
 pub mod bottles;
 pub mod ca;
 pub mod child;
+pub mod container;
 pub mod engine;
 pub mod require;
 pub mod tui;

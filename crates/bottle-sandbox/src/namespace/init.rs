@@ -309,7 +309,7 @@ fn attach_terminal(peer: &OwnedFd) -> io::Result<()> {
 }
 
 /// From inside: the proxy answers and polices, and nothing else is reachable.
-fn self_test(proxy: SocketAddr, canary: Option<SocketAddr>) -> Result<(), String> {
+pub(crate) fn self_test(proxy: SocketAddr, canary: Option<SocketAddr>) -> Result<(), String> {
     let mut s = TcpStream::connect_timeout(&proxy, SELFTEST_TIMEOUT).map_err(|e| format!("proxy {proxy}: {e}"))?;
     s.set_read_timeout(Some(SELFTEST_TIMEOUT)).map_err(|e| e.to_string())?;
     s.write_all(

@@ -310,3 +310,21 @@ pub(crate) fn scrub_environment() -> io::Result<()> {
     unsafe { std::ptr::write_bytes(start as *mut u8, 0, end - start) };
     Ok(())
 }
+
+/// Runs `f` on a fresh thread that joined the network namespace of `pid` (a container's): sockets it makes stay in
+/// that namespace; the calling thread's namespace is untouched.
+pub(crate) fn in_netns_of<T: Send + 'static>(
+    pid: u32,
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
+    use std::os::fd::AsFd;
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+    std::thread::Builder::new()
+        .name("bottle-netns".into())
+        .spawn(move || {
+            rustix::thread::move_into_link_name_space(ns.as_fd(), Some(rustix::thread::LinkNameSpaceType::Network))?;
+            f()
+        })?
+        .join()
+        .map_err(|_| io::Error::other("the thread in the container's network namespace panicked"))?
+}

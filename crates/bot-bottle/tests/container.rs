@@ -1,0 +1,238 @@
+//! The container backend (#15) with a real Docker daemon and a local image (no registry): an allowed HTTPS host is
+//! reached through the bottle's proxy with interception, while direct connections, DNS (over UDP) and the host's
+//! loopback are not; the container is confined (no capability, no new privileges, read-only root, never host root, only
+//! `lo`); `stop` ends it and nothing is left; a launcher killed with -9 leaves a container that the next launch
+//! sweeps; an absent image is refused before anything starts. Needs root and a Docker daemon;
+//! `BOTTLE_TEST_REQUIRE=container` makes a skip a failure.
+
+#![allow(clippy::unwrap_used, clippy::disallowed_methods)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use bottle_test_support::bottles::text;
+use bottle_test_support::ca::{TestCa, server_config};
+use bottle_test_support::{container, require, upstream};
+
+const BB: &str = env!("CARGO_BIN_EXE_bot-bottle");
+
+/// A scratch state root and a workspace owned by `nobody` (a root launcher runs the agent as the workspace's owner).
+struct Scene {
+    dir: tempfile::TempDir,
+}
+
+impl Scene {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path().join("w");
+        std::fs::create_dir(&w).unwrap();
+        std::os::unix::fs::chown(&w, Some(65534), Some(65534)).unwrap();
+        Self { dir }
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn bb(&self, args: &[&str]) -> Output {
+        Command::new(BB)
+            .args(args)
+            .current_dir(self.dir.path().join("w"))
+            .env("XDG_STATE_HOME", self.state())
+            .env("HOME", self.dir.path())
+            .output()
+            .unwrap()
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+fn skip() -> bool {
+    match container::unavailable() {
+        Some(why) => {
+            require::skip("container", &why);
+            true
+        }
+        None => false,
+    }
+}
+
+#[test]
+fn issue_15_an_allowed_https_host_is_reached_through_the_proxy_and_nothing_else_is() {
+    if skip() {
+        return;
+    }
+    let image = container::image();
+    let scene = Scene::new();
+    let ca = TestCa::mint(scene.path(), "upstream-ca", "container test upstream CA");
+    let up = upstream::https(server_config(&ca.leaf(&["up.test"]), &[b"http/1.1"]));
+    // A service on the host's loopback: the bottle's own loopback is another one.
+    let canary = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let canary_port = canary.local_addr().unwrap().port();
+    let port = up.port;
+    let script = format!(
+        "curl -sS https://up.test:{port}/ ; echo; \
+         echo direct=$(curl -s --noproxy '*' --max-time 3 -o /dev/null -w '%{{http_code}}' http://93.184.216.34/ || echo fail); \
+         echo loopback=$(nc -z -w 2 127.0.0.1 {canary_port} && echo open || echo closed); \
+         echo dns=$(nslookup -timeout=2 example.com 8.8.8.8 >/dev/null 2>&1 && echo answered || echo none); \
+         echo udp=$(nslookup -type=a -timeout=2 example.com 1.1.1.1 2>&1 | grep -c Address: ); \
+         echo ifaces=$(ls /sys/class/net 2>/dev/null | tr '\\n' ' '); \
+         grep -E '^(CapEff|NoNewPrivs):' /proc/self/status | tr -s '\\t' ' '; \
+         echo uid=$(id -u); touch /rootfs-write 2>/dev/null && echo root-writable || echo root-read-only"
+    );
+    let out = scene.bb(&[
+        "run",
+        "--backend",
+        "container",
+        "--image",
+        image,
+        "--upstream-ca",
+        ca.cert_path.to_str().unwrap(),
+        "--resolve",
+        "up.test=127.0.0.1",
+        "--allow-cidr",
+        "127.0.0.1/32",
+        "--allow",
+        &format!("up.test:{port}"),
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(shown.contains("hello from tls upstream: GET /"), "{shown}");
+    assert_eq!(up.requests(), 1, "{shown}");
+    for line in [
+        "direct=000",
+        "loopback=closed",
+        "dns=none",
+        "CapEff: 0000000000000000",
+        "NoNewPrivs: 1",
+        "uid=65534",
+        "root-read-only",
+    ] {
+        assert!(shown.contains(line), "{line:?} missing: {shown}");
+    }
+    // DNS over UDP to two public resolvers: no answer at all (the datagrams have nowhere to go).
+    assert!(shown.contains("udp=0"), "{shown}");
+    assert!(shown.contains("ifaces=lo\n"), "{shown}");
+    // The interception is on record: the CONNECT and the request inside it.
+    let names: Vec<String> = std::fs::read_dir(scene.state().join("bot-bottle"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("bottle-"))
+        .collect();
+    let audit = std::fs::read_to_string(scene.state().join("bot-bottle").join(&names[0]).join("audit.jsonl")).unwrap();
+    assert!(
+        audit.lines().any(|l| l.contains("\"event\":\"request\"")
+            && l.contains("\"scheme\":\"https\"")
+            && l.contains("up.test")),
+        "{audit}"
+    );
+    // Nothing of the run is left in the engine.
+    assert_eq!(
+        container::containers(&format!("bot-bottle-{}", names[0])),
+        Vec::<String>::new()
+    );
+    drop(canary);
+}
+
+#[test]
+fn issue_15_stop_ends_a_container_bottle_and_a_killed_launcher_is_swept() {
+    if skip() {
+        return;
+    }
+    let image = container::image();
+    let scene = Scene::new();
+    let out = scene.bb(&[
+        "run",
+        "-d",
+        "--name",
+        "ct-stop",
+        "--backend",
+        "container",
+        "--image",
+        image,
+        "--",
+        "sleep",
+        "600",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(container::containers("bot-bottle-ct-stop"), ["bot-bottle-ct-stop"]);
+    let exec = scene.bb(&["exec", "ct-stop", "--", "sh", "-c", "pwd; echo $HTTPS_PROXY"]);
+    let shown = String::from_utf8_lossy(&exec.stdout);
+    assert!(shown.contains("/w\nhttp://127.0.0.1:3128"), "{}", text(&exec));
+    let stop = scene.bb(&["stop", "ct-stop"]);
+    assert_eq!(stop.status.code(), Some(0), "{}", text(&stop));
+    assert!(container::containers("bot-bottle-ct-stop").is_empty());
+    assert_eq!(scene.bb(&["rm", "ct-stop"]).status.code(), Some(0));
+
+    // kill -9 of the launcher: its teardown never runs; the next launch of this state root sweeps the container.
+    let out = scene.bb(&[
+        "run",
+        "-d",
+        "--name",
+        "ct-kill",
+        "--backend",
+        "container",
+        "--image",
+        image,
+        "--",
+        "sleep",
+        "600",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(scene.state().join("bot-bottle/ct-kill/state.json")).unwrap()).unwrap();
+    let pid = i32::try_from(state["supervisor_pid"].as_u64().unwrap()).unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(container::containers("bot-bottle-ct-kill"), ["bot-bottle-ct-kill"]);
+    let next = scene.bb(&["run", "--backend", "container", "--image", image, "--", "true"]);
+    assert_eq!(next.status.code(), Some(0), "{}", text(&next));
+    assert!(
+        container::containers("bot-bottle-ct-kill").is_empty(),
+        "the killed bottle's container was not swept"
+    );
+    let _ = scene.bb(&["rm", "-f", "ct-kill"]);
+}
+
+#[test]
+fn issue_15_a_missing_image_is_refused_before_anything_starts() {
+    if skip() {
+        return;
+    }
+    let scene = Scene::new();
+    let out = scene.bb(&["run", "--name", "ct-none", "--backend", "container", "--", "true"]);
+    assert_eq!(out.status.code(), Some(122), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs an image: `--image NAME`"),
+        "{}",
+        text(&out)
+    );
+    let out = scene.bb(&[
+        "run",
+        "--name",
+        "ct-none",
+        "--backend",
+        "container",
+        "--image",
+        "bot-bottle-test/absent:0",
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.status.code(), Some(122), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not on this engine"),
+        "{}",
+        text(&out)
+    );
+    assert!(container::containers("bot-bottle-ct-none").is_empty());
+}

@@ -1,0 +1,216 @@
+//! The Docker Engine API (Docker's socket, `$DOCKER_HOST`, or Podman's Docker-compatible socket) through bollard,
+//! each call on a small runtime of this module's own, so the backend stays synchronous like the others. Trusts the
+//! daemon as the user does (it is root on the host); treats what it says about a container as data to check.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::models::{ContainerCreateBody, ContainerInspectResponse};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+};
+use futures_util::StreamExt;
+
+/// Bound on one API call that should answer at once (not `wait` or `logs`).
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(
+        "cannot reach the container engine ({0}); start it (`sudo dockerd &`, `sudo systemctl start docker`) or set DOCKER_HOST"
+    )]
+    Connect(String),
+    #[error("the container engine did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the container engine refused: {0}")]
+    Engine(String),
+    #[error("cannot start the engine client's runtime")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// A connection to the engine.
+pub struct Api {
+    docker: Docker,
+    rt: tokio::runtime::Runtime,
+}
+
+/// What `doctor` and the preflight say about the engine.
+#[derive(Debug, Clone)]
+pub struct EngineInfo {
+    pub version: String,
+    pub api_version: String,
+    /// Podman answers with its own name in the components.
+    pub podman: bool,
+    pub rootless: bool,
+    pub runtimes: Vec<String>,
+}
+
+impl Api {
+    pub fn connect() -> Result<Self, ApiError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ApiError::Runtime)?;
+        let docker = Docker::connect_with_local_defaults().map_err(|e| ApiError::Connect(e.to_string()))?;
+        // The daemon may be older than the client's API (Debian's 20.10 speaks 1.41): speak the daemon's.
+        let docker = rt
+            .block_on(async { tokio::time::timeout(CALL_TIMEOUT, docker.negotiate_version()).await })
+            .map_err(|_| ApiError::Timeout(CALL_TIMEOUT))?
+            .map_err(|e| ApiError::Connect(e.to_string()))?;
+        Ok(Self { docker, rt })
+    }
+
+    fn call<T>(&self, f: impl std::future::Future<Output = Result<T, bollard::errors::Error>>) -> Result<T, ApiError> {
+        self.rt
+            .block_on(async { tokio::time::timeout(CALL_TIMEOUT, f).await })
+            .map_err(|_| ApiError::Timeout(CALL_TIMEOUT))?
+            .map_err(|e| ApiError::Engine(e.to_string()))
+    }
+
+    pub fn info(&self) -> Result<EngineInfo, ApiError> {
+        let version = self.call(self.docker.version())?;
+        let info = self.call(self.docker.info())?;
+        let podman = version
+            .components
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.name.to_ascii_lowercase().contains("podman"));
+        let rootless = info
+            .security_options
+            .unwrap_or_default()
+            .iter()
+            .any(|o| o.contains("rootless"));
+        let mut runtimes: Vec<String> = info.runtimes.unwrap_or_default().into_keys().collect();
+        runtimes.sort();
+        Ok(EngineInfo {
+            version: version.version.unwrap_or_default(),
+            api_version: version.api_version.unwrap_or_default(),
+            podman,
+            rootless,
+            runtimes,
+        })
+    }
+
+    /// Whether the image is here (this backend never pulls: a registry is a choice the user makes, with `docker pull`).
+    pub fn has_image(&self, image: &str) -> Result<bool, ApiError> {
+        match self.rt.block_on(self.docker.inspect_image(image)) {
+            Ok(_) => Ok(true),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(false),
+            Err(e) => Err(ApiError::Engine(e.to_string())),
+        }
+    }
+
+    pub fn create(&self, name: &str, body: ContainerCreateBody) -> Result<String, ApiError> {
+        let options = CreateContainerOptionsBuilder::default().name(name).build();
+        Ok(self.call(self.docker.create_container(Some(options), body))?.id)
+    }
+
+    pub fn start(&self, id: &str) -> Result<(), ApiError> {
+        self.call(self.docker.start_container(id, None))
+    }
+
+    pub fn inspect(&self, id: &str) -> Result<ContainerInspectResponse, ApiError> {
+        self.call(self.docker.inspect_container(id, None))
+    }
+
+    /// Removes the container and what it was given (anonymous volumes), running or not. A container already gone is
+    /// not an error.
+    pub fn remove(&self, id: &str) -> Result<(), ApiError> {
+        let options = RemoveContainerOptionsBuilder::default().force(true).v(true).build();
+        match self.rt.block_on(self.docker.remove_container(id, Some(options))) {
+            Ok(()) | Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+            Err(e) => Err(ApiError::Engine(e.to_string())),
+        }
+    }
+
+    /// Names of the containers carrying every label in `labels` (`key=value`), running or not.
+    pub fn list_labelled(&self, labels: &[String]) -> Result<Vec<String>, ApiError> {
+        let filters: HashMap<String, Vec<String>> = HashMap::from([("label".to_string(), labels.to_vec())]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let found = self.call(self.docker.list_containers(Some(options)))?;
+        Ok(found
+            .into_iter()
+            .filter_map(|c| c.names.and_then(|n| n.into_iter().next()))
+            .map(|n| n.trim_start_matches('/').to_string())
+            .collect())
+    }
+
+    /// Waits for the container's end: its exit code.
+    pub fn wait(&self, id: &str) -> Result<i64, ApiError> {
+        let mut stream = self.docker.wait_container(id, None);
+        match self.rt.block_on(stream.next()) {
+            Some(Ok(r)) => Ok(r.status_code),
+            // bollard reports a non-zero exit as an error carrying the code.
+            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
+            Some(Err(e)) => Err(ApiError::Engine(e.to_string())),
+            None => Err(ApiError::Engine("the wait ended without a status".into())),
+        }
+    }
+
+    /// Copies the container's output (both streams) to `out` and `err` until the container ends.
+    pub fn follow_logs(
+        &self,
+        id: &str,
+        out: &mut dyn std::io::Write,
+        err: &mut dyn std::io::Write,
+    ) -> Result<(), ApiError> {
+        let options = LogsOptionsBuilder::default()
+            .follow(true)
+            .stdout(true)
+            .stderr(true)
+            .build();
+        let mut stream = self.docker.logs(id, Some(options));
+        self.rt.block_on(async {
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(bollard::container::LogOutput::StdErr { message }) => {
+                        let _ = err.write_all(&message).and_then(|()| err.flush());
+                    }
+                    Ok(other) => {
+                        let _ = out.write_all(&other.into_bytes()).and_then(|()| out.flush());
+                    }
+                    Err(e) => return Err(ApiError::Engine(e.to_string())),
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs `command` in the running container `id` (as its user, with its environment), its output copied to ours;
+    /// returns its exit code.
+    pub fn exec(&self, id: &str, command: &[String]) -> Result<i64, ApiError> {
+        use bollard::exec::{CreateExecOptions, StartExecResults};
+        let created = self.call(self.docker.create_exec(
+            id,
+            CreateExecOptions {
+                cmd: Some(command.to_vec()),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                ..Default::default()
+            },
+        ))?;
+        let started = self.call(self.docker.start_exec(&created.id, None))?;
+        if let StartExecResults::Attached { mut output, .. } = started {
+            self.rt.block_on(async {
+                use std::io::Write;
+                while let Some(Ok(item)) = output.next().await {
+                    match item {
+                        bollard::container::LogOutput::StdErr { message } => {
+                            let _ = std::io::stderr().write_all(&message);
+                        }
+                        other => {
+                            let _ = std::io::stdout().write_all(&other.into_bytes());
+                            let _ = std::io::stdout().flush();
+                        }
+                    }
+                }
+            });
+        }
+        let inspected = self.call(self.docker.inspect_exec(&created.id))?;
+        Ok(inspected.exit_code.unwrap_or(-1))
+    }
+}

@@ -1,0 +1,573 @@
+//! The container backend: a Docker (or Podman, through its Docker-compatible socket) container per bottle, confined
+//! as strictly as a namespace bottle. `--network none` (only `lo`); the proxy's listener is created from the host in
+//! the container's network namespace at 127.0.0.1:3128, so the one way out is the bottle's proxy. All capabilities
+//! dropped, `no-new-privileges`, the engine's seccomp profile, a read-only root with the workspace, home and mounts
+//! bound and a tmpfs `/tmp`, never host root, labels `owner=bot-bottle`, `bottle=<name>`, limits read back.
+//!
+//! The agent waits at a gate (a FIFO) until the confinement was verified from inside the container's network
+//! namespace (no interface but `lo`, no route, the proxy answers and refuses, a host loopback canary and a direct
+//! address unreachable); only then is the gate opened. Trusts the engine as the user does; checks what it reports.
+
+mod api;
+pub mod plan;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use bottle_policy::Policy;
+
+pub use api::{Api, ApiError, EngineInfo};
+
+use crate::backend::{
+    AgentIo, Attachment, Backend, BackendError, BottleSpec, Exit, FailureClass, Kind, Launch, Serve, Services, Started,
+    TeardownError, Urls,
+};
+use crate::namespace::spec::{IN_BOTTLE_CA_BUNDLE, IN_BOTTLE_PROXY_PORT, SYSTEM_ROOTS, bottle_env};
+use crate::state::{self, BottleState, StateDir};
+
+/// The state directory's folder shown read-only in the container (gate FIFO, CA bundle).
+const SHARED_DIR: &str = "container";
+const CA_FILE: &str = "ca-bundle.pem";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("step preflight: {0}")]
+    Engine(#[from] ApiError),
+    #[error(
+        "step preflight: the container backend needs an image: `--image NAME` or `[bottle] image` (a local image: \
+         `docker load -i FILE`, `docker build`, or `docker pull NAME` yourself; bot-bottle never pulls)"
+    )]
+    NoImage,
+    #[error(
+        "step preflight: image `{0}` is not on this engine: `docker load -i FILE`, `docker build -t {0} .`, or `docker pull {0}`"
+    )]
+    MissingImage(String),
+    #[error(
+        "step preflight: the engine is rootless; bottles on a rootless engine are not built yet (the proxy's listener \
+         is put into the container's network namespace from the host, which needs a rootful engine)"
+    )]
+    Rootless,
+    #[error(
+        "step preflight: as root, the container backend runs the agent as the workspace's owner, and {0} is owned by \
+         root: `chown -R USER {0}`, or run bot-bottle as that user (a bottle never runs as host root)"
+    )]
+    RootWorkspace(PathBuf),
+    #[error(
+        "interactive runs on the container backend are not built yet: use `run -d` and `exec`, or a command that \
+         needs no terminal"
+    )]
+    Terminal,
+    #[error("step {step}: {source}")]
+    Io {
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("step {step}: the engine: {source}")]
+    Api {
+        step: &'static str,
+        #[source]
+        source: ApiError,
+    },
+    #[error("step start: the container's confinement could not be verified: {0}")]
+    Verify(String),
+    #[error("step start: the engine did not apply `{setting}` (asked {asked}, it reports {applied})")]
+    Limit {
+        setting: &'static str,
+        asked: String,
+        applied: String,
+    },
+    #[error("bottle `{0}` is not running")]
+    NotRunning(String),
+    #[error("a phase ran out of order: {0}")]
+    Order(&'static str),
+}
+
+impl StepError {
+    fn class(&self) -> FailureClass {
+        match self {
+            Self::Engine(_) | Self::NoImage | Self::MissingImage(_) | Self::Rootless | Self::RootWorkspace(_) => {
+                FailureClass::Preflight
+            }
+            Self::Terminal => FailureClass::Unsupported,
+            Self::NotRunning(_) => FailureClass::Target,
+            _ => FailureClass::Sandbox,
+        }
+    }
+}
+
+impl From<StepError> for BackendError {
+    fn from(e: StepError) -> Self {
+        BackendError::new(e.class(), e)
+    }
+}
+
+fn io(step: &'static str) -> impl FnOnce(std::io::Error) -> StepError {
+    move |source| StepError::Io { step, source }
+}
+
+fn api(step: &'static str) -> impl FnOnce(ApiError) -> StepError {
+    move |source| StepError::Api { step, source }
+}
+
+#[derive(Debug, Default)]
+pub struct Container;
+
+impl Backend for Container {
+    fn kind(&self) -> Kind {
+        Kind::Container
+    }
+
+    fn check(&self, policy: &Policy) -> Result<(), BackendError> {
+        if policy.bottle.image.is_none() {
+            return Err(StepError::NoImage.into());
+        }
+        Ok(())
+    }
+
+    fn visible_host_paths(&self) -> Vec<PathBuf> {
+        // The image's own filesystem, never the host's.
+        Vec::new()
+    }
+
+    fn prepare(&self, root: &Path) -> Result<Box<dyn Launch>, BackendError> {
+        let api = Api::connect().map_err(StepError::Engine)?;
+        if api.info().map_err(StepError::Engine)?.rootless {
+            return Err(StepError::Rootless.into());
+        }
+        Ok(Box::new(ContainerLaunch {
+            api,
+            root: root.to_path_buf(),
+            id: None,
+            pid: None,
+            dir: None,
+            io: None,
+            listener_ready: false,
+        }))
+    }
+
+    fn exec(
+        &self,
+        _root: &Path,
+        _dir: &StateDir,
+        s: &BottleState,
+        command: &[String],
+        _forward_termination: &dyn Fn(u32),
+    ) -> Result<u8, BackendError> {
+        if !(s.is_live() && s.status == state::Status::Running) {
+            return Err(StepError::NotRunning(s.name.to_string()).into());
+        }
+        let api = Api::connect().map_err(StepError::Engine)?;
+        let code = api
+            .exec(&plan::container_name(s.name.as_str()), &plan::with_env(command))
+            .map_err(api_err("exec"))?;
+        Ok(u8::try_from(code).unwrap_or(1))
+    }
+}
+
+fn api_err(step: &'static str) -> impl FnOnce(ApiError) -> StepError {
+    api(step)
+}
+
+pub struct ContainerLaunch {
+    api: Api,
+    root: PathBuf,
+    /// The container, once created.
+    id: Option<String>,
+    /// Its first process on the host, once started.
+    pid: Option<u32>,
+    dir: Option<PathBuf>,
+    io: Option<AgentIo>,
+    listener_ready: bool,
+}
+
+/// The uid and gid the agent runs as: the launcher's, or for a root launcher the workspace owner's (never 0).
+fn agent_user(workspace: &Path) -> Result<(u32, u32), StepError> {
+    let (uid, gid) = (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw());
+    if uid != 0 {
+        return Ok((uid, gid));
+    }
+    let meta = std::fs::metadata(workspace).map_err(io("preflight"))?;
+    if meta.uid() == 0 {
+        return Err(StepError::RootWorkspace(workspace.to_path_buf()));
+    }
+    Ok((meta.uid(), meta.gid()))
+}
+
+impl Launch for ContainerLaunch {
+    fn begin(&mut self, spec: BottleSpec, dir: &StateDir) -> Result<(), BackendError> {
+        if matches!(spec.io, AgentIo::Terminal) {
+            return Err(StepError::Terminal.into());
+        }
+        let image = spec.image.clone().ok_or(StepError::NoImage)?;
+        if !self.api.has_image(&image).map_err(StepError::Engine)? {
+            return Err(StepError::MissingImage(image).into());
+        }
+        let user = agent_user(&spec.workspace)?;
+        if let Some(home) = &spec.home {
+            home_for(home, &self.root, user)?;
+        }
+        sweep(&self.api, &self.root, spec.name.as_str());
+        // The gate and the CA bundle: a folder of the state directory, shown read-only. The bundle is written in
+        // place at `start` (the bind holds its inode).
+        let shared = dir.path.join(SHARED_DIR);
+        std::fs::create_dir(&shared).map_err(io("begin"))?;
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).map_err(io("begin"))?;
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            shared.join(plan::GATE),
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .map_err(|e| StepError::Io {
+            step: "begin",
+            source: e.into(),
+        })?;
+        let workdir = spec.workspace.as_os_str().as_encoded_bytes().to_vec();
+        for (file, contents) in [
+            (CA_FILE, Vec::new()),
+            (plan::ENV_FILE, Vec::new()),
+            (plan::WORKDIR_FILE, workdir),
+        ] {
+            let path = shared.join(file);
+            std::fs::write(&path, contents).map_err(io("begin"))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).map_err(io("begin"))?;
+        }
+        // The CA bundle appears where every bottle has it.
+        let mut env = spec.env.clone();
+        env.extend(spec.pass_env.clone());
+        let mut env = bottle_env(Path::new(plan::HOME), &env);
+        let in_container_ca = format!("{}/{CA_FILE}", plan::IN_CONTAINER_DIR);
+        for v in env.values_mut() {
+            if v == IN_BOTTLE_CA_BUNDLE {
+                *v = in_container_ca.clone();
+            }
+        }
+        let body = plan::plan(&plan::Inputs {
+            spec: &spec,
+            image: &image,
+            user,
+            shared_dir: &shared,
+            env: &env,
+            root: &self.root,
+        });
+        let name = plan::container_name(spec.name.as_str());
+        // A container of this name left by a killed launch of this bottle (the lease says nobody holds the name).
+        self.api.remove(&name).map_err(api("begin"))?;
+        let id = self.api.create(&name, body).map_err(api("create"))?;
+        self.id = Some(id.clone());
+        self.dir = Some(dir.path.clone());
+        self.api.start(&id).map_err(api("start"))?;
+        let inspected = self.api.inspect(&id).map_err(api("start"))?;
+        let pid = inspected
+            .state
+            .as_ref()
+            .and_then(|s| s.pid)
+            .and_then(|p| u32::try_from(p).ok())
+            .filter(|p| *p > 0)
+            .ok_or_else(|| StepError::Verify("the engine reports no process for the container".into()))?;
+        self.pid = Some(pid);
+        check_limits(&spec, &inspected)?;
+        self.io = Some(spec.io);
+        Ok(())
+    }
+
+    fn attach(&mut self) -> Result<Attachment, BackendError> {
+        let pid = self.pid.ok_or(StepError::Order("attach before begin"))?;
+        let listener = crate::sys::ns::in_netns_of(pid, || {
+            TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, IN_BOTTLE_PROXY_PORT))
+        })
+        .map_err(io("bundle"))?;
+        self.listener_ready = true;
+        Ok(Attachment {
+            listener,
+            serve: Serve::Proxy,
+            urls: Urls {
+                proxy: format!("http://127.0.0.1:{IN_BOTTLE_PROXY_PORT}"),
+                interceptor: None,
+            },
+        })
+    }
+
+    fn start(&mut self, services: &dyn Services, _urls: &Urls) -> Result<Started, BackendError> {
+        let (pid, dir) = match (self.pid, &self.dir) {
+            (Some(p), Some(d)) if self.listener_ready => (p, d.clone()),
+            _ => return Err(StepError::Order("start before attach").into()),
+        };
+        let shared = dir.join(SHARED_DIR);
+        write_ca_bundle(&shared.join(CA_FILE), services.ca_pem()).map_err(io("start"))?;
+        // The credentials' placeholders (made by the proxy after the container was created) reach the agent and
+        // `exec` through a file the gate sources.
+        write_env(&shared.join(plan::ENV_FILE), &services.placeholders()).map_err(io("start"))?;
+        verify(pid)?;
+        // `stop` (SIGTERM to the supervisor) reaches the agent: the container's first process, seen from the host.
+        services.forward_termination(pid);
+        open_gate(&shared.join(plan::GATE)).map_err(io("start"))?;
+        Ok(Started { init_pid: None })
+    }
+
+    fn wait(&mut self, _services: &dyn Services) -> Result<Exit, BackendError> {
+        let id = self.id.clone().ok_or(StepError::Order("wait before begin"))?;
+        type Sinks = (Box<dyn Write + Send>, Box<dyn Write + Send>);
+        let follower: Option<Sinks> = match self.io.take() {
+            Some(AgentIo::Log(file)) => Some((Box::new(file.try_clone().map_err(io("run"))?), Box::new(file))),
+            Some(AgentIo::Inherit) => Some((Box::new(std::io::stdout()), Box::new(std::io::stderr()))),
+            _ => None,
+        };
+        if let Some((mut out, mut err)) = follower {
+            // Until the container ends (its output then ends too).
+            let _ = self.api.follow_logs(&id, &mut out, &mut err);
+        }
+        let code = self.api.wait(&id).map_err(api("run"))?;
+        let code = u8::try_from(code).unwrap_or(1);
+        let start_failure = match code {
+            125 => Some("the agent never passed the gate (its confinement was not verified)".to_string()),
+            126 | 127 => Some(format!(
+                "the command could not be started in the container (exit {code}: {})",
+                if code == 127 {
+                    "not found in the image"
+                } else {
+                    "not executable"
+                }
+            )),
+            _ => None,
+        };
+        Ok(Exit { code, start_failure })
+    }
+
+    fn shutdown(&mut self) -> Result<(), TeardownError> {
+        let mut left = TeardownError::default();
+        if let Some(id) = self.id.take()
+            && let Err(e) = self.api.remove(&id)
+        {
+            left.left.push(format!("container {id} ({e}): `docker rm -f {id}`"));
+        }
+        sweep(&self.api, &self.root, "");
+        left.into_result()
+    }
+}
+
+impl Drop for ContainerLaunch {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+/// A kept home the agent (not root) must own: bot-bottle's own homes are handed to it; another directory must be
+/// its already.
+fn home_for(home: &Path, root: &Path, (uid, gid): (u32, u32)) -> Result<(), StepError> {
+    let meta = std::fs::metadata(home).map_err(io("preflight"))?;
+    if meta.uid() == uid {
+        return Ok(());
+    }
+    if home.starts_with(root) {
+        return std::os::unix::fs::chown(home, Some(uid), Some(gid)).map_err(io("preflight"));
+    }
+    Err(StepError::Io {
+        step: "preflight",
+        source: std::io::Error::other(format!(
+            "the home {} is not owned by uid {uid}, whom the agent runs as: `chown {uid}:{gid} {}` or choose another \
+             with --home",
+            home.display(),
+            home.display()
+        )),
+    })
+}
+
+/// Removes containers of this state root whose bottle is gone (its state removed, or its supervisor dead: killed
+/// with -9, so its own teardown never ran). `keep` is the bottle doing the sweep. Failures are logged, never fatal.
+fn sweep(api: &Api, root: &Path, keep: &str) {
+    let labels = [
+        format!("{}={}", plan::OWNER_LABEL.0, plan::OWNER_LABEL.1),
+        format!("{}={}", plan::ROOT_LABEL, root.display()),
+    ];
+    let Ok(found) = api.list_labelled(&labels) else {
+        return;
+    };
+    for name in found {
+        let Some(bottle) = name.strip_prefix("bot-bottle-") else {
+            continue;
+        };
+        let Ok(bottle) = bottle_policy::BottleName::parse(bottle) else {
+            continue;
+        };
+        if bottle.as_str() == keep {
+            continue;
+        }
+        let gone = match StateDir::open(root, bottle.as_str()) {
+            Err(state::StateError::NotFound(_)) => true,
+            Ok(dir) => dir.read().is_ok_and(|s| !s.is_live()),
+            Err(_) => false,
+        };
+        if gone {
+            match api.remove(&name) {
+                Ok(()) => tracing::info!(container = %name, "removed the container of a bottle that is gone"),
+                Err(e) => {
+                    tracing::warn!(container = %name, error = %e, "cannot remove the container of a bottle that is gone")
+                }
+            }
+        }
+    }
+}
+
+/// The settings that bound the bottle, as the engine reports them: each must be what was asked.
+fn check_limits(spec: &BottleSpec, c: &bollard::models::ContainerInspectResponse) -> Result<(), StepError> {
+    let hc = c.host_config.clone().unwrap_or_default();
+    let want_mem = spec.memory_mib.map(|m| (m << 20) as i64);
+    let checks: [(&'static str, Option<i64>, Option<i64>); 3] = [
+        ("memory", want_mem, hc.memory.filter(|m| *m > 0)),
+        (
+            "pids",
+            Some(spec.pids.map_or(plan::DEFAULT_PIDS, i64::from)),
+            hc.pids_limit,
+        ),
+        (
+            "cpus",
+            spec.cpus.map(|c| i64::from(c) * 1_000_000_000),
+            hc.nano_cpus.filter(|n| *n > 0),
+        ),
+    ];
+    for (setting, asked, applied) in checks {
+        if asked.is_some() && asked != applied {
+            return Err(StepError::Limit {
+                setting,
+                asked: format!("{asked:?}"),
+                applied: format!("{applied:?}"),
+            });
+        }
+    }
+    let net = hc.network_mode.unwrap_or_default();
+    let caps = hc.cap_drop.unwrap_or_default();
+    if net != "none" || !caps.iter().any(|c| c == "ALL") || hc.readonly_rootfs != Some(true) {
+        return Err(StepError::Verify(format!(
+            "the engine reports network `{net}`, dropped capabilities {caps:?}, read-only root {:?}",
+            hc.readonly_rootfs
+        )));
+    }
+    Ok(())
+}
+
+/// System roots (for passthrough hosts) and the bottle CA, in place (the container's bind holds the inode).
+fn write_ca_bundle(path: &Path, bottle_ca: &str) -> std::io::Result<()> {
+    let mut bundle = SYSTEM_ROOTS
+        .iter()
+        .find_map(|p| std::fs::read(p).ok())
+        .unwrap_or_default();
+    if !bundle.ends_with(b"\n") && !bundle.is_empty() {
+        bundle.push(b'\n');
+    }
+    bundle.extend_from_slice(bottle_ca.as_bytes());
+    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(path)?;
+    f.write_all(&bundle)?;
+    f.sync_all()
+}
+
+/// From inside the container's network namespace: it is not the host's, it has no interface but `lo` and no
+/// route, the proxy answers and refuses a host it does not allow, and neither a direct address nor a service on the
+/// host's loopback can be reached.
+fn verify(pid: u32) -> Result<(), StepError> {
+    let own = std::fs::metadata("/proc/self/ns/net").map_err(io("verify"))?.ino();
+    let theirs = std::fs::metadata(format!("/proc/{pid}/ns/net"))
+        .map_err(io("verify"))?
+        .ino();
+    if own == theirs {
+        return Err(StepError::Verify(
+            "the container shares the host's network namespace".into(),
+        ));
+    }
+    let devices = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).map_err(io("verify"))?;
+    let interfaces: Vec<&str> = devices
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next().map(str::trim))
+        .collect();
+    if interfaces != ["lo"] {
+        return Err(StepError::Verify(format!(
+            "the container has interfaces {interfaces:?}, not only `lo`"
+        )));
+    }
+    let routes = std::fs::read_to_string(format!("/proc/{pid}/net/route")).map_err(io("verify"))?;
+    if routes.lines().skip(1).any(|l| !l.trim().is_empty()) {
+        return Err(StepError::Verify("the container has an IPv4 route".into()));
+    }
+    // A canary on the host's loopback: reachable from the host, never from the bottle.
+    let canary = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("verify"))?;
+    let canary_addr = canary.local_addr().map_err(io("verify"))?;
+    let proxy = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, IN_BOTTLE_PROXY_PORT));
+    // The canary's port on the container's own loopback: nothing listens there unless the namespaces were shared.
+    crate::sys::ns::in_netns_of(pid, move || {
+        crate::namespace::init::self_test(proxy, Some(canary_addr)).map_err(std::io::Error::other)
+    })
+    .map_err(|e| StepError::Verify(e.to_string()))?;
+    drop(canary);
+    Ok(())
+}
+
+/// `export KEY='VALUE'` lines for the gate's shell (values single-quoted, so nothing in them is read as shell).
+fn write_env(path: &Path, vars: &BTreeMap<String, String>) -> std::io::Result<()> {
+    let mut text = String::new();
+    for (k, v) in vars {
+        if !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            continue;
+        }
+        text.push_str(&format!("export {k}='{}'\n", v.replace('\'', "'\\''")));
+    }
+    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
+}
+
+/// Lets the agent start: the shell at the gate reads one line. The FIFO is opened without blocking, so a container
+/// whose shell is gone is an error, not a hang.
+fn open_gate(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+        {
+            Ok(mut f) => return f.write_all(b"go\n"),
+            // ENXIO: nobody reads yet (the container's shell is starting).
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_in_the_hosts_network_namespace_fails_the_check() {
+        let err = verify(std::process::id()).unwrap_err().to_string();
+        assert!(err.contains("shares the host's network namespace"), "{err}");
+    }
+
+    #[test]
+    fn placeholders_are_exported_single_quoted_and_odd_names_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("env");
+        std::fs::write(&path, b"").unwrap();
+        let vars = BTreeMap::from([
+            ("KEY".to_string(), "it's $(x)".to_string()),
+            ("BAD NAME".to_string(), "x".to_string()),
+        ]);
+        write_env(&path, &vars).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "export KEY='it'\\''s $(x)'\n");
+        let out = std::process::Command::new("sh")
+            .args(["-c", ". \"$1\"; printf %s \"$KEY\"", "sh"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "it's $(x)");
+    }
+}

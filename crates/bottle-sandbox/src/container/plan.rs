@@ -1,0 +1,232 @@
+//! The container a bottle is, as data: what the engine is asked to create. Pure; every setting that confines the
+//! bottle is here, where a test reads it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountTmpfsOptions, MountType};
+
+use crate::backend::{BottleSpec, MountTarget};
+
+/// Where the gate the agent waits at (a FIFO) and the CA bundle appear in the container.
+pub const IN_CONTAINER_DIR: &str = "/.bot-bottle";
+pub const GATE: &str = "gate";
+/// The credentials' placeholders, as `export` lines the gate (and `exec`) source.
+pub const ENV_FILE: &str = "env";
+/// The workspace's path, for `exec`.
+pub const WORKDIR_FILE: &str = "workdir";
+/// The agent's home when the bottle keeps none.
+pub const HOME: &str = "/home/agent";
+/// Labels every bottle's container carries (the orphan sweep finds them by these).
+pub const OWNER_LABEL: (&str, &str) = ("owner", "bot-bottle");
+pub const BOTTLE_LABEL: &str = "bottle";
+/// `/tmp` (and a fresh home) are tmpfs of at most this, counted against the container's memory.
+const TMPFS_BYTES: i64 = 256 << 20;
+/// Labels naming the state root a container belongs to (sweeps never touch another root's bottles).
+pub const ROOT_LABEL: &str = "bot-bottle.root";
+
+/// What the plan needs besides the spec.
+pub struct Inputs<'a> {
+    pub spec: &'a BottleSpec,
+    pub image: &'a str,
+    /// `uid:gid` the agent runs as (never 0).
+    pub user: (u32, u32),
+    /// The host directory holding the gate FIFO and the CA bundle (shown read-only at `IN_CONTAINER_DIR`).
+    pub shared_dir: &'a Path,
+    /// The whole environment (proxy, CA, the policy's) as `KEY=VALUE`.
+    pub env: &'a BTreeMap<String, String>,
+    /// bot-bottle's state root, as a label.
+    pub root: &'a Path,
+}
+
+/// The name of a bottle's container.
+pub fn container_name(bottle: &str) -> String {
+    format!("bot-bottle-{bottle}")
+}
+
+pub fn plan(i: &Inputs<'_>) -> ContainerCreateBody {
+    let spec = i.spec;
+    let home = PathBuf::from(HOME);
+    let mut binds = vec![
+        bind(&spec.workspace, &spec.workspace, true),
+        bind(i.shared_dir, Path::new(IN_CONTAINER_DIR), false),
+    ];
+    if let Some(h) = &spec.home {
+        binds.push(bind(h, &home, true));
+    }
+    for m in &spec.mounts {
+        let target = match &m.target {
+            MountTarget::Absolute(p) => p.clone(),
+            MountTarget::InHome(rel) => home.join(rel),
+        };
+        binds.push(bind(&m.source, &target, m.writable));
+    }
+    let mut tmpfs = vec![tmpfs_at("/tmp", 0o1777)];
+    if spec.home.is_none() {
+        tmpfs.push(tmpfs_at(HOME, 0o700));
+    }
+    let gate = format!("{IN_CONTAINER_DIR}/{GATE}");
+    // The agent starts only once the bottle's confinement was verified from outside: it waits at the gate.
+    let mut cmd = vec![
+        "/bin/sh".to_string(),
+        "-c".into(),
+        format!(
+            "read _ < {gate} || exit 125; . {IN_CONTAINER_DIR}/{ENV_FILE} || exit 125; cd \"$1\" || exit 125; shift; \
+             exec \"$@\""
+        ),
+        "bot-bottle-gate".into(),
+        // The working directory, here rather than the engine's `WorkingDir`: Docker 20.10 creates that one in the
+        // image before the tmpfs mounts, which then lose their mode (a /tmp of 0755 when the workspace is under it).
+        spec.workspace.display().to_string(),
+    ];
+    cmd.extend(spec.argv.iter().cloned());
+    let labels = HashMap::from([
+        (OWNER_LABEL.0.to_string(), OWNER_LABEL.1.to_string()),
+        (BOTTLE_LABEL.to_string(), spec.name.to_string()),
+        (ROOT_LABEL.to_string(), i.root.display().to_string()),
+    ]);
+    ContainerCreateBody {
+        image: Some(i.image.to_string()),
+        entrypoint: Some(Vec::new()),
+        cmd: Some(cmd),
+        env: Some(i.env.iter().map(|(k, v)| format!("{k}={v}")).collect()),
+        user: Some(format!("{}:{}", i.user.0, i.user.1)),
+        labels: Some(labels),
+        hostname: Some(spec.name.to_string()),
+        host_config: Some(HostConfig {
+            // SECURITY: only `lo`; the proxy's listener is put into this namespace from the host.
+            network_mode: Some("none".into()),
+            cap_drop: Some(vec!["ALL".into()]),
+            security_opt: Some(vec!["no-new-privileges".into()]),
+            readonly_rootfs: Some(true),
+            mounts: Some(tmpfs),
+            binds: Some(binds),
+            memory: spec
+                .memory_mib
+                .map(|m| i64::try_from(m.saturating_mul(1 << 20)).unwrap_or(i64::MAX)),
+            // No swap beyond the memory limit.
+            memory_swap: spec
+                .memory_mib
+                .map(|m| i64::try_from(m.saturating_mul(1 << 20)).unwrap_or(i64::MAX)),
+            pids_limit: Some(spec.pids.map_or(DEFAULT_PIDS, i64::from)),
+            nano_cpus: spec.cpus.map(|c| i64::from(c) * 1_000_000_000),
+            // A real init as pid 1 (Docker's tini): `stop`'s SIGTERM reaches the agent, and zombies are reaped.
+            init: Some(true),
+            privileged: Some(false),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// `command` run with the placeholders of the bottle's credentials in its environment (for `exec`).
+pub fn with_env(command: &[String]) -> Vec<String> {
+    let mut argv = vec![
+        "/bin/sh".to_string(),
+        "-c".into(),
+        format!(
+            ". {IN_CONTAINER_DIR}/{ENV_FILE} || exit 125; cd \"$(cat {IN_CONTAINER_DIR}/{WORKDIR_FILE})\" || exit 125; \
+             exec \"$@\""
+        ),
+        "bot-bottle-exec".into(),
+    ];
+    argv.extend(command.iter().cloned());
+    argv
+}
+
+/// The pids cap when the policy names none (as the namespace backend's default).
+pub const DEFAULT_PIDS: i64 = 4096;
+
+fn tmpfs_at(target: &str, mode: i64) -> Mount {
+    Mount {
+        target: Some(target.into()),
+        typ: Some(MountType::TMPFS),
+        tmpfs_options: Some(MountTmpfsOptions {
+            size_bytes: Some(TMPFS_BYTES),
+            mode: Some(mode),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn bind(source: &Path, target: &Path, writable: bool) -> String {
+    let mode = if writable { "rw" } else { "ro" };
+    format!("{}:{}:{mode}", source.display(), target.display())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{AgentIo, MountSpec};
+
+    fn spec() -> BottleSpec {
+        BottleSpec {
+            name: bottle_policy::BottleName::parse("b1").unwrap(),
+            addr: std::net::Ipv4Addr::new(127, 0, 0, 2),
+            argv: vec!["echo".into(), "hi there".into()],
+            workspace: "/w".into(),
+            home: None,
+            env: BTreeMap::new(),
+            pass_env: BTreeMap::new(),
+            image: Some("local/busybox".into()),
+            cpus: Some(2),
+            memory_mib: Some(64),
+            pids: None,
+            mounts: vec![MountSpec {
+                source: "/h/.cargo".into(),
+                target: MountTarget::InHome(".cargo".into()),
+                writable: false,
+            }],
+            io: AgentIo::Inherit,
+        }
+    }
+
+    #[test]
+    fn the_container_is_confined_and_waits_at_the_gate() {
+        let s = spec();
+        let env = BTreeMap::from([("HOME".to_string(), HOME.to_string())]);
+        let body = plan(&Inputs {
+            spec: &s,
+            image: "local/busybox",
+            user: (1000, 1000),
+            shared_dir: Path::new("/state/b1/container"),
+            env: &env,
+            root: Path::new("/state"),
+        });
+        let hc = body.host_config.unwrap();
+        assert_eq!(hc.network_mode.as_deref(), Some("none"));
+        assert_eq!(hc.cap_drop.unwrap(), ["ALL"]);
+        assert_eq!(hc.security_opt.unwrap(), ["no-new-privileges"]);
+        assert_eq!(hc.readonly_rootfs, Some(true));
+        assert_eq!(hc.memory, Some(64 << 20));
+        assert_eq!(hc.memory_swap, Some(64 << 20));
+        assert_eq!(hc.pids_limit, Some(DEFAULT_PIDS));
+        assert_eq!(hc.nano_cpus, Some(2_000_000_000));
+        assert_eq!(
+            hc.binds.unwrap(),
+            [
+                "/w:/w:rw",
+                "/state/b1/container:/.bot-bottle:ro",
+                "/h/.cargo:/home/agent/.cargo:ro"
+            ]
+        );
+        let tmpfs: Vec<_> = hc
+            .mounts
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.target.unwrap(), m.tmpfs_options.unwrap().mode))
+            .collect();
+        assert_eq!(
+            tmpfs,
+            [("/tmp".to_string(), Some(0o1777)), (HOME.to_string(), Some(0o700))]
+        );
+        assert_eq!(body.user.as_deref(), Some("1000:1000"));
+        let cmd = body.cmd.unwrap();
+        assert_eq!(cmd[..2], ["/bin/sh", "-c"]);
+        assert!(cmd[2].starts_with("read _ < /.bot-bottle/gate"));
+        assert_eq!(cmd[4..], ["/w", "echo", "hi there"]);
+        assert_eq!(body.working_dir, None);
+        assert_eq!(body.labels.unwrap()["owner"], "bot-bottle");
+    }
+}

@@ -1,0 +1,86 @@
+//! Container-engine fixtures: whether a Docker daemon answers here, and a local test image built without any
+//! registry (static busybox for the shell, plus the host's `curl` with the libraries it links, `FROM scratch`).
+
+use std::path::Path;
+use std::process::Command;
+
+/// The test image's name; built once per machine (the build is cached by the engine afterwards).
+pub const IMAGE: &str = "bot-bottle-test/curl:1";
+
+/// Why container tests cannot run here, if they cannot.
+pub fn unavailable() -> Option<String> {
+    if !rustix::process::geteuid().is_root() {
+        return Some("the container tests need root (a rootful engine)".into());
+    }
+    match Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .output()
+    {
+        Ok(out) if out.status.success() => None,
+        Ok(out) => Some(format!(
+            "no Docker daemon answers: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Err(e) => Some(format!("no docker CLI: {e}")),
+    }
+}
+
+/// Builds `IMAGE` from this host's busybox and curl; panics if it cannot.
+pub fn image() -> &'static str {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = dir.path();
+        copy_into(ctx, Path::new("/bin/busybox"));
+        let curl = Path::new("/usr/bin/curl");
+        copy_into(ctx, curl);
+        let ldd = Command::new("ldd").arg(curl).output().unwrap();
+        for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+            // `libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x…)` or `/lib64/ld-linux-x86-64.so.2 (0x…)`
+            let path = line
+                .split("=>")
+                .last()
+                .and_then(|p| p.split_whitespace().next())
+                .filter(|p| p.starts_with('/'));
+            if let Some(p) = path {
+                copy_into(ctx, Path::new(p));
+            }
+        }
+        std::fs::write(
+            ctx.join("Dockerfile"),
+            "FROM scratch\nCOPY root/ /\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nCMD [\"/bin/sh\"]\n",
+        )
+        .unwrap();
+        let out = Command::new("docker")
+            .args(["build", "-q", "-t", IMAGE])
+            .arg(ctx)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "docker build: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    IMAGE
+}
+
+/// Copies `path` (following links) into `ctx/root` at the same path.
+fn copy_into(ctx: &Path, path: &Path) {
+    let at = ctx.join("root").join(path.strip_prefix("/").unwrap());
+    std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+    std::fs::copy(path, &at).unwrap();
+}
+
+/// Names of the containers (running or not) whose name starts with `prefix`.
+pub fn containers(prefix: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-a", "--format", "{{.Names}}"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_string)
+        .collect()
+}
