@@ -236,3 +236,39 @@ fn issue_15_a_missing_image_is_refused_before_anything_starts() {
     );
     assert!(container::containers("bot-bottle-ct-none").is_empty());
 }
+
+#[test]
+fn issue_15_an_interactive_run_gets_a_terminal_of_its_own() {
+    if skip() {
+        return;
+    }
+    let image = container::image();
+    let scene = Scene::new();
+    let mut launcher = Command::new(BB);
+    launcher
+        .args([
+            "run",
+            "--name",
+            "ct-tty",
+            "--backend",
+            "container",
+            "--image",
+            image,
+            "-e",
+            "PS1=$ ",
+            "--",
+            "sh",
+        ])
+        .env("XDG_STATE_HOME", scene.state())
+        .env("HOME", scene.path());
+    let mut tui = bottle_test_support::tui::Tui::start(&launcher, &scene.path().join("w"));
+    tui.type_keys(b"echo typed-$((40+2)); tty; stty size\r");
+    // A terminal of its own, whose size is the user's (40 rows, 120 columns in the harness).
+    tui.wait_for("typed-42 /dev/pts/0 40 120");
+    tui.type_keys(b"exit 7\r");
+    let shown = tui.finish();
+    assert!(container::containers("bot-bottle-ct-tty").is_empty(), "{shown}");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(scene.state().join("bot-bottle/ct-tty/state.json")).unwrap()).unwrap();
+    assert_eq!(state["exit_code"], 7, "{shown}");
+}

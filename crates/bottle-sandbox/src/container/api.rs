@@ -214,3 +214,109 @@ impl Api {
         Ok(inspected.exit_code.unwrap_or(-1))
     }
 }
+
+impl Api {
+    /// Joins the container's terminal to `peer` (the bottle side of a local pty whose master the user's terminal is
+    /// relayed to) until the container ends: its output to `peer`, `peer`'s input to it, `peer`'s window size to its
+    /// terminal. Returns the container's exit code.
+    pub fn join_terminal(&self, id: &str, peer: std::fs::File) -> Result<i64, ApiError> {
+        use bollard::query_parameters::{AttachContainerOptionsBuilder, ResizeContainerTTYOptionsBuilder};
+        use std::io::Write;
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::AsyncWriteExt;
+
+        let options = AttachContainerOptionsBuilder::default()
+            .stdin(true)
+            .stdout(true)
+            .stderr(true)
+            .stream(true)
+            // What the agent printed before the attach (it starts at the gate, just before) is replayed.
+            .logs(true)
+            .build();
+        let attached = self.call(self.docker.attach_container(id, Some(options)))?;
+        let (mut output, mut input) = (attached.output, attached.input);
+        let done = Arc::new(AtomicBool::new(false));
+        // Keys: a thread polls the pty (so it ends when the container does) and hands them to the runtime.
+        let (keys_tx, mut keys) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        let reader = peer.try_clone().map_err(|e| ApiError::Engine(e.to_string()))?;
+        let stop = Arc::clone(&done);
+        let keys_thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !stop.load(Ordering::Relaxed) {
+                let mut fds = [rustix::event::PollFd::new(&reader, rustix::event::PollFlags::IN)];
+                let timeout = rustix::event::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 100_000_000,
+                };
+                if rustix::event::poll(&mut fds, Some(&timeout)).unwrap_or(0) == 0 {
+                    continue;
+                }
+                match rustix::io::read(&reader, &mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if keys_tx.send(buf[..n].to_vec()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let mut screen = peer;
+        let size_of = |f: &std::fs::File| rustix::termios::tcgetwinsize(f).ok().map(|s| (s.ws_row, s.ws_col));
+        let sizer = screen.try_clone().map_err(|e| ApiError::Engine(e.to_string()))?;
+        let docker = self.docker.clone();
+        let id_owned = id.to_string();
+        let code = self.rt.block_on(async move {
+            let mut last = None;
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+            let mut waiting = Box::pin(async {
+                let mut stream = docker.wait_container(&id_owned, None);
+                match stream.next().await {
+                    Some(Ok(r)) => Ok(r.status_code),
+                    Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
+                    Some(Err(e)) => Err(ApiError::Engine(e.to_string())),
+                    None => Err(ApiError::Engine("the wait ended without a status".into())),
+                }
+            });
+            let mut output_open = true;
+            loop {
+                tokio::select! {
+                    item = output.next(), if output_open => match item {
+                        Some(Ok(chunk)) => {
+                            let _ = screen.write_all(&chunk.into_bytes()).and_then(|()| screen.flush());
+                        }
+                        _ => output_open = false,
+                    },
+                    Some(k) = keys.recv() => {
+                        let _ = input.write_all(&k).await;
+                        let _ = input.flush().await;
+                    }
+                    _ = tick.tick() => {
+                        let size = size_of(&sizer);
+                        if size != last && let Some((h, w)) = size {
+                            let options = ResizeContainerTTYOptionsBuilder::default().h(i32::from(h)).w(i32::from(w)).build();
+                            let _ = docker.resize_container_tty(&id_owned, options).await;
+                            last = size;
+                        }
+                    }
+                    code = &mut waiting => {
+                        // Whatever is left of the output, then the end.
+                        while output_open {
+                            match tokio::time::timeout(std::time::Duration::from_millis(200), output.next()).await {
+                                Ok(Some(Ok(chunk))) => {
+                                    let _ = screen.write_all(&chunk.into_bytes());
+                                }
+                                _ => output_open = false,
+                            }
+                        }
+                        return code;
+                    }
+                }
+            }
+        });
+        done.store(true, Ordering::Relaxed);
+        let _ = keys_thread.join();
+        code
+    }
+}

@@ -55,11 +55,8 @@ pub enum StepError {
          root: `chown -R USER {0}`, or run bot-bottle as that user (a bottle never runs as host root)"
     )]
     RootWorkspace(PathBuf),
-    #[error(
-        "interactive runs on the container backend are not built yet: use `run -d` and `exec`, or a command that \
-         needs no terminal"
-    )]
-    Terminal,
+    #[error("step run: cannot open a terminal for the container")]
+    Terminal(#[source] std::io::Error),
     #[error("step {step}: {source}")]
     Io {
         step: &'static str,
@@ -92,7 +89,6 @@ impl StepError {
             Self::Engine(_) | Self::NoImage | Self::MissingImage(_) | Self::Rootless | Self::RootWorkspace(_) => {
                 FailureClass::Preflight
             }
-            Self::Terminal => FailureClass::Unsupported,
             Self::NotRunning(_) => FailureClass::Target,
             _ => FailureClass::Sandbox,
         }
@@ -199,9 +195,6 @@ fn agent_user(workspace: &Path) -> Result<(u32, u32), StepError> {
 
 impl Launch for ContainerLaunch {
     fn begin(&mut self, spec: BottleSpec, dir: &StateDir) -> Result<(), BackendError> {
-        if matches!(spec.io, AgentIo::Terminal) {
-            return Err(StepError::Terminal.into());
-        }
         let image = spec.image.clone().ok_or(StepError::NoImage)?;
         if !self.api.has_image(&image).map_err(StepError::Engine)? {
             return Err(StepError::MissingImage(image).into());
@@ -310,8 +303,15 @@ impl Launch for ContainerLaunch {
         Ok(Started { init_pid: None })
     }
 
-    fn wait(&mut self, _services: &dyn Services) -> Result<Exit, BackendError> {
+    fn wait(&mut self, services: &dyn Services) -> Result<Exit, BackendError> {
         let id = self.id.clone().ok_or(StepError::Order("wait before begin"))?;
+        if matches!(self.io, Some(AgentIo::Terminal)) {
+            let (master, peer) = local_pty().map_err(StepError::Terminal)?;
+            let relay = services.relay_terminal(master).map_err(StepError::Terminal)?;
+            let code = self.api.join_terminal(&id, peer).map_err(api("run"));
+            relay.finish();
+            return Ok(exit(code?));
+        }
         type Sinks = (Box<dyn Write + Send>, Box<dyn Write + Send>);
         let follower: Option<Sinks> = match self.io.take() {
             Some(AgentIo::Log(file)) => Some((Box::new(file.try_clone().map_err(io("run"))?), Box::new(file))),
@@ -322,21 +322,7 @@ impl Launch for ContainerLaunch {
             // Until the container ends (its output then ends too).
             let _ = self.api.follow_logs(&id, &mut out, &mut err);
         }
-        let code = self.api.wait(&id).map_err(api("run"))?;
-        let code = u8::try_from(code).unwrap_or(1);
-        let start_failure = match code {
-            125 => Some("the agent never passed the gate (its confinement was not verified)".to_string()),
-            126 | 127 => Some(format!(
-                "the command could not be started in the container (exit {code}: {})",
-                if code == 127 {
-                    "not found in the image"
-                } else {
-                    "not executable"
-                }
-            )),
-            _ => None,
-        };
-        Ok(Exit { code, start_failure })
+        Ok(exit(self.api.wait(&id).map_err(api("run"))?))
     }
 
     fn shutdown(&mut self) -> Result<(), TeardownError> {
@@ -355,6 +341,37 @@ impl Drop for ContainerLaunch {
     fn drop(&mut self) {
         let _ = self.shutdown();
     }
+}
+
+/// How the agent ended, from the container's exit code.
+fn exit(code: i64) -> Exit {
+    let code = u8::try_from(code).unwrap_or(1);
+    let start_failure = match code {
+        125 => Some("the agent never passed the gate (its confinement was not verified)".to_string()),
+        126 | 127 => Some(format!(
+            "the command could not be started in the container (exit {code}: {})",
+            if code == 127 {
+                "not found in the image"
+            } else {
+                "not executable"
+            }
+        )),
+        _ => None,
+    };
+    Exit { code, start_failure }
+}
+
+/// A local pty pair: the master for the user's relay, the peer (raw) for the container's terminal.
+fn local_pty() -> std::io::Result<(std::os::fd::OwnedFd, std::fs::File)> {
+    use rustix::pty::OpenptFlags;
+    let master = rustix::pty::openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+    rustix::pty::unlockpt(&master)?;
+    let peer = rustix::pty::ioctl_tiocgptpeer(&master, OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
+    // The container's own terminal does the line discipline; this one passes bytes as they are.
+    let mut raw = rustix::termios::tcgetattr(&peer)?;
+    raw.make_raw();
+    rustix::termios::tcsetattr(&peer, rustix::termios::OptionalActions::Now, &raw)?;
+    Ok((master, std::fs::File::from(peer)))
 }
 
 /// A kept home the agent (not root) must own: bot-bottle's own homes are handed to it; another directory must be

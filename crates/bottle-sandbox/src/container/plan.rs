@@ -85,7 +85,12 @@ pub fn plan(i: &Inputs<'_>) -> ContainerCreateBody {
         (BOTTLE_LABEL.to_string(), spec.name.to_string()),
         (ROOT_LABEL.to_string(), i.root.display().to_string()),
     ]);
+    // An interactive run: the container gets a terminal of its own, joined to the user's through a local pty.
+    let terminal = matches!(spec.io, crate::backend::AgentIo::Terminal);
     ContainerCreateBody {
+        tty: Some(terminal),
+        open_stdin: Some(terminal),
+        attach_stdin: Some(terminal),
         image: Some(i.image.to_string()),
         entrypoint: Some(Vec::new()),
         cmd: Some(cmd),
