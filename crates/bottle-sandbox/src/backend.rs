@@ -171,6 +171,10 @@ pub trait Backend {
         command: &[String],
         forward_termination: &dyn Fn(u32),
     ) -> Result<u8, BackendError>;
+    /// Removes what bottles of state root `root` whose supervisor is gone (killed with -9, so their own teardown
+    /// never ran) left in the backend, once `ls` or `rm` found them so. Best effort: says what it could not do in the
+    /// log, never fails the caller. Nothing to do where the kernel already took everything down with the supervisor.
+    fn reap(&self, _root: &Path) {}
 }
 
 /// One launch, driven by the recipe through its phases in order. Dropping it tears down what it started.

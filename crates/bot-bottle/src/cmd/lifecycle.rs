@@ -313,13 +313,22 @@ fn reap_if_dead(dir: &StateDir, mut s: BottleState) -> anyhow::Result<BottleStat
         if s.remove {
             // `run --rm` promised nothing is kept; its launcher was killed before it could keep that promise.
             StateDir { path: dir.path.clone() }.remove()?;
+            reap_backend(dir, &s);
             return Err(state::StateError::NotFound(s.name.to_string()).into());
         }
         s.status = Status::Failed;
         s.error = Some("its supervisor was killed; the bottle died with it".into());
         dir.write(&s)?;
+        reap_backend(dir, &s);
     }
     Ok(s)
+}
+
+/// What the bottle's backend holds for bottles that are gone (a container outlives a killed supervisor).
+fn reap_backend(dir: &StateDir, s: &BottleState) {
+    if let (Ok(backend), Some(root)) = (bottle_sandbox::backend::for_kind(s.backend), dir.path.parent()) {
+        backend.reap(root);
+    }
 }
 
 struct Counts {
@@ -481,7 +490,9 @@ pub fn rm(args: &RmArgs, out: &Output) -> anyhow::Result<u8> {
         }
         stop_bottle(&dir, s.clone())?;
     }
+    let kept = StateDir { path: dir.path.clone() };
     dir.remove()?;
+    reap_backend(&kept, &s);
     out.emit(&serde_json::json!({ "removed": s.name }), || format!("{}\n", s.name))?;
     Ok(0)
 }

@@ -48,6 +48,11 @@ pub struct EngineInfo {
 
 impl Api {
     pub fn connect() -> Result<Self, ApiError> {
+        Self::connect_within(CALL_TIMEOUT)
+    }
+
+    /// As `connect`, giving up after `timeout` when the daemon does not answer.
+    pub fn connect_within(timeout: Duration) -> Result<Self, ApiError> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -55,8 +60,8 @@ impl Api {
         let docker = Docker::connect_with_local_defaults().map_err(|e| ApiError::Connect(e.to_string()))?;
         // The daemon may be older than the client's API (Debian's 20.10 speaks 1.41): speak the daemon's.
         let docker = rt
-            .block_on(async { tokio::time::timeout(CALL_TIMEOUT, docker.negotiate_version()).await })
-            .map_err(|_| ApiError::Timeout(CALL_TIMEOUT))?
+            .block_on(async { tokio::time::timeout(timeout, docker.negotiate_version()).await })
+            .map_err(|_| ApiError::Timeout(timeout))?
             .map_err(|e| ApiError::Connect(e.to_string()))?;
         Ok(Self { docker, rt })
     }

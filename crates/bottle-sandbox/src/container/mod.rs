@@ -145,6 +145,16 @@ impl Backend for Container {
         }))
     }
 
+    fn reap(&self, root: &Path) {
+        // A daemon that does not answer soon is not waited for: `ls` must stay quick.
+        match Api::connect_within(std::time::Duration::from_secs(3)) {
+            Ok(api) => sweep(&api, root, ""),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach the container engine to remove containers of bottles that are gone")
+            }
+        }
+    }
+
     fn exec(
         &self,
         _root: &Path,
