@@ -95,6 +95,8 @@ struct Scene {
     ca: TestCa,
     /// Launch as this uid (`setpriv`) instead of root; the scene is then theirs.
     user: Option<u32>,
+    /// Run the bottles on the container backend with this image instead of the namespace backend.
+    image: Option<String>,
 }
 
 impl Scene {
@@ -104,7 +106,21 @@ impl Scene {
             std::fs::create_dir_all(dir.path().join(d)).unwrap();
         }
         let ca = TestCa::mint(&dir.path().join("pki"), "upstream-ca", "bot-bottle agents test CA");
-        Self { dir, ca, user: None }
+        Self {
+            dir,
+            ca,
+            user: None,
+            image: None,
+        }
+    }
+
+    /// A scene whose bottles are containers of `image`; the workspace is `nobody`'s (a root launcher's container
+    /// bottle runs as the workspace's owner).
+    fn in_container(image: String) -> Self {
+        let mut s = Self::new();
+        std::os::unix::fs::chown(s.path("work"), Some(65534), Some(65534)).unwrap();
+        s.image = Some(image);
+        s
     }
 
     /// A scene whose files belong to `uid`, who launches its bottles.
@@ -136,6 +152,9 @@ impl Scene {
     fn command(&self, agent: &str, hosts: &[&str], addr: &str, key_var: &str) -> Command {
         let mut cmd = bottles::launcher(BB, self.user);
         cmd.args(["run", "--agent", agent]);
+        if let Some(image) = &self.image {
+            cmd.args(["--backend", "container", "--image", image]);
+        }
         for host in hosts {
             cmd.args(["--resolve", &format!("{host}={addr}")]);
         }
@@ -185,6 +204,26 @@ fn claude_code_answers_from_the_fake_api_with_the_real_key_and_continues_in_its_
     claude_round(Scene::of_user(65534), "127.0.1.24");
 }
 
+/// The same round in a container bottle: an image with the host's `claude` (a single executable) and busybox.
+#[test]
+fn claude_code_in_a_container_bottle_answers_with_the_real_key_and_continues() {
+    need_agent!("claude");
+    if let Some(why) = bottle_test_support::container::unavailable() {
+        require::skip("container", &why);
+        return;
+    }
+    let claude = std::fs::canonicalize(which("claude")).unwrap();
+    let image = bottle_test_support::container::image_with("bot-bottle-test/claude:1", &claude, "claude");
+    claude_round(Scene::in_container(image), "127.0.1.34");
+}
+
+/// `cli` on PATH.
+fn which(cli: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join(cli)).find(|f| f.is_file()))
+        .unwrap_or_else(|| panic!("{cli} is not on PATH"))
+}
+
 fn claude_round(s: Scene, addr: &str) {
     let api = FakeApi::start(&s.path("pki"), &s.ca, &["api.anthropic.com"], addr, "FAKE-CLAUDE-REPLY");
     let first = s.run(
@@ -216,7 +255,7 @@ fn claude_round(s: Scene, addr: &str) {
         "api.anthropic.com",
         addr,
         "ANTHROPIC_API_KEY",
-        &["sh", "-c", "printenv ANTHROPIC_API_KEY"],
+        &["sh", "-c", "echo \"$ANTHROPIC_API_KEY\""],
     );
     assert!(env.status.success(), "{}", text(&env));
     let inside = String::from_utf8_lossy(&env.stdout);

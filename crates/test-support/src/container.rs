@@ -28,41 +28,69 @@ pub fn unavailable() -> Option<String> {
 /// Builds `IMAGE` from this host's busybox and curl; panics if it cannot.
 pub fn image() -> &'static str {
     static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    BUILT.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let ctx = dir.path();
-        copy_into(ctx, Path::new("/bin/busybox"));
-        let curl = Path::new("/usr/bin/curl");
-        copy_into(ctx, curl);
-        let ldd = Command::new("ldd").arg(curl).output().unwrap();
-        for line in String::from_utf8_lossy(&ldd.stdout).lines() {
-            // `libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x…)` or `/lib64/ld-linux-x86-64.so.2 (0x…)`
-            let path = line
-                .split("=>")
-                .last()
-                .and_then(|p| p.split_whitespace().next())
-                .filter(|p| p.starts_with('/'));
-            if let Some(p) = path {
-                copy_into(ctx, Path::new(p));
-            }
-        }
-        std::fs::write(
-            ctx.join("Dockerfile"),
-            "FROM scratch\nCOPY root/ /\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nCMD [\"/bin/sh\"]\n",
-        )
-        .unwrap();
-        let out = Command::new("docker")
-            .args(["build", "-q", "-t", IMAGE])
-            .arg(ctx)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "docker build: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    });
+    BUILT.get_or_init(|| build(IMAGE, &[]));
     IMAGE
+}
+
+/// An image with `IMAGE`'s tools plus `binary` (and the libraries it links) at `/usr/local/bin/<name>`, and an
+/// `/etc/passwd` naming `nobody` (agents look their user up). Built on each call (the engine caches the layers).
+pub fn image_with(tag: &str, binary: &Path, name: &str) -> String {
+    build(tag, &[(binary, name)]);
+    tag.to_string()
+}
+
+fn build(tag: &str, extra: &[(&Path, &str)]) {
+    let dir = tempfile::tempdir().unwrap();
+    let ctx = dir.path();
+    copy_into(ctx, Path::new("/bin/busybox"));
+    let curl = Path::new("/usr/bin/curl");
+    copy_into(ctx, curl);
+    copy_libs(ctx, curl);
+    for (binary, name) in extra {
+        let at = ctx.join("root/usr/local/bin").join(name);
+        std::fs::create_dir_all(at.parent().unwrap()).unwrap();
+        std::fs::copy(binary, &at).unwrap();
+        copy_libs(ctx, binary);
+    }
+    let etc = ctx.join("root/etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(
+        etc.join("passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/home/agent:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(etc.join("group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM scratch\nCOPY root/ /\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nCMD [\"/bin/sh\"]\n",
+    )
+    .unwrap();
+    let out = Command::new("docker")
+        .args(["build", "-q", "-t", tag])
+        .arg(ctx)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "docker build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The libraries `binary` links (as `ldd` lists them), at their paths.
+fn copy_libs(ctx: &Path, binary: &Path) {
+    let ldd = Command::new("ldd").arg(binary).output().unwrap();
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // `libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x…)` or `/lib64/ld-linux-x86-64.so.2 (0x…)`
+        let path = line
+            .split("=>")
+            .last()
+            .and_then(|p| p.split_whitespace().next())
+            .filter(|p| p.starts_with('/'));
+        if let Some(p) = path {
+            copy_into(ctx, Path::new(p));
+        }
+    }
 }
 
 /// Copies `path` (following links) into `ctx/root` at the same path.
