@@ -276,3 +276,39 @@ fn issue_15_an_interactive_run_gets_a_terminal_of_its_own() {
         serde_json::from_slice(&std::fs::read(scene.state().join("bot-bottle/ct-tty/state.json")).unwrap()).unwrap();
     assert_eq!(state["exit_code"], 7, "{shown}");
 }
+
+#[test]
+fn issue_15_exec_from_a_terminal_gets_a_terminal_in_the_container() {
+    if skip() {
+        return;
+    }
+    let image = container::image();
+    let scene = Scene::new();
+    let out = scene.bb(&[
+        "run",
+        "-d",
+        "--name",
+        "ct-exec",
+        "--backend",
+        "container",
+        "--image",
+        image,
+        "--",
+        "sleep",
+        "600",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let mut launcher = Command::new(BB);
+    launcher
+        .args(["exec", "ct-exec", "--", "sh"])
+        .env("XDG_STATE_HOME", scene.state())
+        .env("HOME", scene.path());
+    let mut tui = bottle_test_support::tui::Tui::start(&launcher, &scene.path().join("w"));
+    tui.type_keys(b"echo in-$((3+4)) $(tty) $(stty size) $HTTPS_PROXY\r");
+    // Its own terminal, the user's size, and the bottle's environment.
+    tui.wait_for("in-7 /dev/pts/0 40 120 http://127.0.0.1:3128");
+    tui.type_keys(b"exit\r");
+    let _ = tui.finish();
+    let _ = scene.bb(&["rm", "-f", "ct-exec"]);
+    assert!(container::containers("bot-bottle-ct-exec").is_empty());
+}

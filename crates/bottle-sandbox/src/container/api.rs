@@ -220,17 +220,24 @@ impl Api {
     }
 }
 
+/// The container's side of a terminal session (bollard's attach or exec streams).
+type Output = std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = Result<bollard::container::LogOutput, bollard::errors::Error>> + Send>,
+>;
+type Input = std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>;
+
+/// The two ends of a terminal session: where keys come from and output goes, and whose size the agent's follows.
+struct Ends {
+    keys: std::fs::File,
+    screen: std::fs::File,
+    size_of: std::fs::File,
+}
+
 impl Api {
     /// Joins the container's terminal to `peer` (the bottle side of a local pty whose master the user's terminal is
-    /// relayed to) until the container ends: its output to `peer`, `peer`'s input to it, `peer`'s window size to its
-    /// terminal. Returns the container's exit code.
+    /// relayed to) until the container ends. Returns the container's exit code.
     pub fn join_terminal(&self, id: &str, peer: std::fs::File) -> Result<i64, ApiError> {
         use bollard::query_parameters::{AttachContainerOptionsBuilder, ResizeContainerTTYOptionsBuilder};
-        use std::io::Write;
-        use std::sync::Arc;
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use tokio::io::AsyncWriteExt;
-
         let options = AttachContainerOptionsBuilder::default()
             .stdin(true)
             .stdout(true)
@@ -240,11 +247,113 @@ impl Api {
             .logs(true)
             .build();
         let attached = self.call(self.docker.attach_container(id, Some(options)))?;
-        let (mut output, mut input) = (attached.output, attached.input);
+        let dup = |f: &std::fs::File| f.try_clone().map_err(|e| ApiError::Engine(e.to_string()));
+        let ends = Ends {
+            keys: dup(&peer)?,
+            size_of: dup(&peer)?,
+            screen: peer,
+        };
+        let (docker, resize_docker, id_owned) = (self.docker.clone(), self.docker.clone(), id.to_string());
+        let resize_id = id_owned.clone();
+        let end = async move {
+            let mut stream = docker.wait_container(&id_owned, None);
+            match stream.next().await {
+                Some(Ok(r)) => Ok(r.status_code),
+                Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
+                Some(Err(e)) => Err(ApiError::Engine(e.to_string())),
+                None => Err(ApiError::Engine("the wait ended without a status".into())),
+            }
+        };
+        let resize = move |h: u16, w: u16| -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+            let (docker, id) = (resize_docker.clone(), resize_id.clone());
+            Box::pin(async move {
+                let options = ResizeContainerTTYOptionsBuilder::default()
+                    .h(i32::from(h))
+                    .w(i32::from(w))
+                    .build();
+                let _ = docker.resize_container_tty(&id, options).await;
+            })
+        };
+        self.pump(attached.output, attached.input, ends, end, resize, false)?
+            .ok_or_else(|| ApiError::Engine("the container's terminal ended before the container".into()))
+    }
+
+    /// `exec` with the user's terminal: a terminal of its own in the container, the user's in raw mode meanwhile.
+    pub fn exec_terminal(&self, id: &str, command: &[String]) -> Result<i64, ApiError> {
+        use bollard::exec::{CreateExecOptions, ResizeExecOptions, StartExecResults};
+        let created = self.call(self.docker.create_exec(
+            id,
+            CreateExecOptions {
+                cmd: Some(command.to_vec()),
+                attach_stdin: Some(true),
+                attach_stdout: Some(true),
+                attach_stderr: Some(true),
+                tty: Some(true),
+                ..Default::default()
+            },
+        ))?;
+        let StartExecResults::Attached { output, input } = self.call(self.docker.start_exec(&created.id, None))? else {
+            return Err(ApiError::Engine("the exec did not attach".into()));
+        };
+        let file = |fd: std::os::fd::BorrowedFd<'_>| {
+            rustix::io::dup(fd)
+                .map(std::fs::File::from)
+                .map_err(|e| ApiError::Engine(e.to_string()))
+        };
+        let ends = Ends {
+            keys: file(rustix::stdio::stdin())?,
+            screen: file(rustix::stdio::stdout())?,
+            size_of: file(rustix::stdio::stdout())?,
+        };
+        let saved = rustix::termios::tcgetattr(&ends.keys).map_err(|e| ApiError::Engine(e.to_string()))?;
+        let mut raw = saved.clone();
+        raw.make_raw();
+        let _ = rustix::termios::tcsetattr(&ends.keys, rustix::termios::OptionalActions::Now, &raw);
+        let restore = ends.keys.try_clone().map_err(|e| ApiError::Engine(e.to_string()));
+        let (docker, exec_id) = (self.docker.clone(), created.id.clone());
+        let resize_docker = self.docker.clone();
+        let resize_id = created.id.clone();
+        // The session ends with the exec's output; its code is read afterwards.
+        let resize = move |h: u16, w: u16| -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+            let (docker, id) = (resize_docker.clone(), resize_id.clone());
+            Box::pin(async move {
+                let _ = docker.resize_exec(&id, ResizeExecOptions { height: h, width: w }).await;
+            })
+        };
+        let pumped = self.pump(output, input, ends, std::future::pending(), resize, true);
+        if let Ok(f) = restore {
+            let _ = rustix::termios::tcsetattr(&f, rustix::termios::OptionalActions::Now, &saved);
+        }
+        pumped?;
+        let inspected = self.call(docker.inspect_exec(&exec_id))?;
+        Ok(inspected.exit_code.unwrap_or(-1))
+    }
+
+    fn pump<F>(
+        &self,
+        mut output: Output,
+        mut input: Input,
+        ends: Ends,
+        end: F,
+        resize: impl Fn(u16, u16) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+        ends_with_output: bool,
+    ) -> Result<Option<i64>, ApiError>
+    where
+        F: std::future::Future<Output = Result<i64, ApiError>>,
+    {
+        use std::io::Write;
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::AsyncWriteExt;
+
+        let Ends {
+            keys: reader,
+            mut screen,
+            size_of: sizer,
+        } = ends;
         let done = Arc::new(AtomicBool::new(false));
-        // Keys: a thread polls the pty (so it ends when the container does) and hands them to the runtime.
+        // Keys: a thread polls (so it ends with the session) and hands them to the runtime.
         let (keys_tx, mut keys) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
-        let reader = peer.try_clone().map_err(|e| ApiError::Engine(e.to_string()))?;
         let stop = Arc::clone(&done);
         let keys_thread = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
@@ -267,23 +376,11 @@ impl Api {
                 }
             }
         });
-        let mut screen = peer;
-        let size_of = |f: &std::fs::File| rustix::termios::tcgetwinsize(f).ok().map(|s| (s.ws_row, s.ws_col));
-        let sizer = screen.try_clone().map_err(|e| ApiError::Engine(e.to_string()))?;
-        let docker = self.docker.clone();
-        let id_owned = id.to_string();
+        let size = |f: &std::fs::File| rustix::termios::tcgetwinsize(f).ok().map(|s| (s.ws_row, s.ws_col));
         let code = self.rt.block_on(async move {
             let mut last = None;
             let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
-            let mut waiting = Box::pin(async {
-                let mut stream = docker.wait_container(&id_owned, None);
-                match stream.next().await {
-                    Some(Ok(r)) => Ok(r.status_code),
-                    Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
-                    Some(Err(e)) => Err(ApiError::Engine(e.to_string())),
-                    None => Err(ApiError::Engine("the wait ended without a status".into())),
-                }
-            });
+            let mut end = std::pin::pin!(end);
             let mut output_open = true;
             loop {
                 tokio::select! {
@@ -291,21 +388,25 @@ impl Api {
                         Some(Ok(chunk)) => {
                             let _ = screen.write_all(&chunk.into_bytes()).and_then(|()| screen.flush());
                         }
-                        _ => output_open = false,
+                        _ => {
+                            output_open = false;
+                            if ends_with_output {
+                                return Ok(None);
+                            }
+                        }
                     },
                     Some(k) = keys.recv() => {
                         let _ = input.write_all(&k).await;
                         let _ = input.flush().await;
                     }
                     _ = tick.tick() => {
-                        let size = size_of(&sizer);
-                        if size != last && let Some((h, w)) = size {
-                            let options = ResizeContainerTTYOptionsBuilder::default().h(i32::from(h)).w(i32::from(w)).build();
-                            let _ = docker.resize_container_tty(&id_owned, options).await;
-                            last = size;
+                        let now = size(&sizer);
+                        if now != last && let Some((h, w)) = now {
+                            resize(h, w).await;
+                            last = now;
                         }
                     }
-                    code = &mut waiting => {
+                    code = &mut end => {
                         // Whatever is left of the output, then the end.
                         while output_open {
                             match tokio::time::timeout(std::time::Duration::from_millis(200), output.next()).await {
@@ -315,7 +416,7 @@ impl Api {
                                 _ => output_open = false,
                             }
                         }
-                        return code;
+                        return code.map(Some);
                     }
                 }
             }

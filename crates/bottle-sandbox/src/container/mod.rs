@@ -167,9 +167,16 @@ impl Backend for Container {
             return Err(StepError::NotRunning(s.name.to_string()).into());
         }
         let api = Api::connect().map_err(StepError::Engine)?;
-        let code = api
-            .exec(&plan::container_name(s.name.as_str()), &plan::with_env(command))
-            .map_err(api_err("exec"))?;
+        let (id, command) = (plan::container_name(s.name.as_str()), plan::with_env(command));
+        // With the user's terminal on both ends, the command gets a terminal of its own in the container.
+        let code = if std::io::IsTerminal::is_terminal(&std::io::stdin())
+            && std::io::IsTerminal::is_terminal(&std::io::stdout())
+        {
+            api.exec_terminal(&id, &command)
+        } else {
+            api.exec(&id, &command)
+        }
+        .map_err(api_err("exec"))?;
         Ok(u8::try_from(code).unwrap_or(1))
     }
 }
