@@ -47,6 +47,24 @@ impl Scene {
     fn path(&self) -> &Path {
         self.dir.path()
     }
+
+    /// `run -d --name NAME` of `sleep 600` in a container of `image`.
+    fn detached(&self, name: &str, image: &str) {
+        let out = self.bb(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--backend",
+            "container",
+            "--image",
+            image,
+            "--",
+            "sleep",
+            "600",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    }
 }
 
 fn skip() -> bool {
@@ -147,20 +165,7 @@ fn issue_15_stop_ends_a_container_bottle_and_a_killed_launcher_is_swept() {
     }
     let image = container::image();
     let scene = Scene::new();
-    let out = scene.bb(&[
-        "run",
-        "-d",
-        "--name",
-        "ct-stop",
-        "--backend",
-        "container",
-        "--image",
-        image,
-        "--",
-        "sleep",
-        "600",
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    scene.detached("ct-stop", image);
     assert_eq!(container::containers("bot-bottle-ct-stop"), ["bot-bottle-ct-stop"]);
     let exec = scene.bb(&["exec", "ct-stop", "--", "sh", "-c", "pwd; echo $HTTPS_PROXY"]);
     let shown = String::from_utf8_lossy(&exec.stdout);
@@ -171,20 +176,7 @@ fn issue_15_stop_ends_a_container_bottle_and_a_killed_launcher_is_swept() {
     assert_eq!(scene.bb(&["rm", "ct-stop"]).status.code(), Some(0));
 
     // kill -9 of the launcher: its teardown never runs; the next `ls` finds the bottle dead and removes its container.
-    let out = scene.bb(&[
-        "run",
-        "-d",
-        "--name",
-        "ct-kill",
-        "--backend",
-        "container",
-        "--image",
-        image,
-        "--",
-        "sleep",
-        "600",
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    scene.detached("ct-kill", image);
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(scene.state().join("bot-bottle/ct-kill/state.json")).unwrap()).unwrap();
     let pid = i32::try_from(state["supervisor_pid"].as_u64().unwrap()).unwrap();
@@ -284,20 +276,7 @@ fn issue_15_exec_from_a_terminal_gets_a_terminal_in_the_container() {
     }
     let image = container::image();
     let scene = Scene::new();
-    let out = scene.bb(&[
-        "run",
-        "-d",
-        "--name",
-        "ct-exec",
-        "--backend",
-        "container",
-        "--image",
-        image,
-        "--",
-        "sleep",
-        "600",
-    ]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    scene.detached("ct-exec", image);
     let mut launcher = Command::new(BB);
     launcher
         .args(["exec", "ct-exec", "--", "sh"])
