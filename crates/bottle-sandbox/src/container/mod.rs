@@ -9,11 +9,12 @@
 //! address unreachable); only then is the gate opened. Trusts the engine as the user does; checks what it reports.
 
 mod api;
+mod gate;
 pub mod plan;
+mod verify;
 
-use std::collections::BTreeMap;
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -25,7 +26,7 @@ use crate::backend::{
     AgentIo, Attachment, Backend, BackendError, BottleSpec, Exit, FailureClass, Kind, Launch, Serve, Services, Started,
     TeardownError, Urls,
 };
-use crate::namespace::spec::{IN_BOTTLE_CA_BUNDLE, IN_BOTTLE_PROXY_PORT, SYSTEM_ROOTS, bottle_env};
+use crate::namespace::spec::{IN_BOTTLE_CA_BUNDLE, IN_BOTTLE_PROXY_PORT, bottle_env};
 use crate::state::{self, BottleState, StateDir};
 
 /// The state directory's folder shown read-only in the container (gate FIFO, CA bundle).
@@ -281,7 +282,7 @@ impl Launch for ContainerLaunch {
             .filter(|p| *p > 0)
             .ok_or_else(|| StepError::Verify("the engine reports no process for the container".into()))?;
         self.pid = Some(pid);
-        check_limits(&spec, &inspected)?;
+        verify::check_limits(&spec, &inspected)?;
         self.io = Some(spec.io);
         Ok(())
     }
@@ -309,14 +310,14 @@ impl Launch for ContainerLaunch {
             _ => return Err(StepError::Order("start before attach").into()),
         };
         let shared = dir.join(SHARED_DIR);
-        write_ca_bundle(&shared.join(CA_FILE), services.ca_pem()).map_err(io("start"))?;
+        gate::write_ca_bundle(&shared.join(CA_FILE), services.ca_pem()).map_err(io("start"))?;
         // The credentials' placeholders (made by the proxy after the container was created) reach the agent and
         // `exec` through a file the gate sources.
-        write_env(&shared.join(plan::ENV_FILE), &services.placeholders()).map_err(io("start"))?;
-        verify(pid)?;
+        gate::write_env(&shared.join(plan::ENV_FILE), &services.placeholders()).map_err(io("start"))?;
+        verify::verify(pid)?;
         // `stop` (SIGTERM to the supervisor) reaches the agent: the container's first process, seen from the host.
         services.forward_termination(pid);
-        open_gate(&shared.join(plan::GATE)).map_err(io("start"))?;
+        gate::open_gate(&shared.join(plan::GATE)).map_err(io("start"))?;
         Ok(Started { init_pid: None })
     }
 
@@ -445,163 +446,5 @@ fn sweep(api: &Api, root: &Path, keep: &str) {
                 }
             }
         }
-    }
-}
-
-/// The settings that bound the bottle, as the engine reports them: each must be what was asked.
-fn check_limits(spec: &BottleSpec, c: &bollard::models::ContainerInspectResponse) -> Result<(), StepError> {
-    let hc = c.host_config.clone().unwrap_or_default();
-    let want_mem = spec.memory_mib.map(|m| (m << 20) as i64);
-    let checks: [(&'static str, Option<i64>, Option<i64>); 3] = [
-        ("memory", want_mem, hc.memory.filter(|m| *m > 0)),
-        (
-            "pids",
-            Some(spec.pids.map_or(plan::DEFAULT_PIDS, i64::from)),
-            hc.pids_limit,
-        ),
-        (
-            "cpus",
-            spec.cpus.map(|c| i64::from(c) * 1_000_000_000),
-            hc.nano_cpus.filter(|n| *n > 0),
-        ),
-    ];
-    for (setting, asked, applied) in checks {
-        if asked.is_some() && asked != applied {
-            return Err(StepError::Limit {
-                setting,
-                asked: format!("{asked:?}"),
-                applied: format!("{applied:?}"),
-            });
-        }
-    }
-    let net = hc.network_mode.unwrap_or_default();
-    let caps = hc.cap_drop.unwrap_or_default();
-    if net != "none" || !caps.iter().any(|c| c == "ALL") || hc.readonly_rootfs != Some(true) {
-        return Err(StepError::Verify(format!(
-            "the engine reports network `{net}`, dropped capabilities {caps:?}, read-only root {:?}",
-            hc.readonly_rootfs
-        )));
-    }
-    Ok(())
-}
-
-/// System roots (for passthrough hosts) and the bottle CA, in place (the container's bind holds the inode).
-fn write_ca_bundle(path: &Path, bottle_ca: &str) -> std::io::Result<()> {
-    let mut bundle = SYSTEM_ROOTS
-        .iter()
-        .find_map(|p| std::fs::read(p).ok())
-        .unwrap_or_default();
-    if !bundle.ends_with(b"\n") && !bundle.is_empty() {
-        bundle.push(b'\n');
-    }
-    bundle.extend_from_slice(bottle_ca.as_bytes());
-    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(path)?;
-    f.write_all(&bundle)?;
-    f.sync_all()
-}
-
-/// From inside the container's network namespace: it is not the host's, it has no interface but `lo` and no
-/// route, the proxy answers and refuses a host it does not allow, and neither a direct address nor a service on the
-/// host's loopback can be reached.
-fn verify(pid: u32) -> Result<(), StepError> {
-    let own = std::fs::metadata("/proc/self/ns/net").map_err(io("verify"))?.ino();
-    let theirs = std::fs::metadata(format!("/proc/{pid}/ns/net"))
-        .map_err(io("verify"))?
-        .ino();
-    if own == theirs {
-        return Err(StepError::Verify(
-            "the container shares the host's network namespace".into(),
-        ));
-    }
-    let devices = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).map_err(io("verify"))?;
-    let interfaces: Vec<&str> = devices
-        .lines()
-        .skip(2)
-        .filter_map(|l| l.split(':').next().map(str::trim))
-        .collect();
-    if interfaces != ["lo"] {
-        return Err(StepError::Verify(format!(
-            "the container has interfaces {interfaces:?}, not only `lo`"
-        )));
-    }
-    let routes = std::fs::read_to_string(format!("/proc/{pid}/net/route")).map_err(io("verify"))?;
-    if routes.lines().skip(1).any(|l| !l.trim().is_empty()) {
-        return Err(StepError::Verify("the container has an IPv4 route".into()));
-    }
-    // A canary on the host's loopback: reachable from the host, never from the bottle.
-    let canary = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("verify"))?;
-    let canary_addr = canary.local_addr().map_err(io("verify"))?;
-    let proxy = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, IN_BOTTLE_PROXY_PORT));
-    // The canary's port on the container's own loopback: nothing listens there unless the namespaces were shared.
-    crate::sys::ns::in_netns_of(pid, move || {
-        crate::namespace::init::self_test(proxy, Some(canary_addr)).map_err(std::io::Error::other)
-    })
-    .map_err(|e| StepError::Verify(e.to_string()))?;
-    drop(canary);
-    Ok(())
-}
-
-/// `export KEY='VALUE'` lines for the gate's shell (values single-quoted, so nothing in them is read as shell).
-fn write_env(path: &Path, vars: &BTreeMap<String, String>) -> std::io::Result<()> {
-    let mut text = String::new();
-    for (k, v) in vars {
-        if !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            continue;
-        }
-        text.push_str(&format!("export {k}='{}'\n", v.replace('\'', "'\\''")));
-    }
-    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(path)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()
-}
-
-/// Lets the agent start: the shell at the gate reads one line. The FIFO is opened without blocking, so a container
-/// whose shell is gone is an error, not a hang.
-fn open_gate(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
-        {
-            Ok(mut f) => return f.write_all(b"go\n"),
-            // ENXIO: nobody reads yet (the container's shell is starting).
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) && std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_process_in_the_hosts_network_namespace_fails_the_check() {
-        let err = verify(std::process::id()).unwrap_err().to_string();
-        assert!(err.contains("shares the host's network namespace"), "{err}");
-    }
-
-    #[test]
-    fn placeholders_are_exported_single_quoted_and_odd_names_skipped() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("env");
-        std::fs::write(&path, b"").unwrap();
-        let vars = BTreeMap::from([
-            ("KEY".to_string(), "it's $(x)".to_string()),
-            ("BAD NAME".to_string(), "x".to_string()),
-        ]);
-        write_env(&path, &vars).unwrap();
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), "export KEY='it'\\''s $(x)'\n");
-        let out = std::process::Command::new("sh")
-            .args(["-c", ". \"$1\"; printf %s \"$KEY\"", "sh"])
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "it's $(x)");
     }
 }

@@ -1,0 +1,82 @@
+//! The files the container sees at `/.bot-bottle` (read-only): the CA bundle, the placeholders the gate sources, and
+//! the gate itself, opened once the bottle was verified.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use crate::namespace::spec::SYSTEM_ROOTS;
+
+/// System roots (for passthrough hosts) and the bottle CA, in place (the container's bind holds the inode).
+pub(super) fn write_ca_bundle(path: &Path, bottle_ca: &str) -> std::io::Result<()> {
+    let mut bundle = SYSTEM_ROOTS
+        .iter()
+        .find_map(|p| std::fs::read(p).ok())
+        .unwrap_or_default();
+    if !bundle.ends_with(b"\n") && !bundle.is_empty() {
+        bundle.push(b'\n');
+    }
+    bundle.extend_from_slice(bottle_ca.as_bytes());
+    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(path)?;
+    f.write_all(&bundle)?;
+    f.sync_all()
+}
+
+/// `export KEY='VALUE'` lines for the gate's shell (values single-quoted, so nothing in them is read as shell).
+pub(super) fn write_env(path: &Path, vars: &BTreeMap<String, String>) -> std::io::Result<()> {
+    let mut text = String::new();
+    for (k, v) in vars {
+        if !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            continue;
+        }
+        text.push_str(&format!("export {k}='{}'\n", v.replace('\'', "'\\''")));
+    }
+    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
+}
+
+/// Lets the agent start: the shell at the gate reads one line. The FIFO is opened without blocking, so a container
+/// whose shell is gone is an error, not a hang.
+pub(super) fn open_gate(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+        {
+            Ok(mut f) => return f.write_all(b"go\n"),
+            // ENXIO: nobody reads yet (the container's shell is starting).
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_exported_single_quoted_and_odd_names_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("env");
+        std::fs::write(&path, b"").unwrap();
+        let vars = BTreeMap::from([
+            ("KEY".to_string(), "it's $(x)".to_string()),
+            ("BAD NAME".to_string(), "x".to_string()),
+        ]);
+        write_env(&path, &vars).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "export KEY='it'\\''s $(x)'\n");
+        let out = std::process::Command::new("sh")
+            .args(["-c", ". \"$1\"; printf %s \"$KEY\"", "sh"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "it's $(x)");
+    }
+}

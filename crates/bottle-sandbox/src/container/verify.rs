@@ -1,0 +1,98 @@
+//! What the launcher checks before the agent may start: the engine applied every bound asked of it, and from inside
+//! the container's network namespace the only way out is the bottle's proxy.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
+use std::os::unix::fs::MetadataExt;
+
+use super::{StepError, io, plan};
+use crate::backend::BottleSpec;
+use crate::namespace::spec::IN_BOTTLE_PROXY_PORT;
+
+/// The settings that bound the bottle, as the engine reports them: each must be what was asked.
+pub(super) fn check_limits(spec: &BottleSpec, c: &bollard::models::ContainerInspectResponse) -> Result<(), StepError> {
+    let hc = c.host_config.clone().unwrap_or_default();
+    let want_mem = spec.memory_mib.map(|m| (m << 20) as i64);
+    let checks: [(&'static str, Option<i64>, Option<i64>); 3] = [
+        ("memory", want_mem, hc.memory.filter(|m| *m > 0)),
+        (
+            "pids",
+            Some(spec.pids.map_or(plan::DEFAULT_PIDS, i64::from)),
+            hc.pids_limit,
+        ),
+        (
+            "cpus",
+            spec.cpus.map(|c| i64::from(c) * 1_000_000_000),
+            hc.nano_cpus.filter(|n| *n > 0),
+        ),
+    ];
+    for (setting, asked, applied) in checks {
+        if asked.is_some() && asked != applied {
+            return Err(StepError::Limit {
+                setting,
+                asked: format!("{asked:?}"),
+                applied: format!("{applied:?}"),
+            });
+        }
+    }
+    let net = hc.network_mode.unwrap_or_default();
+    let caps = hc.cap_drop.unwrap_or_default();
+    if net != "none" || !caps.iter().any(|c| c == "ALL") || hc.readonly_rootfs != Some(true) {
+        return Err(StepError::Verify(format!(
+            "the engine reports network `{net}`, dropped capabilities {caps:?}, read-only root {:?}",
+            hc.readonly_rootfs
+        )));
+    }
+    Ok(())
+}
+
+/// From inside the container's network namespace: it is not the host's, it has no interface but `lo` and no
+/// route, the proxy answers and refuses a host it does not allow, and neither a direct address nor a service on the
+/// host's loopback can be reached.
+pub(super) fn verify(pid: u32) -> Result<(), StepError> {
+    let own = std::fs::metadata("/proc/self/ns/net").map_err(io("verify"))?.ino();
+    let theirs = std::fs::metadata(format!("/proc/{pid}/ns/net"))
+        .map_err(io("verify"))?
+        .ino();
+    if own == theirs {
+        return Err(StepError::Verify(
+            "the container shares the host's network namespace".into(),
+        ));
+    }
+    let devices = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).map_err(io("verify"))?;
+    let interfaces: Vec<&str> = devices
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next().map(str::trim))
+        .collect();
+    if interfaces != ["lo"] {
+        return Err(StepError::Verify(format!(
+            "the container has interfaces {interfaces:?}, not only `lo`"
+        )));
+    }
+    let routes = std::fs::read_to_string(format!("/proc/{pid}/net/route")).map_err(io("verify"))?;
+    if routes.lines().skip(1).any(|l| !l.trim().is_empty()) {
+        return Err(StepError::Verify("the container has an IPv4 route".into()));
+    }
+    // A canary on the host's loopback: reachable from the host, never from the bottle.
+    let canary = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).map_err(io("verify"))?;
+    let canary_addr = canary.local_addr().map_err(io("verify"))?;
+    let proxy = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, IN_BOTTLE_PROXY_PORT));
+    // The canary's port on the container's own loopback: nothing listens there unless the namespaces were shared.
+    crate::sys::ns::in_netns_of(pid, move || {
+        crate::namespace::init::self_test(proxy, Some(canary_addr)).map_err(std::io::Error::other)
+    })
+    .map_err(|e| StepError::Verify(e.to_string()))?;
+    drop(canary);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_process_in_the_hosts_network_namespace_fails_the_check() {
+        let err = verify(std::process::id()).unwrap_err().to_string();
+        assert!(err.contains("shares the host's network namespace"), "{err}");
+    }
+}
