@@ -291,3 +291,45 @@ fn issue_15_exec_from_a_terminal_gets_a_terminal_in_the_container() {
     let _ = scene.bb(&["rm", "-f", "ct-exec"]);
     assert!(container::containers("bot-bottle-ct-exec").is_empty());
 }
+
+#[test]
+fn issue_15_written_limits_are_the_containers() {
+    if skip() {
+        return;
+    }
+    let image = container::image();
+    let scene = Scene::new();
+    std::fs::write(
+        scene.path().join("w/bottle.toml"),
+        "[bottle.resources]\nmemory_mib = 64\npids = 40\n",
+    )
+    .unwrap();
+    // 300 MiB held by one process under a 64 MiB limit: the kernel kills it (137); 60 processes under a cap of 40:
+    // some cannot be forked.
+    let script = "head -c 300000000 /dev/zero | sort >/dev/null; echo mem=$?; \
+                  ( for i in $(seq 60); do ( echo x >> /tmp/n; sleep 5 ) & done ) 2>/dev/null; \
+                  sleep 1; echo started=$(wc -l < /tmp/n)";
+    let out = scene.bb(&[
+        "run",
+        "--backend",
+        "container",
+        "--image",
+        image,
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("mem=137"), "{}", text(&out));
+    let started: usize = shown
+        .lines()
+        .find_map(|l| l.strip_prefix("started="))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{}", text(&out)));
+    assert!(
+        started < 40,
+        "{started} processes started under pids = 40: {}",
+        text(&out)
+    );
+}
