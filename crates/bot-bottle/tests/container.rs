@@ -333,3 +333,37 @@ fn issue_15_written_limits_are_the_containers() {
         text(&out)
     );
 }
+
+#[test]
+fn issue_15_a_container_of_that_name_that_is_not_the_bottles_is_never_touched() {
+    if skip() {
+        return;
+    }
+    let image = container::image();
+    let scene = Scene::new();
+    let theirs = Command::new("docker")
+        .args(["create", "--name", "bot-bottle-ct-taken", image, "true"])
+        .output()
+        .unwrap();
+    assert!(theirs.status.success(), "{}", text(&theirs));
+    let out = scene.bb(&[
+        "run",
+        "--name",
+        "ct-taken",
+        "--backend",
+        "container",
+        "--image",
+        image,
+        "--",
+        "true",
+    ]);
+    let _ = Command::new("docker")
+        .args(["rm", "-f", "bot-bottle-ct-taken"])
+        .output();
+    assert_eq!(out.status.code(), Some(122), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("exists and is not this bottle's"),
+        "{}",
+        text(&out)
+    );
+}

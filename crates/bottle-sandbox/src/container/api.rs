@@ -106,6 +106,15 @@ impl Api {
         }
     }
 
+    /// The labels of the container `name`, or `None` when there is none of that name.
+    pub fn labels_of(&self, name: &str) -> Result<Option<HashMap<String, String>>, ApiError> {
+        match self.rt.block_on(self.docker.inspect_container(name, None)) {
+            Ok(c) => Ok(Some(c.config.and_then(|c| c.labels).unwrap_or_default())),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
+            Err(e) => Err(ApiError::Engine(e.to_string())),
+        }
+    }
+
     pub fn create(&self, name: &str, body: ContainerCreateBody) -> Result<String, ApiError> {
         let options = CreateContainerOptionsBuilder::default().name(name).build();
         Ok(self.call(self.docker.create_container(Some(options), body))?.id)

@@ -80,6 +80,11 @@ pub enum StepError {
     },
     #[error("bottle `{0}` is not running")]
     NotRunning(String),
+    #[error(
+        "step begin: a container named `{0}` exists and is not this bottle's (another state root's, or not \
+         bot-bottle's): name the bottle otherwise (--name), or remove it yourself (`docker rm -f {0}`)"
+    )]
+    NameTaken(String),
     #[error("a phase ran out of order: {0}")]
     Order(&'static str),
 }
@@ -91,6 +96,7 @@ impl StepError {
                 FailureClass::Preflight
             }
             Self::NotRunning(_) => FailureClass::Target,
+            Self::NameTaken(_) => FailureClass::Preflight,
             _ => FailureClass::Sandbox,
         }
     }
@@ -267,8 +273,16 @@ impl Launch for ContainerLaunch {
             root: &self.root,
         });
         let name = plan::container_name(spec.name.as_str());
-        // A container of this name left by a killed launch of this bottle (the lease says nobody holds the name).
-        self.api.remove(&name).map_err(api("begin"))?;
+        // A container of this name left by a killed launch of this bottle (the lease says nobody holds the name) is
+        // removed; one that is not this state root's bottle is never touched.
+        if let Some(labels) = self.api.labels_of(&name).map_err(api("begin"))? {
+            let ours = labels.get(plan::ROOT_LABEL).map(String::as_str) == Some(&*self.root.to_string_lossy())
+                && labels.get(plan::OWNER_LABEL.0).map(String::as_str) == Some(plan::OWNER_LABEL.1);
+            if !ours {
+                return Err(StepError::NameTaken(name).into());
+            }
+            self.api.remove(&name).map_err(api("begin"))?;
+        }
         let id = self.api.create(&name, body).map_err(api("create"))?;
         self.id = Some(id.clone());
         self.dir = Some(dir.path.clone());
