@@ -291,6 +291,64 @@ fn claude_round(s: Scene, addr: &str) {
 }
 
 #[test]
+fn gemini_cli_answers_from_the_fake_api_with_the_real_key() {
+    need_agent!("gemini");
+    gemini_round(Scene::new(), "127.0.1.44");
+    gemini_round(Scene::of_user(65534), "127.0.1.54");
+}
+
+fn gemini_round(s: Scene, addr: &str) {
+    let host = "generativelanguage.googleapis.com";
+    let api = FakeApi::start(&s.path("pki"), &s.ca, &[host], addr, "FAKE-GEMINI-REPLY");
+    let out = s.run(
+        "gemini",
+        host,
+        addr,
+        "GEMINI_API_KEY",
+        &["gemini", "-p", "say hi MARKER-G"],
+    );
+    print_refused("gemini", &out);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("FAKE-GEMINI-REPLY"),
+        "{}",
+        text(&out)
+    );
+    let calls: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r["path"].as_str().unwrap().starts_with("/v1beta/models/"))
+        .collect();
+    assert!(
+        calls
+            .iter()
+            .any(|r| r["path"].as_str().unwrap().contains(":streamGenerateContent")
+                && r["body"].as_str().unwrap().contains("MARKER-G")),
+        "no model call with the prompt: {calls:#?}"
+    );
+    for c in &calls {
+        assert_eq!(
+            c["headers"]["x-goog-api-key"], REAL_KEY,
+            "the API got another key: {c:#}"
+        );
+    }
+    let env = s.run(
+        "gemini",
+        host,
+        addr,
+        "GEMINI_API_KEY",
+        &["sh", "-c", "echo \"$GEMINI_API_KEY\""],
+    );
+    let inside = String::from_utf8_lossy(&env.stdout);
+    assert!(
+        !inside.trim().is_empty() && !inside.contains(REAL_KEY),
+        "{}",
+        text(&env)
+    );
+    assert_eq!(s.homes_holding_the_key(), Vec::<PathBuf>::new());
+}
+
+#[test]
 fn codex_answers_from_the_fake_api_with_the_real_key_and_keeps_its_session() {
     need_agent!("codex");
     // As root (a mapped bottle) and as an unprivileged user (ids of their own).

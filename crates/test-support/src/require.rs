@@ -11,7 +11,7 @@
 //! - `container-escape`: the escape suite's families run on the container backend too (no runner yet).
 //! - `smolmachines`: a verified smolvm engine is installed and runs every step up to the guest's boot.
 //! - `smolmachines-boot`: guests also boot (KVM works, not nested).
-//! - `agents`: the pinned real agent CLIs (`claude`, `codex`, from the npm registry) are installed, and namespace
+//! - `agents`: the pinned real agent CLIs (`claude`, `codex`, `gemini`, from the npm registry) are installed, and namespace
 //!   bottles run (as for `namespace`).
 
 /// The environment variable.
