@@ -683,3 +683,16 @@ fn ls_never_reads_the_audit_log_through_a_planted_link() {
         .success()
         .stdout(predicate::str::contains("linked"));
 }
+
+#[test]
+fn a_standalone_proxy_in_ask_mode_without_a_reviewer_is_refused_as_a_policy_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    bb(tmp.path())
+        .args(["proxy", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(tmp.path().join("px"))
+        .arg("--ask")
+        .assert()
+        .code(121)
+        .stderr(predicate::str::contains("needs a reviewer in a standalone proxy"));
+    assert!(!tmp.path().join("px").exists(), "a refused proxy created its state");
+}
