@@ -144,6 +144,9 @@ struct Info {
     default_runtime: Option<String>,
     #[serde(rename = "CgroupVersion")]
     cgroup_version: Option<String>,
+    /// `name=seccomp,profile=default`, `name=rootless`, …
+    #[serde(rename = "SecurityOptions", default)]
+    security_options: Vec<String>,
 }
 
 /// The daemon's default runtime from `GET /info`; `None` when the daemon does not say.
@@ -154,7 +157,22 @@ fn runtime_check(host: &dyn Host, socket: &Path) -> Option<Check> {
     let info: Info = serde_json::from_slice(body).ok()?;
     let runtime = info.default_runtime?;
     let cgroup = info.cgroup_version.unwrap_or_else(|| "unknown".to_owned());
-    let detail = format!("default runtime {runtime}, cgroup v{cgroup}");
+    let rootless = info
+        .security_options
+        .iter()
+        .any(|o| o.split(',').any(|kv| kv == "name=rootless"));
+    let detail = format!(
+        "default runtime {runtime}, cgroup v{cgroup}, {}",
+        if rootless { "rootless" } else { "rootful" }
+    );
+    // The container backend puts the proxy's listener into the container's network namespace from the host, which a
+    // rootless engine's namespaces do not let it do.
+    if rootless {
+        let reason = "the engine is rootless; container bottles need a rootful engine for now";
+        let remedy = "start a rootful daemon (`sudo systemctl start docker`, or `sudo dockerd &`) and point DOCKER_HOST \
+                      at its socket (`unix:///var/run/docker.sock`)";
+        return Some(Check::new(NAME, Status::missing(reason, remedy)).with_detail(detail));
+    }
     // crun 1.8 refuses hybrid cgroup v1 hosts ("cgroups in hybrid mode not supported"); runc works there
     // (research/engines.md §2).
     if runtime == "crun" && cgroup == "1" {
@@ -219,7 +237,7 @@ mod tests {
         );
         assert_eq!(
             report.check("container runtime").unwrap().detail.as_deref(),
-            Some("default runtime runc, cgroup v1")
+            Some("default runtime runc, cgroup v1, rootful")
         );
         assert_eq!(report.worst(), Severity::Ok);
     }
@@ -321,6 +339,27 @@ mod tests {
         assert_eq!(
             run(&host).check("container runtime").unwrap().status.severity(),
             Severity::Degraded
+        );
+    }
+
+    #[test]
+    fn a_rootless_engine_is_missing_with_the_rootful_remedy() {
+        let mut host = FakeHost::healthy();
+        host.socket(
+            "/var/run/docker.sock",
+            "/info",
+            "HTTP/1.0 200 OK\r\n\r\n{\"DefaultRuntime\":\"runc\",\"CgroupVersion\":\"2\",\
+             \"SecurityOptions\":[\"name=seccomp,profile=default\",\"name=rootless\"]}",
+        );
+        let report = run(&host);
+        let check = report.check("container runtime").unwrap();
+        assert_eq!(
+            check.detail.as_deref(),
+            Some("default runtime runc, cgroup v2, rootless")
+        );
+        assert!(
+            remedy(&report, "container runtime").contains("rootful daemon"),
+            "{check:#?}"
         );
     }
 
