@@ -696,3 +696,16 @@ fn a_standalone_proxy_in_ask_mode_without_a_reviewer_is_refused_as_a_policy_erro
         .stderr(predicate::str::contains("needs a reviewer in a standalone proxy"));
     assert!(!tmp.path().join("px").exists(), "a refused proxy created its state");
 }
+
+#[test]
+fn an_image_on_the_namespace_backend_is_refused_not_ignored() {
+    let tmp = tempfile::tempdir().unwrap();
+    bb(tmp.path())
+        .args(["run", "--image", "debian:12", "--", "true"])
+        .assert()
+        .code(UNAVAILABLE)
+        .stderr(predicate::str::contains(
+            "is for the container and smolmachines backends",
+        ));
+    assert!(!tmp.path().join("state").exists(), "a refused launch wrote state");
+}

@@ -86,6 +86,11 @@ pub enum NamespaceError {
     Limits(#[source] crate::cgroup::CgroupError),
     #[error("memory_mib = {0} is too small for a bottle (at least {MIN_MEMORY_MIB})")]
     TooLittleMemory(u64),
+    #[error(
+        "`image` ({0}) is for the container and smolmachines backends; a namespace bottle shows this host's /usr: \
+         remove it, or run with --backend container"
+    )]
+    Image(String),
 }
 
 fn sandbox(e: impl Into<NamespaceError>) -> BackendError {
@@ -101,6 +106,13 @@ impl Backend for Namespace {
     }
 
     fn check(&self, policy: &Policy) -> Result<(), BackendError> {
+        // A written setting is enforced or refused: a namespace bottle has no image to run.
+        if let Some(image) = &policy.bottle.image {
+            return Err(BackendError::new(
+                FailureClass::Unsupported,
+                NamespaceError::Image(image.clone()),
+            ));
+        }
         match policy.bottle.resources.memory_mib {
             Some(mib) if mib < MIN_MEMORY_MIB => Err(BackendError::new(
                 FailureClass::Unsupported,
