@@ -57,6 +57,8 @@ pub struct Asks {
     /// For the recent refusals a reviewer command is shown.
     state_dir: PathBuf,
     command: Option<Vec<String>>,
+    /// SECURITY: the real credentials' variables: a reviewer sees the question, never the secrets the proxy injects.
+    secret_vars: Vec<String>,
     /// The proxy gives up on a question after this; a reviewer command still running then is killed.
     timeout: Duration,
     held: Mutex<BTreeMap<u64, Held>>,
@@ -68,8 +70,19 @@ pub struct Asks {
 }
 
 impl Asks {
-    pub fn new(bottle: &str, state_dir: PathBuf, ask: &bottle_policy::Ask) -> Arc<Self> {
+    /// `policy`'s ask settings; the variables its credentials are read from are kept from the reviewer command.
+    pub fn new(bottle: &str, state_dir: PathBuf, policy: &bottle_policy::Policy) -> Arc<Self> {
+        let ask = &policy.network.ask;
+        let secret_vars = policy
+            .credentials
+            .iter()
+            .filter_map(|c| match &c.source {
+                bottle_policy::SecretSource::FromEnv(var) => Some(var.clone()),
+                bottle_policy::SecretSource::FromFile(_) => None,
+            })
+            .collect();
         Arc::new(Self {
+            secret_vars,
             bottle: bottle.to_string(),
             state_dir,
             command: ask.reviewer.clone(),
@@ -168,17 +181,19 @@ impl Asks {
                 return;
             }
             let input = me.reviewer_input(&question);
+            let hidden = me.secret_vars.clone();
             // The proxy's own timeout answers first (as `timeout`); this one only makes sure the reviewer is killed.
             let limit = me.timeout + Duration::from_secs(1);
-            let (decision, reason, stick) = match tokio::time::timeout(limit, run_reviewer(&argv, &input)).await {
-                Ok(Ok(said)) => (said.decision, said.reason, Stick::AsAnswered),
-                Ok(Err(why)) => (Decision::Deny, why, Stick::ThisRequestOnly),
-                Err(_) => (
-                    Decision::Deny,
-                    "the reviewer did not answer in time; killed".into(),
-                    Stick::ThisRequestOnly,
-                ),
-            };
+            let (decision, reason, stick) =
+                match tokio::time::timeout(limit, run_reviewer(&argv, &hidden, &input)).await {
+                    Ok(Ok(said)) => (said.decision, said.reason, Stick::AsAnswered),
+                    Ok(Err(why)) => (Decision::Deny, why, Stick::ThisRequestOnly),
+                    Err(_) => (
+                        Decision::Deny,
+                        "the reviewer did not answer in time; killed".into(),
+                        Stick::ThisRequestOnly,
+                    ),
+                };
             let by = format!("reviewer {}", argv[0]);
             let _ = me.reply(question.id, decision, &reason, &by, stick);
         });
@@ -298,8 +313,12 @@ struct Said {
 
 /// Runs the reviewer once: `Ok` only for a zero exit with exactly one JSON answer on stdout. Killed when the
 /// question is given up (the task holding it is dropped with the child).
-async fn run_reviewer(argv: &[String], input: &str) -> Result<Said, String> {
-    let mut child = tokio::process::Command::new(&argv[0])
+async fn run_reviewer(argv: &[String], hidden: &[String], input: &str) -> Result<Said, String> {
+    let mut command = tokio::process::Command::new(&argv[0]);
+    for var in hidden {
+        command.env_remove(var);
+    }
+    let mut child = command
         .args(&argv[1..])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

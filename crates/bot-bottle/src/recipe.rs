@@ -229,7 +229,7 @@ fn launch_and_run(
     config.bottle = bottle.state.name.to_string();
     config.placeholder_seed = placeholder_seed;
     config.upstream_ca = req.upstream_ca.clone();
-    let asks = crate::asks::Asks::new(bottle.state.name.as_str(), bottle.dir.path.clone(), &policy.network.ask);
+    let asks = crate::asks::Asks::new(bottle.state.name.as_str(), bottle.dir.path.clone(), policy);
     config.reviewer = Some(Arc::new(crate::asks::Reviewing(Arc::clone(&asks))));
     let bundle = bundle.insert(Bundle::start(config)?);
     let attachment = launch.attach()?;

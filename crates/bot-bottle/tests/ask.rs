@@ -268,7 +268,7 @@ fn issue_16_a_reviewer_command_answers_a_hundred_held_requests_and_anything_odd_
     // The reviewer logs each question, then (by the question's own host, not one in its recent refusals): allow ok.test, hang on hang.test, crash on crash.test, print garbage
     // for junk.test.
     let reviewer = format!(
-        r#"read q; printf '%s\n' "$q" >> {seen}
+        r#"read q; printf '%s\n' "$q" >> {seen}; printf '%s\n' "${{BB_ASK_TEST_TOKEN:-unset}}" >> {seen}.env
 case "$q" in
   '{{"bottle":"rev","id":'*',"host":"ok.test",'*) echo '{{"decision":"allow-once","reason":"fine"}}';;
   '{{"bottle":"rev","id":'*',"host":"hang.test",'*) sleep 600;;
@@ -384,6 +384,12 @@ esac"#,
             "{junk}"
         );
         let questions = std::fs::read_to_string(&seen).unwrap();
+        // The reviewer never sees the real credential the launcher holds.
+        let reviewer_env = std::fs::read_to_string(seen.with_extension("jsonl.env")).unwrap();
+        assert!(
+            !reviewer_env.is_empty() && reviewer_env.lines().all(|l| l == "unset"),
+            "{reviewer_env}"
+        );
         if registry_is_private {
             assert_eq!(rule_of(REGISTRY), ["private-address"], "{audit:?}");
         }

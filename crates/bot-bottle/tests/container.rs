@@ -367,3 +367,55 @@ fn issue_15_a_container_of_that_name_that_is_not_the_bottles_is_never_touched() 
         text(&out)
     );
 }
+
+#[test]
+fn issue_15_pass_env_values_reach_the_agent_but_never_the_engines_config() {
+    if skip() {
+        return;
+    }
+    let image = container::image();
+    let scene = Scene::new();
+    std::fs::write(
+        scene.path().join("w/bottle.toml"),
+        "[bottle]\npass_env = [\"BB_PASSED\"]\n",
+    )
+    .unwrap();
+    let value = "passed-value-4c1e9d";
+    let out = Command::new(BB)
+        .args([
+            "run",
+            "-d",
+            "--name",
+            "ct-pass",
+            "--backend",
+            "container",
+            "--image",
+            image,
+            "--",
+        ])
+        .args(["sh", "-c", "echo got=$BB_PASSED; sleep 600"])
+        .current_dir(scene.path().join("w"))
+        .env("XDG_STATE_HOME", scene.state())
+        .env("HOME", scene.path())
+        .env("BB_PASSED", value)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let inspect = Command::new("docker")
+        .args(["inspect", "bot-bottle-ct-pass"])
+        .output()
+        .unwrap();
+    let config = String::from_utf8_lossy(&inspect.stdout).into_owned();
+    let mut logs = String::new();
+    for _ in 0..50 {
+        logs = String::from_utf8_lossy(&scene.bb(&["logs", "ct-pass"]).stdout).into_owned();
+        if logs.contains("got=") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = scene.bb(&["rm", "-f", "ct-pass"]);
+    assert!(inspect.status.success(), "{config}");
+    assert!(!config.contains(value), "the engine's config holds the value: {config}");
+    assert!(logs.contains(&format!("got={value}")), "{logs}");
+}

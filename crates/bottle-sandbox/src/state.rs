@@ -254,6 +254,16 @@ fn open_private(path: &Path, options: &mut fs::OpenOptions) -> io::Result<fs::Fi
 }
 
 /// Every bottle with a state directory, sorted by name. Damaged entries are returned as errors in place.
+/// Whether bottle `name` of `root` is gone: no state directory, or a state whose supervisor is dead. A state that
+/// cannot be read counts as not gone (what it holds is left alone).
+pub fn is_gone(root: &Path, name: &str) -> bool {
+    match StateDir::open(root, name) {
+        Err(StateError::NotFound(_)) => true,
+        Ok(dir) => dir.read().is_ok_and(|s| !s.is_live()),
+        Err(_) => false,
+    }
+}
+
 pub fn list(root: &Path) -> Result<Vec<Result<BottleState, StateError>>, StateError> {
     let entries = match fs::read_dir(root) {
         Ok(e) => e,

@@ -26,7 +26,7 @@ pub fn run(args: ProxyArgs, _out: &Output) -> anyhow::Result<u8> {
     }
     let reviewer: Option<std::sync::Arc<dyn bottle_proxy::Reviewer>> =
         policy.network.ask.reviewer.is_some().then(|| {
-            let asks = crate::asks::Asks::new(&bottle, args.state_dir.clone(), &policy.network.ask);
+            let asks = crate::asks::Asks::new(&bottle, args.state_dir.clone(), &policy);
             std::sync::Arc::new(crate::asks::Reviewing(asks)) as _
         });
     let opts = StandaloneOptions {

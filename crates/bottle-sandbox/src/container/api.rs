@@ -155,14 +155,7 @@ impl Api {
 
     /// Waits for the container's end: its exit code.
     pub fn wait(&self, id: &str) -> Result<i64, ApiError> {
-        let mut stream = self.docker.wait_container(id, None);
-        match self.rt.block_on(stream.next()) {
-            Some(Ok(r)) => Ok(r.status_code),
-            // bollard reports a non-zero exit as an error carrying the code.
-            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
-            Some(Err(e)) => Err(ApiError::Engine(e.to_string())),
-            None => Err(ApiError::Engine("the wait ended without a status".into())),
-        }
+        self.rt.block_on(exit_code(&self.docker, id))
     }
 
     /// Copies the container's output (both streams) to `out` and `err` until the container ends.
@@ -229,6 +222,17 @@ impl Api {
     }
 }
 
+/// Waits for container `id`'s end: its exit code.
+async fn exit_code(docker: &Docker, id: &str) -> Result<i64, ApiError> {
+    match docker.wait_container(id, None).next().await {
+        Some(Ok(r)) => Ok(r.status_code),
+        // bollard reports a non-zero exit as an error carrying the code.
+        Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
+        Some(Err(e)) => Err(ApiError::Engine(e.to_string())),
+        None => Err(ApiError::Engine("the wait ended without a status".into())),
+    }
+}
+
 /// The container's side of a terminal session (bollard's attach or exec streams).
 type Output = std::pin::Pin<
     Box<dyn futures_util::Stream<Item = Result<bollard::container::LogOutput, bollard::errors::Error>> + Send>,
@@ -264,15 +268,7 @@ impl Api {
         };
         let (docker, resize_docker, id_owned) = (self.docker.clone(), self.docker.clone(), id.to_string());
         let resize_id = id_owned.clone();
-        let end = async move {
-            let mut stream = docker.wait_container(&id_owned, None);
-            match stream.next().await {
-                Some(Ok(r)) => Ok(r.status_code),
-                Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
-                Some(Err(e)) => Err(ApiError::Engine(e.to_string())),
-                None => Err(ApiError::Engine("the wait ended without a status".into())),
-            }
-        };
+        let end = async move { exit_code(&docker, &id_owned).await };
         let resize = move |h: u16, w: u16| -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
             let (docker, id) = (resize_docker.clone(), resize_id.clone());
             Box::pin(async move {

@@ -23,7 +23,7 @@ pub(super) fn write_ca_bundle(path: &Path, bottle_ca: &str) -> std::io::Result<(
 }
 
 /// `export KEY='VALUE'` lines for the gate's shell (values single-quoted, so nothing in them is read as shell).
-pub(super) fn write_env(path: &Path, vars: &BTreeMap<String, String>) -> std::io::Result<()> {
+fn exports(vars: &BTreeMap<String, String>) -> String {
     let mut text = String::new();
     for (k, v) in vars {
         if !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
@@ -31,14 +31,21 @@ pub(super) fn write_env(path: &Path, vars: &BTreeMap<String, String>) -> std::io
         }
         text.push_str(&format!("export {k}='{}'\n", v.replace('\'', "'\\''")));
     }
+    text
+}
+
+/// The placeholders file `exec` sources (placeholders say nothing of a secret: they may be on disk).
+pub(super) fn write_env(path: &Path, vars: &BTreeMap<String, String>) -> std::io::Result<()> {
     let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(path)?;
-    f.write_all(text.as_bytes())?;
+    f.write_all(exports(vars).as_bytes())?;
     f.sync_all()
 }
 
-/// Lets the agent start: the shell at the gate reads one line. The FIFO is opened without blocking, so a container
-/// whose shell is gone is an error, not a hang.
-pub(super) fn open_gate(path: &Path) -> std::io::Result<()> {
+/// Lets the agent start: the shell at the gate sources what comes through the FIFO, here the `pass_env` values.
+/// SECURITY: they travel through the pipe only, never in the engine's container config (which the engine keeps on
+/// disk) nor in a file. The FIFO is opened without blocking, so a container whose shell is gone is an error, not a
+/// hang; the write then blocks (values may be longer than the pipe's buffer).
+pub(super) fn open_gate(path: &Path, pass_env: &BTreeMap<String, String>) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
@@ -47,7 +54,11 @@ pub(super) fn open_gate(path: &Path) -> std::io::Result<()> {
             .custom_flags(libc::O_NONBLOCK)
             .open(path)
         {
-            Ok(mut f) => return f.write_all(b"go\n"),
+            Ok(mut f) => {
+                let flags = rustix::fs::fcntl_getfl(&f)? - rustix::fs::OFlags::NONBLOCK;
+                rustix::fs::fcntl_setfl(&f, flags)?;
+                return f.write_all(exports(pass_env).as_bytes());
+            }
             // ENXIO: nobody reads yet (the container's shell is starting).
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) && std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(20));

@@ -13,6 +13,7 @@ mod gate;
 pub mod plan;
 mod verify;
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -149,6 +150,7 @@ impl Backend for Container {
             dir: None,
             io: None,
             listener_ready: false,
+            pass_env: BTreeMap::new(),
         }))
     }
 
@@ -173,23 +175,19 @@ impl Backend for Container {
         if !(s.is_live() && s.status == state::Status::Running) {
             return Err(StepError::NotRunning(s.name.to_string()).into());
         }
-        let api = Api::connect().map_err(StepError::Engine)?;
+        let engine = Api::connect().map_err(StepError::Engine)?;
         let (id, command) = (plan::container_name(s.name.as_str()), plan::with_env(command));
         // With the user's terminal on both ends, the command gets a terminal of its own in the container.
         let code = if std::io::IsTerminal::is_terminal(&std::io::stdin())
             && std::io::IsTerminal::is_terminal(&std::io::stdout())
         {
-            api.exec_terminal(&id, &command)
+            engine.exec_terminal(&id, &command)
         } else {
-            api.exec(&id, &command)
+            engine.exec(&id, &command)
         }
-        .map_err(api_err("exec"))?;
+        .map_err(api("exec"))?;
         Ok(u8::try_from(code).unwrap_or(1))
     }
-}
-
-fn api_err(step: &'static str) -> impl FnOnce(ApiError) -> StepError {
-    api(step)
 }
 
 pub struct ContainerLaunch {
@@ -202,6 +200,8 @@ pub struct ContainerLaunch {
     dir: Option<PathBuf>,
     io: Option<AgentIo>,
     listener_ready: bool,
+    /// SECURITY: in memory only, until the gate hands them to the agent.
+    pass_env: BTreeMap<String, String>,
 }
 
 /// The uid and gid the agent runs as: the launcher's, or for a root launcher the workspace owner's (never 0).
@@ -255,9 +255,8 @@ impl Launch for ContainerLaunch {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).map_err(io("begin"))?;
         }
         // The CA bundle appears where every bottle has it.
-        let mut env = spec.env.clone();
-        env.extend(spec.pass_env.clone());
-        let mut env = bottle_env(Path::new(plan::HOME), &env);
+        // `pass_env` values stay out of the container's config (the engine writes it to disk): the gate hands them over.
+        let mut env = bottle_env(Path::new(plan::HOME), &spec.env);
         let in_container_ca = format!("{}/{CA_FILE}", plan::IN_CONTAINER_DIR);
         for v in env.values_mut() {
             if v == IN_BOTTLE_CA_BUNDLE {
@@ -296,6 +295,7 @@ impl Launch for ContainerLaunch {
             .filter(|p| *p > 0)
             .ok_or_else(|| StepError::Verify("the engine reports no process for the container".into()))?;
         self.pid = Some(pid);
+        self.pass_env = spec.pass_env.clone();
         verify::check_limits(&spec, &inspected)?;
         self.io = Some(spec.io);
         Ok(())
@@ -331,7 +331,8 @@ impl Launch for ContainerLaunch {
         verify::verify(pid)?;
         // `stop` (SIGTERM to the supervisor) reaches the agent: the container's first process, seen from the host.
         services.forward_termination(pid);
-        gate::open_gate(&shared.join(plan::GATE)).map_err(io("start"))?;
+        gate::open_gate(&shared.join(plan::GATE), &self.pass_env).map_err(io("start"))?;
+        self.pass_env.clear();
         Ok(Started { init_pid: None })
     }
 
@@ -447,11 +448,7 @@ fn sweep(api: &Api, root: &Path, keep: &str) {
         if bottle.as_str() == keep {
             continue;
         }
-        let gone = match StateDir::open(root, bottle.as_str()) {
-            Err(state::StateError::NotFound(_)) => true,
-            Ok(dir) => dir.read().is_ok_and(|s| !s.is_live()),
-            Err(_) => false,
-        };
+        let gone = state::is_gone(root, bottle.as_str());
         if gone {
             match api.remove(&name) {
                 Ok(()) => tracing::info!(container = %name, "removed the container of a bottle that is gone"),

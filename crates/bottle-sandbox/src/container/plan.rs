@@ -71,7 +71,7 @@ pub fn plan(i: &Inputs<'_>) -> ContainerCreateBody {
         "/bin/sh".to_string(),
         "-c".into(),
         format!(
-            "read _ < {gate} || exit 125; . {IN_CONTAINER_DIR}/{ENV_FILE} || exit 125; cd \"$1\" || exit 125; shift; \
+            ". {gate} || exit 125; . {IN_CONTAINER_DIR}/{ENV_FILE} || exit 125; cd \"$1\" || exit 125; shift; \
              exec \"$@\""
         ),
         "bot-bottle-gate".into(),
@@ -229,7 +229,7 @@ mod tests {
         assert_eq!(body.user.as_deref(), Some("1000:1000"));
         let cmd = body.cmd.unwrap();
         assert_eq!(cmd[..2], ["/bin/sh", "-c"]);
-        assert!(cmd[2].starts_with("read _ < /.bot-bottle/gate"));
+        assert!(cmd[2].starts_with(". /.bot-bottle/gate ||"));
         assert_eq!(cmd[4..], ["/w", "echo", "hi there"]);
         assert_eq!(body.working_dir, None);
         assert_eq!(body.labels.unwrap()["owner"], "bot-bottle");

@@ -45,10 +45,36 @@ pub(super) fn check_limits(spec: &BottleSpec, c: &bollard::models::ContainerInsp
     Ok(())
 }
 
+/// The container's first process (the one the agent's will descend from) holds no capability, cannot gain privileges,
+/// and is under a seccomp filter: what the engine was asked for, as the kernel reports it.
+fn hardened(pid: u32) -> Result<(), StepError> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(io("verify"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name).map(str::trim))
+            .unwrap_or("?")
+            .to_string()
+    };
+    let (caps, nnp, seccomp) = (field("CapEff:"), field("NoNewPrivs:"), field("Seccomp:"));
+    if caps.trim_start_matches('0').is_empty() && nnp == "1" && seccomp == "2" {
+        return Ok(());
+    }
+    Err(StepError::Verify(format!(
+        "the container's process has CapEff {caps}, NoNewPrivs {nnp}, Seccomp {seccomp} (want none, 1, 2)"
+    )))
+}
+
 /// From inside the container's network namespace: it is not the host's, it has no interface but `lo` and no
 /// route, the proxy answers and refuses a host it does not allow, and neither a direct address nor a service on the
 /// host's loopback can be reached.
 pub(super) fn verify(pid: u32) -> Result<(), StepError> {
+    hardened(pid)?;
+    netns_check(pid)
+}
+
+/// The network side of `verify`.
+fn netns_check(pid: u32) -> Result<(), StepError> {
     let own = std::fs::metadata("/proc/self/ns/net").map_err(io("verify"))?.ino();
     let theirs = std::fs::metadata(format!("/proc/{pid}/ns/net"))
         .map_err(io("verify"))?
@@ -92,7 +118,15 @@ mod tests {
 
     #[test]
     fn a_process_in_the_hosts_network_namespace_fails_the_check() {
-        let err = verify(std::process::id()).unwrap_err().to_string();
+        // Past the hardening check (a child with no capabilities, no-new-privs and a filter), the namespace check.
+        let err = netns_check(std::process::id()).unwrap_err().to_string();
         assert!(err.contains("shares the host's network namespace"), "{err}");
+    }
+
+    #[test]
+    fn a_process_with_capabilities_or_without_a_filter_fails_the_check() {
+        // This test process: no seccomp filter (and as root, every capability).
+        let err = hardened(std::process::id()).unwrap_err().to_string();
+        assert!(err.contains("Seccomp 0"), "{err}");
     }
 }

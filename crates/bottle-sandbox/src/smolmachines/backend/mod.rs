@@ -612,11 +612,7 @@ fn sweep(smolvm: &Smolvm, root: &Path, keep: &str) -> Result<Vec<String>, CliErr
         if bottle.as_str() == keep || machine.name != format!("{MACHINE_PREFIX}{bottle}") {
             continue;
         }
-        let gone = match StateDir::open(root, bottle.as_str()) {
-            Err(state::StateError::NotFound(_)) => true,
-            Ok(dir) => dir.read().is_ok_and(|s| !s.is_live()),
-            Err(_) => false,
-        };
+        let gone = state::is_gone(root, bottle.as_str());
         if !gone {
             continue;
         }
