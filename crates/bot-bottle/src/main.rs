@@ -5,6 +5,7 @@ mod cli;
 mod cmd;
 mod credential_sources;
 mod exit;
+mod host_sockets;
 mod live;
 mod mounts;
 mod output;

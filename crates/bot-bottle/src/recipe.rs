@@ -88,6 +88,9 @@ pub(crate) fn launch(mut req: Request, backend: &dyn Backend, root: &Path) -> an
     let visible = backend.visible_host_paths();
     shown.extend(visible.iter().map(|p| Shown::new(p, "the read-only host path")));
     credential_sources::resolve(&mut req.policy, &shown)?;
+    if backend.kind() != backend::Kind::Container {
+        crate::host_sockets::report(&workspace, &req.policy.bottle.share_sockets);
+    }
     let home_source = match home_source {
         Some(dir) => Some(crate::cmd::home::prepare(&dir, root)?),
         None => None,
@@ -198,10 +201,12 @@ fn launch_and_run(
         (Some(home), Some(root)) => Some(crate::cmd::placeholder_key::placeholder_seed(root, home)?),
         _ => None,
     };
+    let share_sockets = crate::host_sockets::shared(&policy.bottle.share_sockets, &workspace);
     let spec = BottleSpec {
         name,
         addr: bottle.lease.addr(),
         argv,
+        share_sockets,
         workspace,
         home,
         env: policy.bottle.env.clone(),

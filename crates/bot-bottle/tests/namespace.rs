@@ -1009,3 +1009,134 @@ fn the_agent_starts_with_default_signals_whatever_the_launcher_inherited() {
         assert_eq!(mask & 0x7fff_ffff, 0, "the agent inherited {line}");
     }
 }
+
+/// A host listener on a Unix socket that counts connections; `0o777` so that an unprivileged bottle could connect
+/// if nothing but file permissions stood in the way.
+fn host_socket(path: &Path) -> Arc<std::sync::atomic::AtomicUsize> {
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = Arc::clone(&count);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    count
+}
+
+/// #12: the workspace is a bind of the host directory, so a host process's Unix socket there (git's fsmonitor
+/// daemon, a dev server) answered the bottle. Now only sockets made inside the bottle, or named in `share_sockets`,
+/// can be connected: by relative or absolute path or through a link, present at launch or made after it. The
+/// shared socket and the bottle's own answer, so the refusals are the warden's, not a broken probe.
+#[test]
+fn issue_12_host_unix_sockets_are_refused_unless_shared() {
+    need_namespace!();
+    const SCRIPT: &str = r#"
+import os, socket, time
+def tryc(p):
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(p)
+        return "connected"
+    except OSError as e:
+        return "errno%d" % e.errno
+print("present-rel", tryc(".git/fsmonitor--daemon.ipc"))
+print("present-abs", tryc(os.getcwd() + "/.git/fsmonitor--daemon.ipc"))
+print("link", tryc("link.sock"))
+open("ready", "w").close()
+for _ in range(200):
+    if os.path.exists("late.sock"):
+        break
+    time.sleep(0.05)
+print("late", tryc("late.sock"))
+print("shared", tryc("dev.sock"))
+srv = socket.socket(socket.AF_UNIX)
+srv.bind("inner.sock")
+srv.listen(1)
+print("inner", tryc("inner.sock"))
+import threading
+threaded = []
+t = threading.Thread(target=lambda: threaded.append(tryc("inner.sock")))
+t.start()
+t.join()
+print("thread", threaded[0])
+try:
+    socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    print("dgram created")
+except OSError as e:
+    print("dgram errno%d" % e.errno)
+"#;
+    for (who, user) in [("root", None), ("nobody", Some(65534))] {
+        let env = Env::new();
+        let work = env.work();
+        std::fs::create_dir(work.join(".git")).unwrap();
+        let present = host_socket(&work.join(".git/fsmonitor--daemon.ipc"));
+        let shared = host_socket(&work.join("dev.sock"));
+        std::os::unix::fs::symlink(work.join(".git/fsmonitor--daemon.ipc"), work.join("link.sock")).unwrap();
+        // A socket made on the host after the bottle started: when the bottle says it is ready.
+        let late_path = work.join("late.sock");
+        let ready = work.join("ready");
+        let late = std::thread::spawn(move || {
+            for _ in 0..400 {
+                if ready.exists() {
+                    return Some(host_socket(&late_path));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(25));
+            }
+            None
+        });
+        let policy = env.dir.path().join("sockets.toml");
+        std::fs::write(&policy, "[bottle]\nshare_sockets = [\"dev.sock\"]\n").unwrap();
+        if let Some(uid) = user {
+            env.open_to(uid);
+        }
+        let out = env.bb(
+            user,
+            &[
+                "run",
+                "--rm",
+                "--policy",
+                policy.to_str().unwrap(),
+                "--",
+                "python3",
+                "-c",
+                SCRIPT,
+            ],
+        );
+        let all = format!("({who}) {}", text(&out));
+        assert!(out.status.success(), "{all}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let eacces = format!("errno{}", libc::EACCES);
+        for (step, want) in [
+            ("present-rel", eacces.as_str()),
+            ("present-abs", &eacces),
+            ("link", &eacces),
+            ("late", &eacces),
+            ("shared", "connected"),
+            ("inner", "connected"),
+            // The warden is asked by a thread that does not lead its process: descriptors are its process's.
+            ("thread", "connected"),
+        ] {
+            assert!(stdout.lines().any(|l| l == format!("{step} {want}")), "{step}: {all}");
+        }
+        assert!(stdout.contains(&format!("dgram errno{}", libc::EPERM)), "{all}");
+        let late = late.join().unwrap().expect("the bottle never said it was ready");
+        assert_eq!(present.load(std::sync::atomic::Ordering::SeqCst), 0, "{all}");
+        assert_eq!(late.load(std::sync::atomic::Ordering::SeqCst), 0, "{all}");
+        assert_eq!(shared.load(std::sync::atomic::Ordering::SeqCst), 1, "{all}");
+        // Said at launch (what was found and not shared) and at the refusal, where the user is looking.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(
+                "cannot connect to 1 Unix socket of host processes in the workspace: .git/fsmonitor--daemon.ipc;"
+            ),
+            "{all}"
+        );
+        assert!(
+            stderr.contains("refused a connection to the Unix socket .git/fsmonitor--daemon.ipc"),
+            "{all}"
+        );
+    }
+}

@@ -170,6 +170,9 @@ pub struct Bottle {
     pub command: Option<Vec<String>>,
     pub env: BTreeMap<String, String>,
     pub pass_env: Vec<String>,
+    /// Unix sockets of host processes the bottle may connect to, as written: absolute paths inside the bottle, or
+    /// relative to the workspace. Every other socket the bottle did not make itself is refused.
+    pub share_sockets: Vec<PathBuf>,
     pub resources: Resources,
     /// Host paths shown in the bottle (`[[mount]]`, `--mount`), as written; resolved and checked by the launcher.
     pub mounts: Vec<Mount>,

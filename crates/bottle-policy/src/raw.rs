@@ -47,6 +47,8 @@ pub struct RawBottle {
     #[serde(default)]
     pub pass_env: Vec<S<String>>,
     #[serde(default)]
+    pub share_sockets: Vec<S<String>>,
+    #[serde(default)]
     pub resources: RawResources,
 }
 

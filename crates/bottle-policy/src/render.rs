@@ -44,6 +44,8 @@ struct EBottle {
     command: Option<Vec<String>>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pass_env: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    share_sockets: Vec<String>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     env: BTreeMap<String, String>,
     #[serde(skip_serializing_if = "is_default_resources")]
@@ -127,6 +129,7 @@ impl Effective {
                 home: b.home.clone(),
                 command: b.command.clone(),
                 pass_env: b.pass_env.clone(),
+                share_sockets: b.share_sockets.iter().map(|p| p.display().to_string()).collect(),
                 env: b.env.clone(),
                 resources: b.resources,
             },

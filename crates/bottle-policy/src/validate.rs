@@ -232,6 +232,10 @@ impl Validator<'_> {
         for p in &raw.pass_env {
             pass_env.push(self.at(p, |s| env_name(s))?);
         }
+        let mut share_sockets = Vec::new();
+        for p in &raw.share_sockets {
+            share_sockets.push(self.at(p, |s| shared_socket(s))?);
+        }
         Ok(Bottle {
             name,
             backend,
@@ -243,6 +247,7 @@ impl Validator<'_> {
             command,
             env,
             pass_env,
+            share_sockets,
             resources: self.resources(raw)?,
             mounts: Vec::new(),
         })
@@ -849,6 +854,34 @@ fn mount_target(s: &str) -> Result<PathBuf, String> {
             } else {
                 "system directories"
             }
+        ));
+    }
+    Ok(path.to_path_buf())
+}
+
+/// A Unix socket the bottle may connect to: absolute inside the bottle or relative to the workspace, without
+/// `..`; never a container engine's socket (whoever talks to it is host root).
+fn shared_socket(s: &str) -> Result<PathBuf, String> {
+    let path = Path::new(s);
+    if s.is_empty() || s.contains('\0') || path.components().any(|c| c == std::path::Component::ParentDir) {
+        return Err(format!(
+            "share_sockets entry `{s}` must be a path inside the bottle (absolute, or relative to the workspace) \
+             without `..`"
+        ));
+    }
+    const ENGINES: [&str; 5] = [
+        "docker.sock",
+        "podman.sock",
+        "containerd.sock",
+        "crio.sock",
+        "buildkitd.sock",
+    ];
+    if let Some(name) = path.file_name().and_then(|n| n.to_str())
+        && ENGINES.contains(&name)
+    {
+        return Err(format!(
+            "share_sockets entry `{s}` is a container engine's socket: whoever can talk to it is root on the host, \
+             so a bottle never gets it"
         ));
     }
     Ok(path.to_path_buf())

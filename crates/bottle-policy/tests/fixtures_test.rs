@@ -95,6 +95,8 @@ const EXPECT: &[(&str, usize, usize, &str)] = &[
     ("wildcard-public-suffix.toml", 2, 10, "`*.co.uk` is too broad"),
     ("wildcard-star.toml", 2, 31, "`*` alone is not a host pattern"),
     ("wildcard-tld.toml", 2, 10, "`*.com` is too broad"),
+    ("share-sockets-engine.toml", 2, 34, "is a container engine's socket"),
+    ("share-sockets-parent.toml", 2, 18, "without `..`"),
     ("wrong-type.toml", 2, 9, "expected a sequence"),
 ];
 

@@ -53,6 +53,8 @@ pub struct BottleSpec {
     pub pids: Option<u32>,
     /// Host paths shown on purpose, already resolved and checked by the recipe.
     pub mounts: Vec<MountSpec>,
+    /// Unix sockets of host processes the bottle may connect to: absolute paths inside the bottle.
+    pub share_sockets: Vec<PathBuf>,
     pub io: AgentIo,
 }
 

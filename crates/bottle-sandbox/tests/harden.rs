@@ -301,7 +301,7 @@ fn harden_child() {
                 LandlockMode::BestEffort
             },
         };
-        match apply(&hardening) {
+        match apply(&hardening, None) {
             Ok(report) => verdict.detail = serde_json::to_string(&report).unwrap(),
             Err(e @ HardenError::LandlockUnavailable { .. }) => verdict.skipped = Some(e.to_string()),
             Err(e) => verdict.apply_error = Some(error_chain(&e)),

@@ -187,6 +187,43 @@ pub fn unix(path: &Path) -> Decoy {
     unix_listener(listener, path.display().to_string())
 }
 
+/// A unix socket in a workspace, as a host process (git's fsmonitor daemon, a dev server) makes one: mode 0777, so
+/// that only the bottle's socket warden, not file permissions, stands between it and an unprivileged bottle.
+pub fn unix_open_to_all(path: &Path) -> Decoy {
+    let decoy = unix(path);
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    decoy
+}
+
+/// A unix datagram socket at `path` (mode 0777) that logs every datagram.
+pub fn unix_datagram(path: &Path) -> Decoy {
+    let sock = std::os::unix::net::UnixDatagram::bind(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let log = Log::default();
+    let l = log.clone();
+    let what = path.display().to_string();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok(n) = sock.recv(&mut buf) {
+            l.push(format!("datagram to {what}: {n} bytes"));
+        }
+    });
+    Decoy { port: 0, log }
+}
+
+/// A unix socket made at `path` once `marker` exists (a socket a host process makes after the bottle started).
+pub fn unix_when(marker: std::path::PathBuf, path: std::path::PathBuf) -> std::thread::JoinHandle<Option<Decoy>> {
+    std::thread::spawn(move || {
+        for _ in 0..1200 {
+            if marker.exists() {
+                return Some(unix_open_to_all(&path));
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        None
+    })
+}
+
 /// An abstract unix socket `@name` (per network namespace: create it inside the lab).
 pub fn abstract_unix(name: &str) -> Decoy {
     use std::os::linux::net::SocketAddrExt;

@@ -15,6 +15,10 @@ use crate::scenario::{self, Env, Launch, NOBODY, Ran, Script};
 struct Run {
     who: &'static str,
     ran: Ran,
+    /// Host processes' sockets in this run's workspace (#12): at launch, made after it (once asked), datagram.
+    workspace_sock: Decoy,
+    late_sock: Option<Decoy>,
+    dgram_sock: Decoy,
     /// The workspace symlink's target existed on the host while the bottle ran.
     link_target_existed: bool,
 }
@@ -54,6 +58,12 @@ const SYSCALLS_38: [&str; 13] = [
     "userfaultfd",
     "kexec-load",
 ];
+/// Sockets of host processes in the workspace (#12), relative to it.
+const WORKSPACE_SOCK: &str = ".git/fsmonitor--daemon.ipc";
+const LATE_MARKER: &str = "late-ready";
+const LATE_SOCK: &str = "late.sock";
+const DGRAM_SOCK: &str = "host-dgram.sock";
+
 /// Host-side things one run's script points at.
 struct Targets {
     agent_path: String,
@@ -63,6 +73,7 @@ struct Targets {
     marker_pid: u32,
     host_env: String,
     write_token: String,
+    work: std::path::PathBuf,
 }
 
 fn script(env: &Env, t: &Targets, name: &str) -> Script {
@@ -76,6 +87,11 @@ fn script(env: &Env, t: &Targets, name: &str) -> Script {
         .set("marker_pid", t.marker_pid)
         .set("host_env", &t.host_env)
         .set("write_token", &t.write_token)
+        .set("workspace_sock", t.work.join(WORKSPACE_SOCK).display())
+        .set("workspace_sock_rel", WORKSPACE_SOCK)
+        .set("late_marker", t.work.join(LATE_MARKER).display())
+        .set("late_sock", t.work.join(LATE_SOCK).display())
+        .set("dgram_sock", t.work.join(DGRAM_SOCK).display())
         .set("control_sock", env.bottle_dir(name).join("control.sock").display())
         .set("parent", env.dir.path().display())
         .set("machine_id", machine_id());
@@ -153,7 +169,11 @@ fn setup() -> Ipc {
             marker_pid: host_process.id(),
             host_env: host_env.clone(),
             write_token: scenario::token("bb-escape-write-"),
+            work: env.work(),
         };
+        let workspace_sock = decoys::unix_open_to_all(&env.work().join(WORKSPACE_SOCK));
+        let dgram_sock = decoys::unix_datagram(&env.work().join(DGRAM_SOCK));
+        let late = decoys::unix_when(env.work().join(LATE_MARKER), env.work().join(LATE_SOCK));
         let name = format!("ipc-{who}");
         let sc = script(&env, &targets, &name);
         if let Some(uid) = user {
@@ -181,6 +201,9 @@ fn setup() -> Ipc {
         runs.push(Run {
             who,
             ran,
+            workspace_sock,
+            late_sock: late.join().unwrap(),
+            dgram_sock,
             link_target_existed,
         });
     }
@@ -226,6 +249,35 @@ fn case_36_ssh_agent_and_gpg_agent_sockets_are_not_present() {
         held_everywhere(f, "c36-gpg-agent");
         assert_eq!(f.agent.log.count(), 0, "{:?}", f.agent.log.lines());
         assert_eq!(f.gpg.log.count(), 0, "{:?}", f.gpg.log.lines());
+    }
+}
+
+/// #12: a host process's Unix socket in the workspace is found through the filesystem, not the network namespace;
+/// the socket warden refuses it (at launch and made later), and no Unix datagram reaches one.
+#[test]
+fn issue_12_host_sockets_in_the_workspace_are_out_of_reach() {
+    for f in family() {
+        for id in [
+            "x-workspace-socket",
+            "x-workspace-socket-late",
+            "x-workspace-datagram",
+            "x-workspace-datagram-pair",
+        ] {
+            held_everywhere(f, id);
+        }
+        for r in &f.runs {
+            let late = r
+                .late_sock
+                .as_ref()
+                .unwrap_or_else(|| panic!("({}) the bottle never asked for the late socket", r.who));
+            for (what, decoy) in [
+                ("at launch", &r.workspace_sock),
+                ("made later", late),
+                ("datagram", &r.dgram_sock),
+            ] {
+                assert_eq!(decoy.log.count(), 0, "({}) {what}: {:?}", r.who, decoy.log.lines());
+            }
+        }
     }
 }
 

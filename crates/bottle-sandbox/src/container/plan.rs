@@ -183,6 +183,7 @@ mod tests {
                 target: MountTarget::InHome(".cargo".into()),
                 writable: false,
             }],
+            share_sockets: Vec::new(),
             io: AgentIo::Inherit,
         }
     }

@@ -352,6 +352,7 @@ impl Launch for NamespaceLaunch {
             workspace: spec.workspace.clone(),
             env,
             mounts,
+            share_sockets: spec.share_sockets.clone(),
             home_source: spec.home.clone(),
             pass_env: spec.pass_env.keys().cloned().collect(),
             home,

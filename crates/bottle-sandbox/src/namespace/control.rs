@@ -28,6 +28,8 @@ pub enum Message {
     Fail(String),
     /// From the agent's process: its command could not start (why). It may come before the init's `Ready`.
     NoStart(String),
+    /// From the agent's process to its socket warden: the connect filter's listener (SCM_RIGHTS).
+    Warden,
 }
 
 impl Message {
@@ -38,6 +40,7 @@ impl Message {
             Self::Tree(i) => format!("tree:{i}").into_bytes(),
             Self::Go => b"go".to_vec(),
             Self::Ready => b"ready".to_vec(),
+            Self::Warden => b"warden".to_vec(),
             Self::Fail(why) => {
                 let mut v = b"fail:".to_vec();
                 v.extend(why.bytes().take(MAX_MESSAGE - 5));
@@ -63,6 +66,7 @@ impl Message {
             ),
             b"go" => Self::Go,
             b"ready" => Self::Ready,
+            b"warden" => Self::Warden,
             [b'f', b'a', b'i', b'l', b':', rest @ ..] => Self::Fail(String::from_utf8_lossy(rest).into_owned()),
             [b'n', b'o', b's', b't', b'a', b'r', b't', b':', rest @ ..] => {
                 Self::NoStart(String::from_utf8_lossy(rest).into_owned())
@@ -161,6 +165,7 @@ mod tests {
             Message::Ready,
             Message::Fail("why".into()),
             Message::NoStart("`x`: not found".into()),
+            Message::Warden,
         ] {
             assert_eq!(Message::decode(&m.encode()).unwrap(), m);
         }

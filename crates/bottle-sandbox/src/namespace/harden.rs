@@ -129,6 +129,11 @@ pub enum HardenError {
     },
     #[error("the seccomp filter has {len} instructions, more than the kernel's limit of {max}")]
     SeccompTooLong { len: usize, max: usize },
+    #[error("cannot hand the bottle's connections to its socket warden")]
+    Warden {
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot install the seccomp filter")]
     Seccomp {
         #[source]
@@ -136,8 +141,9 @@ pub enum HardenError {
     },
 }
 
-/// Hardens the calling thread: no_new_privs, Landlock, no capabilities, seccomp, in that order. Irreversible.
-pub fn apply(h: &Hardening) -> Result<HardenReport, HardenError> {
+/// Hardens the calling thread: no_new_privs, Landlock, no capabilities, the socket warden's connect filter (its
+/// listener sent on `warden`), seccomp, in that order. Irreversible.
+pub fn apply(h: &Hardening, warden: Option<std::os::fd::BorrowedFd<'_>>) -> Result<HardenReport, HardenError> {
     // Built first so that a bad filter fails before anything irreversible happens.
     let (program, seccomp_rules) = build_seccomp()?;
     // SECURITY: without no_new_privs a setuid binary or file capabilities would hand the agent privileges back,
@@ -145,6 +151,9 @@ pub fn apply(h: &Hardening) -> Result<HardenReport, HardenError> {
     thread::set_no_new_privs(true).map_err(|e| HardenError::NoNewPrivs { source: e.into() })?;
     let (landlock_abi, landlock_status) = restrict_filesystem(h)?;
     drop_capabilities()?;
+    if let Some(channel) = warden {
+        super::warden::hand_over(channel).map_err(|source| HardenError::Warden { source })?;
+    }
     seccompiler::apply_filter(&program).map_err(|source| HardenError::Seccomp { source })?;
     tracing::debug!(?landlock_abi, %landlock_status, seccomp_rules, "bottle init hardened");
     Ok(HardenReport {
@@ -449,7 +458,19 @@ fn groups() -> Result<Vec<Group>, HardenError> {
     // SECURITY: raw and packet sockets forge or sniff traffic of any protocol (escape case 39). The type's low
     // four bits are the type; SOCK_NONBLOCK and SOCK_CLOEXEC sit above them.
     let raw_types = [libc::SOCK_RAW as u64, SOCK_PACKET].map(|ty| rule(vec![arg32(1, MaskedEq(SOCK_TYPE_MASK), ty)?]));
-    denied.insert(libc::SYS_socket, raw_types.into_iter().collect::<Result<_, _>>()?);
+    let mut socket_rules = raw_types.into_iter().collect::<Result<Vec<_>, _>>()?;
+    // SECURITY (#12): a Unix datagram socket reaches a host process's socket by path with every `sendto`/`sendmsg`
+    // (even one from `socketpair`), behind a pointer seccomp cannot read; stream and seqpacket sockets can only
+    // `connect`, which the socket warden judges. So there are no Unix datagram sockets in a bottle.
+    let unix_dgram = || -> Result<SeccompRule, HardenError> {
+        rule(vec![
+            arg32(0, Eq, libc::AF_UNIX as u64)?,
+            arg32(1, MaskedEq(SOCK_TYPE_MASK), libc::SOCK_DGRAM as u64)?,
+        ])
+    };
+    socket_rules.push(unix_dgram()?);
+    denied.insert(libc::SYS_socket, socket_rules);
+    denied.insert(libc::SYS_socketpair, vec![unix_dgram()?]);
     // SECURITY: TIOCSTI pushes bytes into a terminal's input queue and TIOCLINUX can paste the console selection:
     // either would type commands into the user's shell once the agent exits.
     let tty_inject = [libc::TIOCSTI, libc::TIOCLINUX].map(|req| rule(vec![arg32(1, Eq, u64::from(req as u32))?]));
@@ -723,6 +744,54 @@ mod tests {
     }
 
     #[test]
+    fn unix_datagram_sockets_are_denied_and_every_other_unix_or_inet_type_passes() {
+        let (unix, inet) = (libc::AF_UNIX as u64, libc::AF_INET as u64);
+        let flags = (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as u64;
+        let (dgram, stream, seqpacket) = (
+            libc::SOCK_DGRAM as u64,
+            libc::SOCK_STREAM as u64,
+            libc::SOCK_SEQPACKET as u64,
+        );
+        for f in [0, flags] {
+            for nr in [libc::SYS_socket, libc::SYS_socketpair] {
+                assert_eq!(verdict(nr, a(unix, dgram | f)), errno(libc::EPERM), "{nr} {f:#x}");
+                assert_eq!(verdict(nr, a(unix, stream | f)), ALLOW, "{nr} {f:#x}");
+                assert_eq!(verdict(nr, a(unix, seqpacket | f)), ALLOW, "{nr} {f:#x}");
+            }
+            assert_eq!(verdict(libc::SYS_socket, a(inet, dgram | f)), ALLOW);
+        }
+    }
+
+    #[test]
+    fn the_warden_filter_hands_over_native_connects_only() {
+        let program: Vec<sock_filter> = crate::namespace::warden::program()
+            .iter()
+            .map(|i| sock_filter {
+                code: i.code,
+                jt: i.jt,
+                jf: i.jf,
+                k: i.k,
+            })
+            .collect();
+        let run_nr = |arch, nr| run(&program, arch, nr, [3, 0, 110, 0, 0, 0]);
+        assert_eq!(
+            run_nr(AUDIT_ARCH_NATIVE, libc::SYS_connect),
+            libc::SECCOMP_RET_USER_NOTIF
+        );
+        for nr in [
+            libc::SYS_sendto,
+            libc::SYS_sendmsg,
+            libc::SYS_bind,
+            libc::SYS_socket,
+            libc::SYS_read,
+        ] {
+            assert_eq!(run_nr(AUDIT_ARCH_NATIVE, nr), ALLOW, "{nr}");
+        }
+        // Another arch's syscalls are the main filter's (it kills them).
+        assert_eq!(run_nr(AUDIT_ARCH_I386, libc::SYS_connect), ALLOW);
+    }
+
+    #[test]
     fn terminal_injection_ioctls_are_denied() {
         for req in [libc::TIOCSTI, libc::TIOCLINUX] {
             let req = u64::from(req as u32);
@@ -814,7 +883,8 @@ mod tests {
     fn the_program_fits_the_kernel_limit_and_counts_its_rules() {
         let (program, rules) = build_seccomp().unwrap();
         assert!(program.len() <= BPF_MAX_INSNS, "{} instructions", program.len());
-        // 3 family ranges + clone3 + 7 clone flags + 2 socket types + 2 ioctls + personality + the plain list,
+        // 3 family ranges + clone3 + 7 clone flags + 2 socket types + 2 ioctls + 2 Unix datagram rules
+        // (socket, socketpair) + personality + the plain list,
         // + 2 set-id rules per mode-setting syscall + the xattr writes + openat2.
         let plain = [
             NAMESPACE_AND_MOUNT,
@@ -829,7 +899,7 @@ mod tests {
         .sum::<usize>();
         assert_eq!(
             rules,
-            3 + 1 + 7 + 2 + 2 + 1 + plain + 2 * SETID_MODE_ARGS.len() + XATTR_WRITES.len() + 1
+            3 + 1 + 7 + 2 + 2 + 2 + 1 + plain + 2 * SETID_MODE_ARGS.len() + XATTR_WRITES.len() + 1
         );
     }
 

@@ -10,7 +10,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::Duration;
@@ -23,6 +23,7 @@ use super::harden::{self, Hardening, LandlockMode};
 use super::ids;
 use super::rootfs;
 use super::spec::{EarlySpec, IN_BOTTLE_PROXY_PORT, InitSpec, RealFs, fs_plan};
+use super::warden;
 use crate::sys::ns::{self as sys, Forked};
 
 /// Exit code of pid 1 when the bottle failed before the agent ran (the reason went over the channel).
@@ -51,6 +52,8 @@ pub enum InitError {
     HostRoot(String),
     #[error("cannot fork")]
     Fork { source: io::Error },
+    #[error("cannot start the bottle's socket warden")]
+    Warden { source: io::Error },
     #[error("cannot set up the bottle network")]
     Network { source: io::Error },
     #[error(transparent)]
@@ -252,14 +255,15 @@ fn pid_one(spec_path: &Path, early: &EarlySpec, control: &OwnedFd) -> Result<i32
     } else {
         None
     };
+    let warden = warden::start(&spec.share_sockets).map_err(|source| InitError::Warden { source })?;
     let agent = match sys::fork().map_err(|source| InitError::Fork { source })? {
         Forked::Child => {
             let err = match &terminal {
                 Some((_, peer)) => match attach_terminal(peer) {
-                    Ok(()) => exec_in_bottle(spec, &spec.argv),
+                    Ok(()) => exec_in_bottle(spec, &spec.argv, warden.as_fd()),
                     Err(source) => InitError::Terminal { source },
                 },
-                None => exec_in_bottle(spec, &spec.argv),
+                None => exec_in_bottle(spec, &spec.argv, warden.as_fd()),
             };
             let (line, code) = explain_exec_failure(spec, &err);
             let _ = control::send(control, &Message::NoStart(line.clone()), None);
@@ -269,6 +273,7 @@ fn pid_one(spec_path: &Path, early: &EarlySpec, control: &OwnedFd) -> Result<i32
         }
         Forked::Parent { child } => child,
     };
+    drop(warden);
     sys::forward_signals_to(agent).map_err(|source| InitError::Fork { source })?;
     // The launcher gets the terminal's master side with the verdict; pid 1 keeps neither side.
     let master = terminal.map(|(master, _peer)| master);
@@ -375,7 +380,7 @@ pub(super) fn explain_exec_failure(spec: &InitSpec, err: &InitError) -> (String,
 
 /// Runs in the agent's process (or an `exec`'d command's): harden, drop every inherited descriptor, exec.
 /// Returns only on failure.
-pub(super) fn exec_in_bottle(spec: &InitSpec, argv: &[String]) -> InitError {
+pub(super) fn exec_in_bottle(spec: &InitSpec, argv: &[String], warden: BorrowedFd<'_>) -> InitError {
     if let Err(e) = rustix::process::chdir(&spec.workspace) {
         return InitError::Exec {
             program: spec.workspace.display().to_string(),
@@ -390,7 +395,7 @@ pub(super) fn exec_in_bottle(spec: &InitSpec, argv: &[String]) -> InitError {
         read_write,
         landlock: LandlockMode::BestEffort,
     };
-    if let Err(e) = harden::apply(&hardening) {
+    if let Err(e) = harden::apply(&hardening, Some(warden)) {
         return e.into();
     }
     if let Err(source) = sys::reset_signals() {

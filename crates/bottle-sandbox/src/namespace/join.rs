@@ -76,7 +76,13 @@ fn join(spec_path: &Path, pid_one: u32, supervisor_pid: u32, argv: &[String]) ->
                 eprintln!("bot-bottle exec: the command would hold host root: {why}");
                 sys::exit_child(INIT_FAILED)
             }
-            let err = exec_in_bottle(&spec, argv);
+            let err = match super::warden::start(&spec.share_sockets) {
+                Ok(warden) => exec_in_bottle(&spec, argv, std::os::fd::AsFd::as_fd(&warden)),
+                Err(e) => {
+                    eprintln!("bot-bottle exec: cannot start the socket warden: {e}");
+                    sys::exit_child(INIT_FAILED)
+                }
+            };
             let (line, code) = explain_exec_failure(&spec, &err);
             eprintln!("{line}");
             sys::exit_child(code)

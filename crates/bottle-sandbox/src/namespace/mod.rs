@@ -9,3 +9,4 @@ pub mod join;
 pub mod launch;
 pub mod rootfs;
 pub mod spec;
+pub mod warden;

@@ -155,6 +155,10 @@ pub struct InitSpec {
     /// Host paths shown on purpose (`--mount`), bound after the workspace.
     #[serde(default)]
     pub mounts: Vec<UserMount>,
+    /// Unix sockets of host processes the bottle may connect to (`[bottle] share_sockets`), as absolute paths
+    /// inside the bottle; every other socket not bound in the bottle is refused by the socket warden.
+    #[serde(default)]
+    pub share_sockets: Vec<PathBuf>,
 }
 
 /// One step of the filesystem the init builds, in order.
@@ -443,6 +447,7 @@ mod tests {
             tty_size: None,
             tmpfs_bytes: None,
             mounts: Vec::new(),
+            share_sockets: Vec::new(),
         }
     }
 

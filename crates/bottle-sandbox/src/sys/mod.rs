@@ -3,7 +3,7 @@
 //! `ns` (namespaces, mounts, the bottle's init). Nothing outside `sys` may use `unsafe`.
 #![allow(unsafe_code)]
 
-mod harden;
+pub(crate) mod harden;
 pub(crate) mod ns;
 mod probe;
 

@@ -155,6 +155,26 @@ pub(crate) fn close_from(first: u32) -> io::Result<()> {
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
+/// In a forked helper (the socket warden): stdin and stdout become /dev/null, stderr stays, and every other
+/// descriptor but `keep` is closed (the init's control channel among them, so the launcher still sees the init's
+/// end close when the init dies).
+pub(crate) fn keep_only_stderr_and(keep: &impl std::os::fd::AsRawFd) -> io::Result<()> {
+    let keep = u32::try_from(keep.as_raw_fd()).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    if keep < 3 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+    rustix::stdio::dup2_stdin(&null)?;
+    rustix::stdio::dup2_stdout(&null)?;
+    drop(null);
+    // SAFETY: close_range takes plain integers; the caller owns no Rust object wrapping a descriptor it closes
+    // other than ones it will not use again (the forked helper only keeps `keep`).
+    if keep > 3 && unsafe { libc::syscall(libc::SYS_close_range, 3u32, keep - 1, 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    close_from(keep + 1)
+}
+
 /// Closes every descriptor from 4 up and marks 3 (the init's control channel) close-on-exec: the agent never has it,
 /// but a command that cannot start can still say why on it.
 pub(crate) fn close_keeping_control_until_exec() -> io::Result<()> {

@@ -157,6 +157,43 @@ pub fn plant(s: &Scratch, home: &str) -> anyhow::Result<Planted> {
     values.set("abstract_name", &abstract_name);
     decoys.push(("abstract_name", counted(move || abstract_sock.accept())));
 
+    // #12: a host process's sockets in the workspace, one there at launch and one made once the bottle asks for it
+    // (it touches the marker), and a datagram socket. Open to everyone, as a careless daemon leaves them.
+    let open_to_all = |p: &Path| std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777));
+    let ws_sock = work.join(".selftest-host.sock");
+    let ws = UnixListener::bind(&ws_sock).context("decoy workspace socket")?;
+    open_to_all(&ws_sock)?;
+    values
+        .set("workspace_sock", ws_sock.display())
+        .set("workspace_sock_rel", ".selftest-host.sock");
+    decoys.push(("workspace_sock", counted(move || ws.accept())));
+    let dgram_sock = work.join(".selftest-host-dgram.sock");
+    let dgram = std::os::unix::net::UnixDatagram::bind(&dgram_sock).context("decoy workspace datagram socket")?;
+    open_to_all(&dgram_sock)?;
+    values.set("dgram_sock", dgram_sock.display());
+    decoys.push(("dgram_sock", counted(move || dgram.recv(&mut [0u8; 64]))));
+    let (late_marker, late_sock) = (work.join(".selftest-late-ready"), work.join(".selftest-late.sock"));
+    values
+        .set("late_marker", late_marker.display())
+        .set("late_sock", late_sock.display());
+    let late = std::sync::Mutex::new(None::<UnixListener>);
+    decoys.push((
+        "late_sock",
+        counted(move || {
+            let mut late = late.lock().map_err(|_| std::io::Error::other("poisoned"))?;
+            if late.is_none() {
+                while !late_marker.exists() {
+                    std::thread::sleep(std::time::Duration::from_millis(25));
+                }
+                let l = UnixListener::bind(&late_sock)?;
+                open_to_all(&late_sock)?;
+                *late = Some(l);
+            }
+            late.as_ref()
+                .map_or_else(|| Err(std::io::Error::other("no listener")), UnixListener::accept)
+        }),
+    ));
+
     // `sleep` takes fractions: a duration nothing else uses marks the host process.
     let tag = format!("86399.{}", u32::from_str_radix(&random_hex()?[..6], 16)?);
     let marked = Command::new("sleep")

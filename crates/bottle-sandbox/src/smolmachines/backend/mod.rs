@@ -67,6 +67,11 @@ pub enum StepError {
     Pids,
     #[error("`--mount`/[[mount]] is not supported by the smolmachines backend yet; the guest sees the workspace only")]
     Mounts,
+    #[error(
+        "the smolmachines backend cannot share a host's Unix socket with its guest (`share_sockets`): a host socket \
+         is not reachable through the VM's shared folders; use the namespace backend for that bottle"
+    )]
+    ShareSockets,
     #[error("step lease: the bottle's loopback address cannot be used")]
     Loopback(#[source] preflight::AliasError),
     #[error(
@@ -170,7 +175,7 @@ impl StepError {
             Self::Preflight(_) | Self::Engine(_) | Self::Loopback(_) => FailureClass::Preflight,
             Self::Start { source, .. } if source.remedy().is_some() => FailureClass::Preflight,
             Self::Listen { .. } | Self::Discover { .. } => FailureClass::Proxy,
-            Self::Home | Self::Pids | Self::Mounts => FailureClass::Unsupported,
+            Self::Home | Self::Pids | Self::Mounts | Self::ShareSockets => FailureClass::Unsupported,
             Self::NotRunning(_) | Self::Record { .. } => FailureClass::Target,
             _ => FailureClass::Sandbox,
         }
@@ -232,6 +237,9 @@ impl Backend for Smolmachines {
         }
         if !policy.bottle.mounts.is_empty() {
             return Err(StepError::Mounts.into());
+        }
+        if !policy.bottle.share_sockets.is_empty() {
+            return Err(StepError::ShareSockets.into());
         }
         Ok(())
     }
