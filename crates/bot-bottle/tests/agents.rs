@@ -1,5 +1,5 @@
-//! Real agents in real bottles (#14): the pinned Claude Code and Codex CLIs from the npm registry (installed by
-//! `.ci/run`), run with their presets against a FAKE model API (tests/fixtures/fake_model_api.py) that the proxy
+//! Real agents in real bottles (#14): the pinned Claude Code, Codex and Gemini CLIs from the npm registry and aider
+//! from PyPI (installed by `.ci/run`), run with their presets against a FAKE model API (tests/fixtures/fake_model_api.py) that the proxy
 //! reaches through `--resolve` and `--upstream-ca`, on a loopback address of its own at port 443. For each agent:
 //! the non-interactive mode prints the fake's reply; the fake saw the real key and the bottle only the placeholder;
 //! a second run in the same kept home continues the first. Hosts the proxy refused are printed. Needs root (port
@@ -338,6 +338,69 @@ fn gemini_round(s: Scene, addr: &str) {
         addr,
         "GEMINI_API_KEY",
         &["sh", "-c", "echo \"$GEMINI_API_KEY\""],
+    );
+    let inside = String::from_utf8_lossy(&env.stdout);
+    assert!(
+        !inside.trim().is_empty() && !inside.contains(REAL_KEY),
+        "{}",
+        text(&env)
+    );
+    assert_eq!(s.homes_holding_the_key(), Vec::<PathBuf>::new());
+}
+
+/// aider (`aider-chat` on PyPI, pinned in `.ci/run`, in a venv under /usr/local so the bottle sees it) against a
+/// FAKE Chat Completions API: the reply is printed, every call carried the real key, the bottle only the placeholder.
+#[test]
+fn aider_answers_from_the_fake_api_with_the_real_key() {
+    need_agent!("aider");
+    aider_round(Scene::new(), "127.0.1.45");
+    aider_round(Scene::of_user(65534), "127.0.1.55");
+}
+
+fn aider_round(s: Scene, addr: &str) {
+    let host = "api.openai.com";
+    let api = FakeApi::start(&s.path("pki"), &s.ca, &[host], addr, "FAKE-AIDER-REPLY");
+    let aider = [
+        "aider",
+        "--message",
+        "say hi MARKER-A",
+        "--yes-always",
+        "--no-git",
+        "--no-check-update",
+        "--analytics-disable",
+        "--model",
+        "gpt-4o",
+    ];
+    let out = s.run("aider", host, addr, "OPENAI_API_KEY", &aider);
+    print_refused("aider", &out);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("FAKE-AIDER-REPLY"),
+        "{}",
+        text(&out)
+    );
+    let calls: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r["path"] == "/v1/chat/completions")
+        .collect();
+    assert!(
+        calls.iter().any(|r| r["body"].as_str().unwrap().contains("MARKER-A")),
+        "no model call with the prompt: {calls:#?}"
+    );
+    for c in &calls {
+        assert_eq!(
+            c["headers"]["authorization"],
+            format!("Bearer {REAL_KEY}"),
+            "the API got another key: {c:#}"
+        );
+    }
+    let env = s.run(
+        "aider",
+        host,
+        addr,
+        "OPENAI_API_KEY",
+        &["sh", "-c", "echo \"$OPENAI_API_KEY\""],
     );
     let inside = String::from_utf8_lossy(&env.stdout);
     assert!(
