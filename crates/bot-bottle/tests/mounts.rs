@@ -214,24 +214,3 @@ fn issue_14_a_link_planted_in_a_kept_home_cannot_aim_a_mount_at_the_host() {
     );
     assert!(!planted.exists(), "the mount made {} on the host", planted.display());
 }
-
-#[test]
-fn issue_14_smolmachines_refuses_mounts_instead_of_ignoring_them() {
-    let scene = Scene::new();
-    let out = scene.bb(&[
-        "run",
-        "--rm",
-        "--backend",
-        "smolmachines",
-        "--mount",
-        "~/.cargo",
-        "--",
-        "true",
-    ]);
-    assert_eq!(out.status.code(), Some(120), "{}", text(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("--mount"),
-        "{}",
-        text(&out)
-    );
-}

@@ -70,10 +70,13 @@ impl Scratch {
         self.dir.path().join("s")
     }
 
-    /// Our plan for bottle `t1`, with a canonical read-only workspace.
+    /// Our plan for bottle `t1`, with a canonical read-only workspace, a kept home and a read-only tool directory.
     fn plan(&self) -> MachinePlan {
         let ws = self.dir.path().join("ws");
         fs::create_dir_all(&ws).unwrap();
+        let (home, tools) = (self.dir.path().join("home"), self.dir.path().join("tools"));
+        fs::create_dir_all(&home).unwrap();
+        fs::create_dir_all(&tools).unwrap();
         plan(MachineSpec {
             bottle: BottleName::parse("t1").unwrap(),
             image: None,
@@ -84,6 +87,18 @@ impl Scratch {
                 guest: "/workspace".into(),
                 read_only: true,
             }),
+            shares: vec![
+                WorkspaceMount {
+                    host: home.canonicalize().unwrap(),
+                    guest: "/home/agent".into(),
+                    read_only: false,
+                },
+                WorkspaceMount {
+                    host: tools.canonicalize().unwrap(),
+                    guest: "/home/agent/.cargo".into(),
+                    read_only: true,
+                },
+            ],
             interceptor: INTERCEPTOR,
             token: InterceptorToken::random().unwrap(),
         })
@@ -252,6 +267,37 @@ fn a_widened_row_is_refused_naming_each_field_then_restored() {
         listed[0].allowed_cidrs.as_deref(),
         Some(&["100.96.0.1/32".to_owned()][..])
     );
+}
+
+/// #14: the kept home and the user's mounts are shared folders smolvm records as planned (the home writable, a tool
+/// directory read-only); a share made writable behind our back is refused like any widened field.
+#[test]
+fn the_kept_home_and_mounts_are_recorded_as_planned_and_a_widened_share_is_refused() {
+    let Some(engine) = real_engine() else { return };
+    let s = Scratch::new(&engine);
+    let plan = s.created();
+    let mounts: serde_json::Value = serde_json::from_str(
+        &s.column("SELECT json_extract(CAST(data AS TEXT), '$.mounts') FROM vms WHERE name = 'bb-t1'"),
+    )
+    .unwrap();
+    let dir = s.dir.path().canonicalize().unwrap();
+    let at = |p: &str| dir.join(p).display().to_string();
+    assert_eq!(
+        mounts,
+        serde_json::json!([
+            [at("ws"), "/workspace", true],
+            [at("home"), "/home/agent", false],
+            [at("tools"), "/home/agent/.cargo", true],
+        ])
+    );
+    let widened = serde_json::json!([
+        [at("ws"), "/workspace", true],
+        [at("home"), "/home/agent", false],
+        [at("tools"), "/home/agent/.cargo", false],
+    ]);
+    s.sql(&set_field("mounts", &widened.to_string()));
+    let err = verify(&s.db, plan.expected()).unwrap_err();
+    assert_eq!(err.mismatched_fields(), ["mounts"], "{err}");
 }
 
 #[test]
@@ -533,6 +579,7 @@ fn start_without_kvm_permission_is_classified_with_the_preflight_remedy() {
         cpus: Some(1),
         memory_mib: Some(512),
         workspace: None,
+        shares: Vec::new(),
         interceptor: INTERCEPTOR,
         token: InterceptorToken::random().unwrap(),
     })

@@ -356,6 +356,7 @@ fn our_plan_lets_guest_tcp_reach_only_the_interceptor() {
         cpus: Some(1),
         memory_mib: Some(256),
         workspace: None,
+        shares: Vec::new(),
         interceptor: interceptor.addr,
         token,
     })

@@ -90,6 +90,9 @@ impl Scene {
         let workspace = dir.path().join("w");
         fs::create_dir(&workspace).unwrap();
         fs::set_permissions(&workspace, fs::Permissions::from_mode(0o755)).unwrap();
+        // A tool directory the policy mounts (#14), readable by the per-VM uid like the workspace.
+        fs::create_dir(dir.path().join("tools")).unwrap();
+        fs::set_permissions(dir.path().join("tools"), fs::Permissions::from_mode(0o755)).unwrap();
         fs::create_dir_all(root.join(SMOLVM_STATE_DIR)).unwrap();
         Self {
             _dir: dir,
@@ -123,12 +126,17 @@ workspace = "{}"
 [bottle.env]
 FOO = "bar"
 
+[[mount]]
+source = "{}/../tools"
+target = "/opt/tools"
+
 [network]
 allow = ["upstream.test:*"]
 allow_cidr = ["127.0.0.1/32"]
 [network.resolve]
 "upstream.test" = "127.0.0.1"
 "#,
+            self.workspace.display(),
             self.workspace.display()
         );
         let policy: Policy = bottle_policy::from_str(
@@ -346,6 +354,19 @@ fn fake_engine_boot_path_polls_until_ready_inits_runs_the_agent_and_tears_down()
     assert_eq!(
         calls[1][2..],
         ["--name", "bb-boots", "--egress-interceptor", interceptor.as_str()]
+    );
+    // The policy's mount is a read-only shared folder after the workspace (#14).
+    let tools = scene.workspace.parent().unwrap().join("tools").canonicalize().unwrap();
+    let workspace = scene.workspace.canonicalize().unwrap();
+    let volumes: Vec<&String> = calls[0].iter().filter(|a| a.starts_with("--volume=")).collect();
+    assert_eq!(
+        volumes,
+        [
+            &format!("--volume={}:/workspace", workspace.display()),
+            &format!("--volume={}:/opt/tools:ro", tools.display()),
+        ],
+        "{:?}",
+        calls[0]
     );
     for probe in &calls[2..6] {
         assert_eq!(

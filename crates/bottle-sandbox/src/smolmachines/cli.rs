@@ -640,6 +640,7 @@ mod tests {
             cpus: None,
             memory_mib: None,
             workspace: None,
+            shares: Vec::new(),
             interceptor: SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 7), 3128),
             token: InterceptorToken::from_bytes([0xcd; 32]).unwrap(),
         })

@@ -565,6 +565,7 @@ mod tests {
             cpus: None,
             memory_mib: None,
             workspace: None,
+            shares: Vec::new(),
             interceptor: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 3128),
             token: InterceptorToken::from_bytes([1; 32]).unwrap(),
         };

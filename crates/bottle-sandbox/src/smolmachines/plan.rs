@@ -160,6 +160,8 @@ pub struct MachineSpec {
     pub cpus: Option<u32>,
     pub memory_mib: Option<u64>,
     pub workspace: Option<WorkspaceMount>,
+    /// More host directories shared into the guest after the workspace: the kept home, the user's mounts.
+    pub shares: Vec<WorkspaceMount>,
     /// The bottle proxy's interceptor listener, `127.0.0.N:PORT` from the lease.
     pub interceptor: SocketAddrV4,
     pub token: InterceptorToken,
@@ -272,8 +274,8 @@ pub fn plan(spec: MachineSpec) -> Result<MachinePlan, PlanError> {
         create.push(format!("--mem={mem}").into());
     }
     let mut mounts = Vec::new();
-    if let Some(workspace) = &spec.workspace {
-        let mount = expected_mount(workspace)?;
+    for share in spec.workspace.iter().chain(&spec.shares) {
+        let mount = expected_mount(share)?;
         let suffix = if mount.read_only { ":ro" } else { "" };
         create.push(format!("--volume={}:{}{suffix}", mount.host, mount.guest).into());
         mounts.push(mount);
@@ -380,6 +382,7 @@ mod tests {
             cpus: None,
             memory_mib: None,
             workspace: None,
+            shares: Vec::new(),
             interceptor: SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 7), 3128),
             token: token(),
         }

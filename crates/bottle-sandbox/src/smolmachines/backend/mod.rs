@@ -24,8 +24,8 @@ use bottle_policy::{BottleName, Policy};
 use guest::{AgentEnv, AgentError, AgentStdio, InitError, ProbeError};
 
 use crate::backend::{
-    AgentIo, Attachment, Backend, BackendError, BottleSpec, Exit, FailureClass, Kind, Launch, Serve, Services, Started,
-    TeardownError, Urls,
+    AgentIo, Attachment, Backend, BackendError, BottleSpec, Exit, FailureClass, Kind, Launch, MountTarget, Serve,
+    Services, Started, TeardownError, Urls,
 };
 use crate::engine::{self, Engine};
 use crate::preflight::{self, Host, RealHost};
@@ -45,6 +45,8 @@ const MAX_SOCKET_PATH_BYTES: usize = 107;
 const SOCKET_SUFFIX: &str = "/.cache/smolvm/vms/0123456789abcdef/control.sock";
 /// Where the workspace appears in the guest; the agent starts there.
 pub const GUEST_WORKSPACE: &str = "/workspace";
+/// Where a kept home appears in the guest (`HOME` then points there), and where mounts under the home go.
+pub const GUEST_HOME: &str = "/home/agent";
 /// `machine start` already waits up to 30 s for the guest agent; this bounds the exec probes after it.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The machine's create argv and expected row, for `ls`-style inspection. Not `spec.json`: that is the namespace
@@ -58,15 +60,17 @@ pub enum StepError {
     Preflight(String),
     #[error("step preflight: no usable smolvm engine")]
     Engine(#[source] engine::EngineError),
-    #[error("`home` (--home) is not supported by the smolmachines backend yet; the guest keeps its own home")]
+    #[error(
+        "a kept home (`home`, --home) cannot be shared with a smolmachines guest when bot-bottle runs as root: smolvm \
+         serves shared folders as a per-VM uid that could open the home only if every local user could; run \
+         bot-bottle as your own user, or use --home tmpfs"
+    )]
     Home,
     #[error(
         "`pids` in [bottle.resources] is not enforced by the smolmachines backend yet (its cpus and memory are); \
          remove it or use --backend namespace"
     )]
     Pids,
-    #[error("`--mount`/[[mount]] is not supported by the smolmachines backend yet; the guest sees the workspace only")]
-    Mounts,
     #[error(
         "the smolmachines backend cannot share a host's Unix socket with its guest (`share_sockets`): a host socket \
          is not reachable through the VM's shared folders; use the namespace backend for that bottle"
@@ -75,7 +79,7 @@ pub enum StepError {
     #[error("step lease: the bottle's loopback address cannot be used")]
     Loopback(#[source] preflight::AliasError),
     #[error(
-        "step plan: workspace {workspace} is not reachable by smolvm's per-VM uid: {path} lacks {need} for others; \
+        "step plan: {workspace} (shared with the guest) is not reachable by smolvm's per-VM uid: {path} lacks {need} for others; \
          run `chmod o+{need} {path}` or pick another workspace"
     )]
     WorkspaceAccess {
@@ -175,7 +179,7 @@ impl StepError {
             Self::Preflight(_) | Self::Engine(_) | Self::Loopback(_) => FailureClass::Preflight,
             Self::Start { source, .. } if source.remedy().is_some() => FailureClass::Preflight,
             Self::Listen { .. } | Self::Discover { .. } => FailureClass::Proxy,
-            Self::Home | Self::Pids | Self::Mounts | Self::ShareSockets => FailureClass::Unsupported,
+            Self::Home | Self::Pids | Self::ShareSockets => FailureClass::Unsupported,
             Self::NotRunning(_) | Self::Record { .. } => FailureClass::Target,
             _ => FailureClass::Sandbox,
         }
@@ -227,16 +231,14 @@ impl Backend for Smolmachines {
     }
 
     fn check(&self, policy: &Policy) -> Result<(), BackendError> {
-        // A written setting is enforced or refused: this backend keeps the guest's own home for now.
-        if policy.bottle.home.is_some() {
+        // A written setting is enforced or refused. As root, smolvm serves shared folders as a per-VM uid that could
+        // only open a kept home (0700: it holds the agent's logins) if every local user could.
+        if policy.bottle.home.as_deref().is_some_and(|h| h != "tmpfs") && rustix::process::geteuid().is_root() {
             return Err(StepError::Home.into());
         }
         // The machine's cpus and memory are the VM's own; a process cap inside the guest is not enforced yet.
         if policy.bottle.resources.pids.is_some() {
             return Err(StepError::Pids.into());
-        }
-        if !policy.bottle.mounts.is_empty() {
-            return Err(StepError::Mounts.into());
         }
         if !policy.bottle.share_sockets.is_empty() {
             return Err(StepError::ShareSockets.into());
@@ -369,6 +371,47 @@ pub fn guest_can_reach(workspace: &Path, root_engine: bool) -> Result<(), StepEr
     Ok(())
 }
 
+/// The kept home (at `GUEST_HOME`) and the user's mounts, as shared folders after the workspace. As root the kept
+/// home is not shared (`check` refused an explicit one; the preset's default is left out with a warning) and each
+/// mount must be reachable by smolvm's per-VM uid, as the workspace must.
+fn shares(spec: &BottleSpec, root_engine: bool) -> Result<Vec<WorkspaceMount>, StepError> {
+    let mut shares = Vec::new();
+    if let Some(home) = &spec.home {
+        if root_engine {
+            tracing::warn!(
+                "the agent's home is not kept between runs on the smolmachines backend when bot-bottle runs as root"
+            );
+        } else {
+            shares.push(WorkspaceMount {
+                host: canonical(home)?,
+                guest: GUEST_HOME.into(),
+                read_only: false,
+            });
+        }
+    }
+    for m in &spec.mounts {
+        guest_can_reach(&m.source, root_engine)?;
+        let guest = match &m.target {
+            MountTarget::Absolute(at) => at.clone(),
+            MountTarget::InHome(rel) => Path::new(GUEST_HOME).join(rel),
+        };
+        shares.push(WorkspaceMount {
+            host: canonical(&m.source)?,
+            guest,
+            read_only: !m.writable,
+        });
+    }
+    Ok(shares)
+}
+
+/// smolvm records a shared folder's canonical path, and the row is compared with ours.
+fn canonical(path: &Path) -> Result<PathBuf, StepError> {
+    std::fs::canonicalize(path).map_err(|source| StepError::Inspect {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 /// A smolmachines launch: what it has started so far. `shutdown` (also run on drop) removes it.
 struct SmolLaunch {
     smolvm: Smolvm,
@@ -453,6 +496,7 @@ impl Launch for SmolLaunch {
                 guest: GUEST_WORKSPACE.into(),
                 read_only: false,
             }),
+            shares: shares(spec, rustix::process::geteuid().is_root())?,
             interceptor,
             token,
         })
@@ -515,6 +559,9 @@ impl Launch for SmolLaunch {
             source: Box::new(source),
         })?;
         let mut env = AgentEnv::default();
+        if spec.home.is_some() && !rustix::process::geteuid().is_root() {
+            env.plain.insert("HOME".into(), GUEST_HOME.into());
+        }
         env.plain.extend(spec.env.clone());
         env.plain.extend(services.placeholders());
         env.plain.extend(settings);
@@ -631,4 +678,89 @@ fn sweep(smolvm: &Smolvm, root: &Path, keep: &str) -> Result<Vec<String>, CliErr
         swept.push(machine.name);
     }
     Ok(swept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MountSpec;
+
+    fn spec(home: Option<PathBuf>, mounts: Vec<MountSpec>) -> BottleSpec {
+        BottleSpec {
+            name: BottleName::parse("b1").unwrap(),
+            addr: Ipv4Addr::new(127, 0, 0, 2),
+            argv: vec!["true".into()],
+            workspace: "/w".into(),
+            home,
+            env: Default::default(),
+            pass_env: Default::default(),
+            image: None,
+            cpus: None,
+            memory_mib: None,
+            pids: None,
+            mounts,
+            share_sockets: Vec::new(),
+            io: AgentIo::Inherit,
+        }
+    }
+
+    /// #14: the kept home and the user's mounts become shared folders: the home writable at /home/agent, a mount
+    /// under the home beneath it, an absolute one where it says, read-only unless written `rw`.
+    #[test]
+    fn the_kept_home_and_mounts_are_shared_folders_and_a_root_engine_keeps_no_home() {
+        let dir = tempfile::tempdir().unwrap();
+        let canonical = dir.path().canonicalize().unwrap();
+        for d in ["home", "cargo", "tools"] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        let mounts = vec![
+            MountSpec {
+                source: dir.path().join("cargo"),
+                target: MountTarget::InHome(".cargo".into()),
+                writable: false,
+            },
+            MountSpec {
+                source: dir.path().join("tools"),
+                target: MountTarget::Absolute("/opt/tools".into()),
+                writable: true,
+            },
+        ];
+        let shared = shares(&spec(Some(dir.path().join("home")), mounts.clone()), false).unwrap();
+        let want = |p: &str, guest: &str, read_only| WorkspaceMount {
+            host: canonical.join(p),
+            guest: guest.into(),
+            read_only,
+        };
+        assert_eq!(
+            shared,
+            [
+                want("home", GUEST_HOME, false),
+                want("cargo", "/home/agent/.cargo", true),
+                want("tools", "/opt/tools", false),
+            ]
+        );
+        // As root the per-VM uid could open the 0700 home only if everyone could: it stays out.
+        std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        for d in ["cargo", "tools"] {
+            std::fs::set_permissions(dir.path().join(d), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        }
+        let as_root = shares(&spec(Some(dir.path().join("home")), mounts), true).unwrap();
+        assert!(as_root.iter().all(|s| s.guest != Path::new(GUEST_HOME)), "{as_root:?}");
+        assert_eq!(as_root.len(), 2);
+    }
+
+    #[test]
+    fn a_mount_the_per_vm_uid_cannot_reach_is_refused_with_the_remedy() {
+        let dir = tempfile::tempdir().unwrap();
+        let private = dir.path().join("private");
+        std::fs::create_dir(&private).unwrap();
+        std::fs::set_permissions(&private, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        let mounts = vec![MountSpec {
+            source: private.clone(),
+            target: MountTarget::Absolute("/opt/p".into()),
+            writable: false,
+        }];
+        let err = shares(&spec(None, mounts), true).unwrap_err().to_string();
+        assert!(err.contains("chmod o+"), "{err}");
+    }
 }
