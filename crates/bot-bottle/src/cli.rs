@@ -74,6 +74,13 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Internal: in a container bottle, starts a command under the socket warden.
+    #[command(name = "__warden-exec", hide = true)]
+    WardenExec {
+        socket: PathBuf,
+        #[arg(last = true, required = true)]
+        command: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -419,3 +419,137 @@ fn issue_15_pass_env_values_reach_the_agent_but_never_the_engines_config() {
     assert!(!config.contains(value), "the engine's config holds the value: {config}");
     assert!(logs.contains(&format!("got={value}")), "{logs}");
 }
+
+/// A host listener on a Unix socket that counts connections (0777: only the warden stands in the way).
+fn host_socket(path: &Path) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = std::sync::Arc::clone(&count);
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    count
+}
+
+/// Whether the probe's verdict line for `case` (in order of appearance, `nth`) says it got through.
+fn probe_escaped(stdout: &str, case: &str, nth: usize) -> bool {
+    let line = stdout
+        .lines()
+        .filter(|l| l.contains(&format!("\"case\":\"{case}\"")))
+        .nth(nth)
+        .unwrap_or_else(|| panic!("no verdict #{nth} for {case} in:\n{stdout}"));
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    v["escaped"].as_bool().unwrap()
+}
+
+/// #12 on this backend: the workspace is a bind of the host directory, so a host process's Unix socket there
+/// answered the container. The container's commands (the agent and each `exec`) start under the socket warden: a
+/// host socket present at launch, one made later and a datagram to one are refused; the container's own socket and
+/// one `share_sockets` names answer.
+#[test]
+fn issue_12_a_container_bottle_connects_only_to_its_own_sockets_and_shared_ones() {
+    if skip() {
+        return;
+    }
+    let probe = bottle_test_support::probe::binary(BB);
+    let image = container::image_with("bot-bottle-test/probe:1", probe, "bottle-probe");
+    let scene = Scene::new();
+    let w = scene.path().join("w");
+    let present = host_socket(&w.join("host.sock"));
+    let shared = host_socket(&w.join("dev.sock"));
+    let dgram = std::os::unix::net::UnixDatagram::bind(w.join("host-dgram.sock")).unwrap();
+    std::fs::set_permissions(
+        w.join("host-dgram.sock"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    dgram.set_nonblocking(true).unwrap();
+    let (ready, late_path) = (w.join("ready"), w.join("late.sock"));
+    let late = std::thread::spawn(move || {
+        for _ in 0..800 {
+            if ready.exists() {
+                return Some(host_socket(&late_path));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        None
+    });
+    let policy = scene.path().join("policy.toml");
+    std::fs::write(&policy, "[bottle]\nshare_sockets = [\"dev.sock\"]\n").unwrap();
+    let script = format!(
+        "bottle-probe unix-connect host.sock {w}/host.sock; bottle-probe unix-own own.sock; \
+         bottle-probe unix-connect dev.sock; bottle-probe unix-connect-late ready late.sock; \
+         bottle-probe unix-dgram host-dgram.sock",
+        w = w.display()
+    );
+    let name = "ct-sockets";
+    let out = scene.bb(&[
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--backend",
+        "container",
+        "--image",
+        &image,
+        "--policy",
+        policy.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        &format!("{script}; sleep 600"),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let log = scene.state().join(format!("bot-bottle/{name}/agent.log"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut stdout = String::new();
+    while std::time::Instant::now() < deadline {
+        stdout = std::fs::read_to_string(&log).unwrap_or_default();
+        if stdout.contains("\"case\":\"unix-dgram\"") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // An `exec`'d command is under the warden too.
+    let exec = scene.bb(&["exec", name, "--", "bottle-probe", "unix-connect", "host.sock"]);
+    let exec_out = String::from_utf8_lossy(&exec.stdout).into_owned();
+    let _ = scene.bb(&["stop", name]);
+    let _ = scene.bb(&["rm", name]);
+    let all = format!("{stdout}\n--- exec\n{}", text(&exec));
+    assert!(
+        !probe_escaped(&stdout, "unix-connect", 0),
+        "a host socket at launch answered: {all}"
+    );
+    assert!(
+        probe_escaped(&stdout, "unix-own", 0),
+        "the container's own socket did not answer: {all}"
+    );
+    assert!(
+        probe_escaped(&stdout, "unix-connect", 1),
+        "the shared socket did not answer: {all}"
+    );
+    assert!(
+        !probe_escaped(&stdout, "unix-connect-late", 0),
+        "a host socket made later answered: {all}"
+    );
+    assert!(
+        !probe_escaped(&stdout, "unix-dgram", 0),
+        "a datagram reached a host socket: {all}"
+    );
+    assert!(
+        !probe_escaped(&exec_out, "unix-connect", 0),
+        "exec reached a host socket: {all}"
+    );
+    let late = late
+        .join()
+        .unwrap()
+        .expect("the container never asked for the late socket");
+    assert_eq!(present.load(std::sync::atomic::Ordering::SeqCst), 0, "{all}");
+    assert_eq!(late.load(std::sync::atomic::Ordering::SeqCst), 0, "{all}");
+    assert_eq!(shared.load(std::sync::atomic::Ordering::SeqCst), 1, "{all}");
+    assert!(dgram.recv(&mut [0u8; 16]).is_err(), "a datagram arrived: {all}");
+}

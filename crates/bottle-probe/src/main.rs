@@ -153,6 +153,24 @@ const CASES: &[Case] = &[
         net::unix_connect,
     ),
     case(
+        "unix-own",
+        "PATH",
+        "control: a socket made in the bottle answers it (the socket warden lets it through)",
+        net::unix_own,
+    ),
+    case(
+        "unix-dgram",
+        "PATH",
+        "send a datagram to a unix socket by path (from a socket and from a socketpair)",
+        net::unix_dgram,
+    ),
+    case(
+        "unix-connect-late",
+        "MARKER PATH",
+        "touch MARKER, wait for a socket at PATH (made by the host), connect",
+        net::unix_connect_late,
+    ),
+    case(
         "unix-scan",
         "DIR...",
         "find and connect to every unix socket under DIR",

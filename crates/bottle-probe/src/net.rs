@@ -327,6 +327,96 @@ pub fn unix_connect(args: &[String]) -> Outcome {
     Ok(unix_verdict("unix-connect", &results))
 }
 
+/// A control: a socket the bottle makes itself (at PATH) answers it, by that path and from another thread (the
+/// socket warden judges every connect; it must let these through).
+pub fn unix_own(args: &[String]) -> Outcome {
+    let [path] = args else {
+        return Err(usage("expected PATH"));
+    };
+    let _ = std::fs::remove_file(path);
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .map_err(|e| crate::verdict::Failure::CannotRun(format!("bind {path}: {e}")))?;
+    let mut results = vec![(
+        path.clone(),
+        UnixStream::connect(path).map(drop).map_err(|e| e.to_string()),
+    )];
+    let p = path.clone();
+    let threaded = std::thread::spawn(move || UnixStream::connect(&p).map(drop).map_err(|e| e.to_string()))
+        .join()
+        .unwrap_or_else(|_| Err("the thread panicked".into()));
+    results.push((format!("{path} (another thread)"), threaded));
+    drop(listener);
+    let _ = std::fs::remove_file(path);
+    let failed: Vec<String> = results
+        .iter()
+        .filter_map(|(p, r)| r.as_ref().err().map(|e| format!("{p}: {e}")))
+        .collect();
+    if failed.is_empty() {
+        Ok(Verdict::escaped(
+            "unix-own",
+            format!("connected to {path}, from two threads"),
+        ))
+    } else {
+        Ok(Verdict::held(
+            "unix-own",
+            format!("its own socket did not answer: {}", failed.join("; ")),
+        ))
+    }
+}
+
+/// A datagram to a Unix socket by path, from a socket and from a socketpair (a datagram socket reaches any socket
+/// by path with each `sendto`).
+pub fn unix_dgram(args: &[String]) -> Outcome {
+    use std::os::unix::net::UnixDatagram;
+    let [path] = args else {
+        return Err(usage("expected PATH"));
+    };
+    let attempts = [
+        ("socket", UnixDatagram::unbound().and_then(|s| s.send_to(b"x", path))),
+        (
+            "socketpair",
+            UnixDatagram::pair().and_then(|(a, _b)| a.send_to(b"x", path)),
+        ),
+    ];
+    let sent: Vec<&str> = attempts
+        .iter()
+        .filter(|(_, r)| r.is_ok())
+        .map(|(how, _)| *how)
+        .collect();
+    let all: Vec<String> = attempts
+        .iter()
+        .map(|(how, r)| {
+            format!(
+                "{how}: {}",
+                r.as_ref()
+                    .map_or_else(ToString::to_string, |n| format!("sent {n} bytes"))
+            )
+        })
+        .collect();
+    Ok(if sent.is_empty() {
+        Verdict::held("unix-dgram", all.join("; "))
+    } else {
+        Verdict::escaped("unix-dgram", format!("a datagram reached {path} ({})", all.join("; ")))
+    })
+}
+
+/// A socket the host makes after the bottle started: touch MARKER, wait (up to 10 s) for PATH, connect.
+pub fn unix_connect_late(args: &[String]) -> Outcome {
+    let [marker, path] = args else {
+        return Err(usage("expected MARKER PATH"));
+    };
+    std::fs::write(marker, b"").map_err(|e| crate::verdict::Failure::CannotRun(format!("{marker}: {e}")))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        if Instant::now() > deadline {
+            return Err(crate::verdict::Failure::CannotRun(format!("{path} never appeared")));
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let result = UnixStream::connect(path).map(drop).map_err(|e| e.to_string());
+    Ok(unix_verdict("unix-connect-late", &[(path.clone(), result)]))
+}
+
 fn unix_verdict(case: &'static str, results: &[(String, Result<(), String>)]) -> Verdict {
     let reached: Vec<&str> = results
         .iter()

@@ -10,6 +10,7 @@ pub mod ca;
 pub mod child;
 pub mod container;
 pub mod engine;
+pub mod probe;
 pub mod require;
 pub mod tui;
 pub mod upstream;

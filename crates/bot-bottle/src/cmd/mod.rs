@@ -42,5 +42,9 @@ pub fn dispatch(command: Command, out: &Output) -> anyhow::Result<u8> {
             let code = bottle_sandbox::backend::exec_helper(&spec, init_pid, supervisor_pid, &command);
             Ok(u8::try_from(code).unwrap_or(crate::exit::SANDBOX))
         }
+        Command::WardenExec { socket, command } => {
+            let code = bottle_sandbox::container::sockets::exec_under_warden(&socket, &command);
+            Ok(u8::try_from(code).unwrap_or(crate::exit::SANDBOX))
+        }
     }
 }

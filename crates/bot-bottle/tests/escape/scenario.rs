@@ -4,12 +4,10 @@
 //! missing verdict) is a test failure: nothing here passes by default.
 
 use std::collections::BTreeMap;
-use std::ffi::OsStr;
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use bottle_probe::catalogue::{self, Case, Expect, Family, Values};
@@ -28,52 +26,9 @@ pub const NOBODY: u32 = 65534;
 // ---------------------------------------------------------------------------------------------------------------
 // The probe binary
 
-/// `bottle-probe`, built by cargo beside the bot-bottle binary (it is another package's binary, so `cargo test -p
-/// bot-bottle` does not build it). `BOTTLE_PROBE=<path>` uses a prebuilt one instead.
+/// `bottle-probe`, built by cargo beside the bot-bottle binary (`BOTTLE_PROBE=<path>` uses a prebuilt one).
 pub fn probe_binary() -> &'static Path {
-    static PROBE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    let built = PROBE.get_or_init(|| {
-        if let Some(p) = std::env::var_os("BOTTLE_PROBE") {
-            return Ok(PathBuf::from(p));
-        }
-        let bb = Path::new(BB);
-        let profile_dir = bb.parent().ok_or("no profile dir")?;
-        let target_dir = profile_dir.parent().ok_or("no target dir")?;
-        let profile = profile_dir
-            .file_name()
-            .and_then(OsStr::to_str)
-            .ok_or("odd profile dir")?;
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| env!("CARGO").to_string());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "bottle-probe", "--target-dir"])
-            .arg(target_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        match profile {
-            "debug" => {}
-            "release" => {
-                cmd.arg("--release");
-            }
-            other => {
-                cmd.args(["--profile", other]);
-            }
-        }
-        let out = cmd.output().map_err(|e| format!("cannot run cargo: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "cargo build -p bottle-probe failed:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        let probe = profile_dir.join("bottle-probe");
-        if !probe.is_file() {
-            return Err(format!("{} was not built", probe.display()));
-        }
-        Ok(probe)
-    });
-    match built {
-        Ok(p) => p,
-        Err(e) => panic!("the probe binary is not available, so no case can run: {e}"),
-    }
+    bottle_test_support::probe::binary(BB)
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -162,23 +162,17 @@ pub const CASES: &[Case] = &[
     // pathname socket is found through the filesystem, not the network namespace), by absolute and relative path;
     // one the host makes after the launch (the bottle writes `{{late_marker}}` and waits for `{{late_sock}}`); and a
     // datagram sent to a host socket by path, from a socket and from a socketpair.
-    probe("x-workspace-socket", &["unix-connect", "{{workspace_sock}}", "{{workspace_sock_rel}}"]),
-    shell(
+    probe(
+        "x-workspace-socket",
+        &["unix-connect", "{{workspace_sock}}", "{{workspace_sock_rel}}"],
+    ),
+    // The control: a socket the bottle makes itself answers (so the refusals above are the warden's).
+    probe("ctl-unix-own", &["unix-own", "own.sock"]).control(),
+    probe(
         "x-workspace-socket-late",
-        "touch {{late_marker}}; i=0; while [ ! -S {{late_sock}} ] && [ $i -lt 200 ]; do sleep 0.05; i=$((i+1)); done; \
-         python3 -c 'import socket; socket.socket(socket.AF_UNIX).connect(\"{{late_sock}}\")'",
-    )
-    .needs(&[Tool("python3")]),
-    shell(
-        "x-workspace-datagram",
-        "python3 -c 'import socket; socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b\"x\", \"{{dgram_sock}}\")'",
-    )
-    .needs(&[Tool("python3")]),
-    shell(
-        "x-workspace-datagram-pair",
-        "python3 -c 'import socket; socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)[0].sendto(b\"x\", \"{{dgram_sock}}\")'",
-    )
-    .needs(&[Tool("python3")]),
+        &["unix-connect-late", "{{late_marker}}", "{{late_sock}}"],
+    ),
+    probe("x-workspace-datagram", &["unix-dgram", "{{dgram_sock}}"]),
     probe("x-init-mem", &["proc-mem", "1"]),
     probe("x-init-environ", &["read-file", "/proc/1/environ", "{{hex:host_env}}"]),
     probe("x-host-env-anywhere", &["find-secret", "{{hex:host_env}}"]),

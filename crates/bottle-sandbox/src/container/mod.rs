@@ -11,6 +11,7 @@
 mod api;
 mod gate;
 pub mod plan;
+pub mod sockets;
 mod verify;
 
 use std::collections::BTreeMap;
@@ -176,7 +177,8 @@ impl Backend for Container {
             return Err(StepError::NotRunning(s.name.to_string()).into());
         }
         let engine = Api::connect().map_err(StepError::Engine)?;
-        let (id, command) = (plan::container_name(s.name.as_str()), plan::with_env(command));
+        let runtime = sockets::Runtime::of_this_process().map_err(io("exec"))?;
+        let (id, command) = (plan::container_name(s.name.as_str()), plan::with_env(&runtime, command));
         // With the user's terminal on both ends, the command gets a terminal of its own in the container.
         let code = if std::io::IsTerminal::is_terminal(&std::io::stdin())
             && std::io::IsTerminal::is_terminal(&std::io::stdout())
@@ -263,6 +265,9 @@ impl Launch for ContainerLaunch {
                 *v = in_container_ca.clone();
             }
         }
+        // Every connect in the container goes through the socket warden, served from here once the container runs.
+        let runtime = sockets::Runtime::of_this_process().map_err(io("begin"))?;
+        let warden = sockets::listen(&shared.join(sockets::WARDEN_SOCK)).map_err(io("begin"))?;
         let body = plan::plan(&plan::Inputs {
             spec: &spec,
             image: &image,
@@ -270,6 +275,7 @@ impl Launch for ContainerLaunch {
             shared_dir: &shared,
             env: &env,
             root: &self.root,
+            runtime: &runtime,
         });
         let name = plan::container_name(spec.name.as_str());
         // A container of this name left by a killed launch of this bottle (the lease says nobody holds the name) is
@@ -295,6 +301,7 @@ impl Launch for ContainerLaunch {
             .filter(|p| *p > 0)
             .ok_or_else(|| StepError::Verify("the engine reports no process for the container".into()))?;
         self.pid = Some(pid);
+        sockets::serve(warden, pid, spec.share_sockets.clone()).map_err(io("start"))?;
         self.pass_env = spec.pass_env.clone();
         verify::check_limits(&spec, &inspected)?;
         self.io = Some(spec.io);

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountTmpfsOptions, MountType};
 
+use super::sockets::Runtime;
 use crate::backend::{BottleSpec, MountTarget};
 
 /// Where the gate the agent waits at (a FIFO) and the CA bundle appear in the container.
@@ -37,6 +38,8 @@ pub struct Inputs<'a> {
     pub env: &'a BTreeMap<String, String>,
     /// bot-bottle's state root, as a label.
     pub root: &'a Path,
+    /// The launcher's binary and libraries, shown read-only: every command starts under the socket warden.
+    pub runtime: &'a Runtime,
 }
 
 /// The name of a bottle's container.
@@ -61,6 +64,7 @@ pub fn plan(i: &Inputs<'_>) -> ContainerCreateBody {
         };
         binds.push(bind(&m.source, &target, m.writable));
     }
+    binds.extend(i.runtime.binds());
     let mut tmpfs = vec![tmpfs_at("/tmp", 0o1777)];
     if spec.home.is_none() {
         tmpfs.push(tmpfs_at(HOME, 0o700));
@@ -79,6 +83,8 @@ pub fn plan(i: &Inputs<'_>) -> ContainerCreateBody {
         // image before the tmpfs mounts, which then lose their mode (a /tmp of 0755 when the workspace is under it).
         spec.workspace.display().to_string(),
     ];
+    // SECURITY (#12): the command starts under the socket warden, which judges every connect it makes.
+    cmd.extend(i.runtime.prefix());
     cmd.extend(spec.argv.iter().cloned());
     let labels = HashMap::from([
         (OWNER_LABEL.0.to_string(), OWNER_LABEL.1.to_string()),
@@ -124,8 +130,9 @@ pub fn plan(i: &Inputs<'_>) -> ContainerCreateBody {
     }
 }
 
-/// `command` run with the placeholders of the bottle's credentials in its environment (for `exec`).
-pub fn with_env(command: &[String]) -> Vec<String> {
+/// `command` run with the placeholders of the bottle's credentials in its environment, under the socket warden
+/// (for `exec`).
+pub fn with_env(runtime: &Runtime, command: &[String]) -> Vec<String> {
     let mut argv = vec![
         "/bin/sh".to_string(),
         "-c".into(),
@@ -135,6 +142,7 @@ pub fn with_env(command: &[String]) -> Vec<String> {
         ),
         "bot-bottle-exec".into(),
     ];
+    argv.extend(runtime.prefix());
     argv.extend(command.iter().cloned());
     argv
 }
@@ -192,6 +200,11 @@ mod tests {
     fn the_container_is_confined_and_waits_at_the_gate() {
         let s = spec();
         let env = BTreeMap::from([("HOME".to_string(), HOME.to_string())]);
+        let runtime = Runtime {
+            exe: "/opt/bb/bot-bottle".into(),
+            libs: vec!["/lib/libc.so.6".into(), "/lib64/ld-linux-x86-64.so.2".into()],
+            loader: "/lib64/ld-linux-x86-64.so.2".into(),
+        };
         let body = plan(&Inputs {
             spec: &s,
             image: "local/busybox",
@@ -199,6 +212,7 @@ mod tests {
             shared_dir: Path::new("/state/b1/container"),
             env: &env,
             root: Path::new("/state"),
+            runtime: &runtime,
         });
         let hc = body.host_config.unwrap();
         assert_eq!(hc.network_mode.as_deref(), Some("none"));
@@ -214,7 +228,10 @@ mod tests {
             [
                 "/w:/w:rw",
                 "/state/b1/container:/.bot-bottle:ro",
-                "/h/.cargo:/home/agent/.cargo:ro"
+                "/h/.cargo:/home/agent/.cargo:ro",
+                "/opt/bb/bot-bottle:/.bot-bottle-rt/bot-bottle:ro",
+                "/lib/libc.so.6:/.bot-bottle-rt/lib/libc.so.6:ro",
+                "/lib64/ld-linux-x86-64.so.2:/.bot-bottle-rt/lib/ld-linux-x86-64.so.2:ro",
             ]
         );
         let tmpfs: Vec<_> = hc
@@ -231,7 +248,22 @@ mod tests {
         let cmd = body.cmd.unwrap();
         assert_eq!(cmd[..2], ["/bin/sh", "-c"]);
         assert!(cmd[2].starts_with(". /.bot-bottle/gate ||"));
-        assert_eq!(cmd[4..], ["/w", "echo", "hi there"]);
+        // The command starts under the socket warden.
+        assert_eq!(
+            cmd[4..],
+            [
+                "/w",
+                "/.bot-bottle-rt/lib/ld-linux-x86-64.so.2",
+                "--library-path",
+                "/.bot-bottle-rt/lib",
+                "/.bot-bottle-rt/bot-bottle",
+                "__warden-exec",
+                "/.bot-bottle/warden.sock",
+                "--",
+                "echo",
+                "hi there"
+            ]
+        );
         assert_eq!(body.working_dir, None);
         assert_eq!(body.labels.unwrap()["owner"], "bot-bottle");
     }

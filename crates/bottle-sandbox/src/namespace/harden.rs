@@ -763,7 +763,7 @@ mod tests {
     }
 
     #[test]
-    fn the_warden_filter_hands_over_native_connects_only() {
+    fn the_warden_filter_hands_over_native_connects_and_refuses_unix_datagrams() {
         let program: Vec<sock_filter> = crate::namespace::warden::program()
             .iter()
             .map(|i| sock_filter {
@@ -789,6 +789,20 @@ mod tests {
         }
         // Another arch's syscalls are the main filter's (it kills them).
         assert_eq!(run_nr(AUDIT_ARCH_I386, libc::SYS_connect), ALLOW);
+        // Unix datagram sockets are refused by this filter too (a container's engine profile admits them).
+        let (unix, inet) = (libc::AF_UNIX as u64, libc::AF_INET as u64);
+        let cloexec = libc::SOCK_CLOEXEC as u64;
+        for nr in [libc::SYS_socket, libc::SYS_socketpair] {
+            let socket = |family, ty| run(&program, AUDIT_ARCH_NATIVE, nr, [family, ty, 0, 0, 0, 0]);
+            assert_eq!(
+                socket(unix, libc::SOCK_DGRAM as u64 | cloexec),
+                errno(libc::EPERM),
+                "{nr}"
+            );
+            assert_eq!(socket(unix, libc::SOCK_STREAM as u64), ALLOW, "{nr}");
+            assert_eq!(socket(unix, libc::SOCK_SEQPACKET as u64 | cloexec), ALLOW, "{nr}");
+            assert_eq!(socket(inet, libc::SOCK_DGRAM as u64), ALLOW, "{nr}");
+        }
     }
 
     #[test]

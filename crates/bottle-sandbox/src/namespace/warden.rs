@@ -44,17 +44,36 @@ const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
 const BPF_JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
 const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
 
-/// The filter that hands every native `connect(2)` to the warden; everything else is the main filter's business.
+/// Offsets of the low halves of the first two arguments in `struct seccomp_data` (little-endian targets only).
+const DATA_ARG0: u32 = 16;
+const DATA_ARG1: u32 = 24;
+const BPF_AND_K: u16 = (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16;
+/// `SOCK_TYPE_MASK` (linux/net.h).
+const SOCK_TYPE_MASK: u32 = 0xf;
+
+/// The filter that hands every native `connect(2)` to the warden, and refuses Unix datagram sockets (`socket` and
+/// `socketpair` of `AF_UNIX, SOCK_DGRAM`: a datagram reaches a socket by path with every `sendto`, past any check;
+/// the namespace backend's main filter refuses them too, a container's engine profile does not). Everything else is
+/// the main filter's business.
 pub(crate) fn program() -> Vec<libc::sock_filter> {
     let insn = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
-    let connect = u32::try_from(libc::SYS_connect).unwrap_or(u32::MAX);
+    let nr = |n: i64| u32::try_from(n).unwrap_or(u32::MAX);
+    let eperm = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
     vec![
-        insn(BPF_LD_W_ABS, 0, 0, DATA_ARCH),
-        insn(BPF_JEQ_K, 0, 3, AUDIT_ARCH_NATIVE),
-        insn(BPF_LD_W_ABS, 0, 0, DATA_NR),
-        insn(BPF_JEQ_K, 0, 1, connect),
-        insn(BPF_RET_K, 0, 0, libc::SECCOMP_RET_USER_NOTIF),
-        insn(BPF_RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
+        /* 0 */ insn(BPF_LD_W_ABS, 0, 0, DATA_ARCH),
+        /* 1 */ insn(BPF_JEQ_K, 0, 11, AUDIT_ARCH_NATIVE), // -> 13
+        /* 2 */ insn(BPF_LD_W_ABS, 0, 0, DATA_NR),
+        /* 3 */ insn(BPF_JEQ_K, 8, 0, nr(libc::SYS_connect)), // -> 12
+        /* 4 */ insn(BPF_JEQ_K, 1, 0, nr(libc::SYS_socket)), // -> 6
+        /* 5 */ insn(BPF_JEQ_K, 0, 7, nr(libc::SYS_socketpair)), // else -> 13
+        /* 6 */ insn(BPF_LD_W_ABS, 0, 0, DATA_ARG0),
+        /* 7 */ insn(BPF_JEQ_K, 0, 5, libc::AF_UNIX as u32), // else -> 13
+        /* 8 */ insn(BPF_LD_W_ABS, 0, 0, DATA_ARG1),
+        /* 9 */ insn(BPF_AND_K, 0, 0, SOCK_TYPE_MASK),
+        /* 10 */ insn(BPF_JEQ_K, 0, 2, libc::SOCK_DGRAM as u32), // else -> 13
+        /* 11 */ insn(BPF_RET_K, 0, 0, eperm),
+        /* 12 */ insn(BPF_RET_K, 0, 0, libc::SECCOMP_RET_USER_NOTIF),
+        /* 13 */ insn(BPF_RET_K, 0, 0, libc::SECCOMP_RET_ALLOW),
     ]
 }
 
@@ -89,14 +108,37 @@ fn serve_from(channel: &OwnedFd, shared: &[PathBuf]) -> i32 {
         // The agent's process never got as far as its filter (it could not start): nothing to watch.
         _ => return 0,
     };
-    serve(listener, shared.to_vec());
+    // This process is in the bottle's network namespace: its sock_diag socket lists the bottle's sockets.
+    match diag_socket() {
+        Ok(diag) => serve(listener, shared.to_vec(), diag),
+        // SECURITY: without it nothing can be judged; dropping the listener fails every connect (ENOSYS).
+        Err(e) => {
+            let _ = writeln!(io::stderr(), "bot-bottle: the socket warden cannot start: {e}");
+            return 1;
+        }
+    }
     0
 }
 
-fn serve(listener: OwnedFd, shared: Vec<PathBuf>) {
+/// A sock_diag socket of the caller's network namespace (a socket keeps the namespace it was made in).
+pub(crate) fn diag_socket() -> io::Result<OwnedFd> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType, netlink};
+    Ok(rustix::net::socket_with(
+        AddressFamily::NETLINK,
+        SocketType::RAW,
+        SocketFlags::CLOEXEC,
+        Some(netlink::SOCK_DIAG),
+    )?)
+}
+
+/// Judges the connects of one filter's processes until none is left: `listener` is the filter's, `shared` the
+/// `share_sockets` paths (inside the bottle), `diag` a sock_diag socket of the bottle's network namespace. The
+/// tasks may live in another mount namespace (a container's): paths are resolved through their own root.
+pub(crate) fn serve(listener: OwnedFd, shared: Vec<PathBuf>, diag: OwnedFd) {
     let warden = Arc::new(Warden {
         listener,
         shared,
+        diag: Mutex::new(diag),
         explained: Mutex::new(HashSet::new()),
     });
     loop {
@@ -129,6 +171,8 @@ struct Warden {
     listener: OwnedFd,
     /// Paths inside the bottle whose sockets the policy shares.
     shared: Vec<PathBuf>,
+    /// sock_diag in the bottle's network namespace; one dump at a time.
+    diag: Mutex<OwnedFd>,
     /// Sockets already explained on stderr: one line each, not one per attempt.
     explained: Mutex<HashSet<(u64, u64)>>,
 }
@@ -182,26 +226,16 @@ impl Warden {
         }
     }
 
-    /// A pathname socket, resolved as the task would (relative to its thread's working directory) and connected
-    /// through the descriptor of what was resolved, so the check and the connect see the same socket.
+    /// A pathname socket, resolved as the task would (inside its root, relative to its thread's working directory)
+    /// and connected through the descriptor of what was resolved, so the check and the connect see the same socket.
     fn connect_path(&self, tid: u32, sock: &OwnedFd, path: &[u8]) -> Result<(), Errno> {
-        let flags = OFlags::PATH | OFlags::CLOEXEC;
-        let target = if path.first() == Some(&b'/') {
-            rustix::fs::open(path, flags, Mode::empty())?
-        } else {
-            let cwd = rustix::fs::open(
-                format!("/proc/{tid}/cwd"),
-                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )?;
-            rustix::fs::openat(&cwd, path, flags, Mode::empty())?
-        };
+        let target = resolve(tid, path)?;
         let st = rustix::fs::fstat(&target)?;
         if FileType::from_raw_mode(st.st_mode) != FileType::Socket {
             return Err(Errno::CONNREFUSED);
         }
         let key = (st.st_dev, st.st_ino);
-        if !self.allowed(key) {
+        if !self.allowed(tid, key) {
             self.explain(key, path);
             return Err(Errno::ACCESS);
         }
@@ -209,13 +243,19 @@ impl Warden {
         connect(sock, &sockaddr_un(via.as_bytes()))
     }
 
-    fn allowed(&self, (dev, ino): (u64, u64)) -> bool {
+    fn allowed(&self, tid: u32, (dev, ino): (u64, u64)) -> bool {
         let shared = self.shared.iter().any(|p| {
-            rustix::fs::stat(p).is_ok_and(|s| {
-                FileType::from_raw_mode(s.st_mode) == FileType::Socket && s.st_dev == dev && s.st_ino == ino
-            })
+            resolve(tid, p.as_os_str().as_encoded_bytes())
+                .and_then(|fd| rustix::fs::fstat(&fd))
+                .is_ok_and(|s| {
+                    FileType::from_raw_mode(s.st_mode) == FileType::Socket && s.st_dev == dev && s.st_ino == ino
+                })
         });
-        shared || bound_here().is_ok_and(|bound| bound.contains(&(rustix::fs::major(dev), rustix::fs::minor(dev), ino)))
+        if shared {
+            return true;
+        }
+        let Ok(diag) = self.diag.lock() else { return false };
+        bound(&diag).is_ok_and(|bound| bound.contains(&(rustix::fs::major(dev), rustix::fs::minor(dev), ino)))
     }
 
     fn explain(&self, key: (u64, u64), path: &[u8]) {
@@ -240,6 +280,36 @@ fn thread_group(tid: u32) -> Option<i32> {
         .trim()
         .parse()
         .ok()
+}
+
+/// `path` as thread `tid` would find it: inside its root (`RESOLVE_IN_ROOT`: neither `..` nor a link leaves it), a
+/// relative one from its working directory (its path inside that root).
+fn resolve(tid: u32, path: &[u8]) -> Result<OwnedFd, Errno> {
+    use rustix::fs::ResolveFlags;
+    let root = rustix::fs::open(
+        format!("/proc/{tid}/root"),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let mut full = Vec::new();
+    if path.first() != Some(&b'/') {
+        let cwd = rustix::fs::readlink(format!("/proc/{tid}/cwd"), Vec::new())?;
+        let cwd = cwd.as_bytes();
+        // "(unreachable)" and the like: a working directory outside its root.
+        if cwd.first() != Some(&b'/') {
+            return Err(Errno::NOENT);
+        }
+        full.extend_from_slice(cwd);
+        full.push(b'/');
+    }
+    full.extend_from_slice(path);
+    rustix::fs::openat2(
+        &root,
+        full.as_slice(),
+        OFlags::PATH | OFlags::CLOEXEC,
+        Mode::empty(),
+        ResolveFlags::IN_ROOT,
+    )
 }
 
 fn connect(sock: &OwnedFd, addr: &[u8]) -> Result<(), Errno> {
@@ -278,11 +348,10 @@ const UNIX_DIAG_VFS: u16 = 1;
 const NLMSG_HDR: usize = 16;
 const UNIX_DIAG_MSG: usize = 16;
 
-/// The files (device major, minor, inode) of every pathname Unix socket bound in the caller's network namespace:
-/// the sockets made in this bottle, and only those (sock_diag lists a namespace's own sockets).
-fn bound_here() -> io::Result<HashSet<(u32, u32, u64)>> {
-    use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketType, netlink};
-    let nl = rustix::net::socket(AddressFamily::NETLINK, SocketType::RAW, Some(netlink::SOCK_DIAG))?;
+/// The files (device major, minor, inode) of every pathname Unix socket bound in `diag`'s network namespace: the
+/// sockets made in this bottle, and only those (sock_diag lists a namespace's own sockets).
+fn bound(nl: &OwnedFd) -> io::Result<HashSet<(u32, u32, u64)>> {
+    use rustix::net::{RecvFlags, SendFlags};
     let mut req = Vec::with_capacity(NLMSG_HDR + 24);
     req.extend_from_slice(&40u32.to_ne_bytes());
     req.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
@@ -295,11 +364,11 @@ fn bound_here() -> io::Result<HashSet<(u32, u32, u64)>> {
     req.extend_from_slice(&0u32.to_ne_bytes());
     req.extend_from_slice(&UDIAG_SHOW_VFS.to_ne_bytes());
     req.extend_from_slice(&[0u8; 8]);
-    rustix::net::send(&nl, &req, SendFlags::empty())?;
+    rustix::net::send(nl, &req, SendFlags::empty())?;
     let mut found = HashSet::new();
     let mut buf = vec![0u8; 32 * 1024];
     loop {
-        let (n, _) = rustix::net::recv(&nl, &mut buf, RecvFlags::empty())?;
+        let (n, _) = rustix::net::recv(nl, &mut buf, RecvFlags::empty())?;
         if n == 0 {
             return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
         }
@@ -352,7 +421,7 @@ fn u32_at(data: &[u8], at: usize) -> Option<u32> {
 #[cfg(test)]
 fn is_bound_here(path: &std::path::Path) -> io::Result<bool> {
     let st = rustix::fs::stat(path)?;
-    Ok(bound_here()?.contains(&(rustix::fs::major(st.st_dev), rustix::fs::minor(st.st_dev), st.st_ino)))
+    Ok(bound(&diag_socket()?)?.contains(&(rustix::fs::major(st.st_dev), rustix::fs::minor(st.st_dev), st.st_ino)))
 }
 
 #[cfg(test)]
