@@ -96,7 +96,8 @@ fn issue_15_an_allowed_https_host_is_reached_through_the_proxy_and_nothing_else_
          echo loopback=$(nc -z -w 2 127.0.0.1 {canary_port} && echo open || echo closed); \
          echo dns=$(nslookup -timeout=2 example.com 8.8.8.8 >/dev/null 2>&1 && echo answered || echo none); \
          echo udp=$(nslookup -type=a -timeout=2 example.com 1.1.1.1 2>&1 | grep -c Address: ); \
-         echo ifaces=$(ls /sys/class/net 2>/dev/null | tr '\\n' ' '); \
+         echo ifaces=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ' '); \
+         echo sys=$(ls -A /sys | wc -l); \
          grep -E '^(CapEff|NoNewPrivs):' /proc/self/status | tr -s '\\t' ' '; \
          echo uid=$(id -u); touch /rootfs-write 2>/dev/null && echo root-writable || echo root-read-only"
     );
@@ -137,6 +138,8 @@ fn issue_15_an_allowed_https_host_is_reached_through_the_proxy_and_nothing_else_
     // DNS over UDP to two public resolvers: no answer at all (the datagrams have nowhere to go).
     assert!(shown.contains("udp=0"), "{shown}");
     assert!(shown.contains("ifaces=lo\n"), "{shown}");
+    // The host's sysfs is not shown: an empty directory.
+    assert!(shown.contains("sys=0\n"), "{shown}");
     // The interception is on record: the CONNECT and the request inside it.
     let names: Vec<String> = std::fs::read_dir(scene.state().join("bot-bottle"))
         .unwrap()

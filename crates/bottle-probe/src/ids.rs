@@ -31,8 +31,33 @@ pub fn host_ids(args: &[String]) -> Outcome {
             }
         }
     }
+    // A map that includes host id 0 (a container engine without user-namespace remapping shares the host's ids) is
+    // only a way to host root for a process that holds id 0 or could take it: one with a capability left to bound
+    // it, or without no_new_privs (a set-id program would hand it over).
+    let status = fs::read_to_string("/proc/self/status").map_err(|e| cannot_run(format!("/proc/self/status: {e}")))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':')))
+            .map(str::trim)
+            .unwrap_or_default()
+    };
+    let holds_zero = ["Uid", "Gid"]
+        .into_iter()
+        .any(|f| field(f).split_whitespace().any(|id| id == "0"));
+    let could_take = !field("CapBnd").trim_start_matches('0').is_empty() || field("NoNewPrivs") != "1";
     let v = if problems.is_empty() {
         Verdict::held("host-ids", "no id of the bottle is host root's")
+    } else if !holds_zero && !could_take {
+        Verdict::held(
+            "host-ids",
+            format!(
+                "{}, but this process cannot take it: ids {} / {}, no capability, no_new_privs",
+                problems.join("; "),
+                field("Uid"),
+                field("Gid")
+            ),
+        )
     } else {
         Verdict::escaped("host-ids", problems.join("; "))
     };

@@ -39,13 +39,45 @@ pub fn image_with(tag: &str, binary: &Path, name: &str) -> String {
     tag.to_string()
 }
 
+/// The escape suite's image: `IMAGE`'s tools, the probe at `/usr/local/bin/bottle-probe`, and the host's tools the
+/// catalogue's shell cases drive that busybox lacks (bash, getent, openssl, ssh, git and its https helper), each
+/// with the libraries it links, at their host paths.
+pub const ESCAPE_IMAGE: &str = "bot-bottle-test/escape:1";
+
+pub fn escape_image(probe: &Path) -> &'static str {
+    static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let tools = [
+            "/usr/bin/bash",
+            "/usr/bin/getent",
+            "/usr/bin/openssl",
+            "/usr/bin/ssh",
+            "/usr/bin/git",
+            "/usr/lib/git-core/git-remote-http",
+        ];
+        build_with(ESCAPE_IMAGE, &[(probe, "bottle-probe")], &tools.map(Path::new));
+    });
+    ESCAPE_IMAGE
+}
+
 fn build(tag: &str, extra: &[(&Path, &str)]) {
+    build_with(tag, extra, &[]);
+}
+
+fn build_with(tag: &str, extra: &[(&Path, &str)], tools: &[&Path]) {
     let dir = tempfile::tempdir().unwrap();
     let ctx = dir.path();
     copy_into(ctx, Path::new("/bin/busybox"));
     let curl = Path::new("/usr/bin/curl");
     copy_into(ctx, curl);
     copy_libs(ctx, curl);
+    for tool in tools {
+        copy_into(ctx, tool);
+        copy_libs(ctx, tool);
+    }
+    if tools.iter().any(|t| t.ends_with("git-remote-http")) {
+        std::os::unix::fs::symlink("git-remote-http", ctx.join("root/usr/lib/git-core/git-remote-https")).unwrap();
+    }
     for (binary, name) in extra {
         let at = ctx.join("root/usr/local/bin").join(name);
         std::fs::create_dir_all(at.parent().unwrap()).unwrap();

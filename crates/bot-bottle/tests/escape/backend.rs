@@ -37,9 +37,8 @@ impl Backend {
     pub fn requirement(self) -> &'static str {
         match self {
             Self::Namespace => "namespace",
-            // The container backend runs here (`container`: its own tests), but the families have no container
-            // runner yet; `container-escape` is what a host that has one would promise.
-            Self::Container => "container-escape",
+            // Wherever the container backend's own tests must run, the families must run on it too.
+            Self::Container => "container",
             Self::Smolmachines => "smolmachines-boot",
         }
     }
@@ -48,12 +47,7 @@ impl Backend {
     fn skip_reason(self) -> Option<String> {
         match self {
             Self::Namespace => namespace_skip_reason(),
-            Self::Container => Some(
-                "the families have no container runner yet: their setups drive namespace bottles in the suite's \
-                 lab (the container backend's own tests are tests/container.rs); BOTTLE_TEST_REQUIRE=container-escape \
-                 makes this a failure"
-                    .into(),
-            ),
+            Self::Container => bottle_test_support::container::unavailable(),
             Self::Smolmachines => Some(
                 "the families have no smolmachines runner yet: a guest's attempts would have to land in the lab \
                  (its egress path is the host's, not a netns the suite owns), and a guest must boot (nested KVM \
@@ -62,6 +56,16 @@ impl Backend {
             ),
         }
     }
+}
+
+std::thread_local! {
+    /// The backend whose scenario this thread is setting up (a family's setup runs on the thread that asked for it).
+    static CURRENT: std::cell::Cell<Backend> = const { std::cell::Cell::new(Backend::Namespace) };
+}
+
+/// The backend the scenario being set up runs on: `Launch` adds its flags, `launchers` its launchers.
+pub fn current() -> Backend {
+    CURRENT.get()
 }
 
 /// Whether `BOTTLE_TEST_REQUIRE` names `word` (the one rule, in the test-support crate).
@@ -132,15 +136,18 @@ impl<T> Cells<T> {
 /// Each is set up once, then `tools_present` checks that its runs had what they needed. A setup that panics fails
 /// every test of the family with the same message (it is not retried).
 ///
-/// The families' setups drive the namespace backend (the lab is a network namespace the launcher joins); another
-/// backend gets a setup of its own when it gets a runner, and until then `Backend::skip_reason` says so.
+/// A setup runs with `current()` naming its backend: `Launch` and `launchers` follow it, so one setup serves the
+/// namespace and container backends (a container's attempts land in the lab too: its launcher joins the lab's
+/// network namespace and the engine's `none` network leaves only the bottle's own path out).
 pub fn family<T: Send + Sync>(cells: &'static Cells<T>, setup: fn() -> T, tools_present: fn(&T)) -> Vec<&'static T> {
     let mut runs = Vec::new();
     for (i, backend) in BACKENDS.into_iter().enumerate() {
         if skip(backend) {
             continue;
         }
+        CURRENT.set(backend);
         let f = shared(&cells.0[i], setup);
+        CURRENT.set(Backend::Namespace);
         tools_present(f);
         runs.push(f);
     }

@@ -93,7 +93,7 @@ fn setup() -> Creds {
     let (t, p) = (tls.port, plain.port);
     let mut runs = Vec::new();
     let mut launched = Vec::new();
-    for (who, user) in LAUNCHERS {
+    for &(who, user) in scenario::launchers() {
         let env = Env::new();
         let secret = scenario::token("ghp_real_");
         let mut decoys = Vec::new();

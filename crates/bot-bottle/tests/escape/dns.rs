@@ -8,7 +8,7 @@ use bottle_probe::catalogue::{DNS, Values};
 
 use crate::decoys::{self, Decoy};
 use crate::lab::{self, Lab};
-use crate::scenario::{self, Env, LAUNCHERS, Launch, Runs, Script};
+use crate::scenario::{self, Env, Launch, Runs, Script};
 
 struct Dns {
     _lab: Lab,
@@ -50,7 +50,7 @@ fn setup() -> Dns {
     sc.catalogue(&DNS, &values);
 
     let mut runs = Vec::new();
-    for (who, user) in LAUNCHERS {
+    for &(who, user) in scenario::launchers() {
         let env = Env::new();
         if let Some(uid) = user {
             env.open_to(uid);

@@ -500,7 +500,12 @@ fn case_51_a_64_mib_upload_through_an_allowed_tunnel_arrives_intact() {
 
 #[test]
 fn selftest_verb_prints_the_table_and_every_case_holds() {
-    for backend in scenario::backends() {
+    // `selftest --backend container` is refused for now (it would need an image with the probe; the escape suite's
+    // families run on that backend with one), so it is not asked here.
+    for backend in scenario::backends()
+        .into_iter()
+        .filter(|b| *b != scenario::Backend::Container)
+    {
         selftest_on(backend.name());
     }
 }

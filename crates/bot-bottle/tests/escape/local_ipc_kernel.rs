@@ -10,7 +10,7 @@ use bottle_probe::catalogue::{Expect, LOCAL_IPC_KERNEL, Values};
 
 use crate::decoys::{self, Decoy};
 use crate::lab::Lab;
-use crate::scenario::{self, Env, Launch, NOBODY, Ran, Script};
+use crate::scenario::{self, Env, Launch, Ran, Script};
 
 struct Run {
     who: &'static str,
@@ -154,7 +154,7 @@ fn setup() -> Ipc {
     let host_env = scenario::token("host-env-");
     let mut runs = Vec::new();
     let mut written = Vec::new();
-    for (who, user) in [("root", None), ("nobody", Some(NOBODY))] {
+    for &(who, user) in scenario::launchers() {
         let env = Env::new();
         plant_symlinks(&env);
         env.home_file(".ssh/id_ed25519", &scenario::token("ssh-key-"));

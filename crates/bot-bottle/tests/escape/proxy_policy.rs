@@ -115,7 +115,7 @@ fn setup() -> Policy {
 
     let mut runs = Vec::new();
     let mut received = Vec::new();
-    for (who, user) in LAUNCHERS {
+    for &(who, user) in scenario::launchers() {
         let env = Env::new();
         let policy = env.host().join("policy.toml");
         std::fs::write(&policy, policy_toml()).unwrap();

@@ -10,7 +10,7 @@ use bottle_probe::catalogue::{RAW_EGRESS, Values};
 
 use crate::decoys::{self, Decoy, Upstream};
 use crate::lab::Lab;
-use crate::scenario::{self, Env, LAUNCHERS, Launch, Runs, Script};
+use crate::scenario::{self, Env, Launch, Runs, Script};
 
 /// The other bottle: its lease address, its host-side proxy port, and a service on its address.
 struct Other {
@@ -127,7 +127,7 @@ fn setup() -> Raw {
     ];
     let mut runs = Vec::new();
     let mut dns_per_run = Vec::new();
-    for (who, user) in LAUNCHERS {
+    for &(who, user) in scenario::launchers() {
         let own;
         let run_env = match user {
             None => &env,

@@ -400,6 +400,15 @@ pub fn readable(paths: &[&Path]) {
 /// paths through the user namespace. Every family that runs twice asserts the same verdicts for both.
 pub const LAUNCHERS: [(&str, Option<u32>); 2] = [("root", None), ("nobody", Some(NOBODY))];
 
+/// The launchers of the scenario being set up: both on the namespace backend; root alone on the container backend
+/// (a container engine answers root, and an unprivileged user only through its group, which is host root too).
+pub fn launchers() -> &'static [(&'static str, Option<u32>)] {
+    match crate::backend::current() {
+        Backend::Container => &LAUNCHERS[..1],
+        _ => &LAUNCHERS,
+    }
+}
+
 /// The same script's runs, one per launcher; each check holds for every run and names the launcher that failed it.
 pub struct Runs(pub Vec<(&'static str, Ran)>);
 
@@ -526,9 +535,15 @@ impl<'a> Launch<'a> {
         self
     }
 
-    /// The `bot-bottle run` command for `argv`, not started.
+    /// The `bot-bottle run` command for `argv`, not started. On the container backend the bottle is a container of
+    /// the suite's image, whose workspace a root launcher's agent owns as `nobody`.
     pub fn command(&self, argv: &[&str]) -> Command {
         let mut args: Vec<String> = vec!["run".into(), "--name".into(), self.name.clone()];
+        if crate::backend::current() == Backend::Container {
+            let image = bottle_test_support::container::escape_image(probe_binary());
+            args.extend(["--backend".into(), "container".into(), "--image".into(), image.into()]);
+            std::os::unix::fs::chown(self.env.work(), Some(NOBODY), Some(NOBODY)).unwrap();
+        }
         args.extend(self.flags.iter().cloned());
         args.push("--".into());
         args.extend(argv.iter().map(ToString::to_string));

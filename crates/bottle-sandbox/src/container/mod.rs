@@ -28,12 +28,12 @@ use crate::backend::{
     AgentIo, Attachment, Backend, BackendError, BottleSpec, Exit, FailureClass, Kind, Launch, Serve, Services, Started,
     TeardownError, Urls,
 };
-use crate::namespace::spec::{IN_BOTTLE_CA_BUNDLE, IN_BOTTLE_PROXY_PORT, bottle_env};
+use crate::namespace::spec::{IN_BOTTLE_PROXY_PORT, bottle_env};
 use crate::state::{self, BottleState, StateDir};
 
 /// The state directory's folder shown read-only in the container (gate FIFO, CA bundle).
 const SHARED_DIR: &str = "container";
-const CA_FILE: &str = "ca-bundle.pem";
+use plan::CA_FILE;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {
@@ -249,6 +249,10 @@ impl Launch for ContainerLaunch {
         let workdir = spec.workspace.as_os_str().as_encoded_bytes().to_vec();
         for (file, contents) in [
             (CA_FILE, Vec::new()),
+            (
+                plan::RESOLV_FILE,
+                b"# no resolver: a bottle reaches the network only through its proxy\n".to_vec(),
+            ),
             (plan::ENV_FILE, Vec::new()),
             (plan::WORKDIR_FILE, workdir),
         ] {
@@ -256,15 +260,9 @@ impl Launch for ContainerLaunch {
             std::fs::write(&path, contents).map_err(io("begin"))?;
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).map_err(io("begin"))?;
         }
-        // The CA bundle appears where every bottle has it.
+        // The CA bundle is bound where every bottle has it (plan.rs), so the environment names the usual path.
         // `pass_env` values stay out of the container's config (the engine writes it to disk): the gate hands them over.
-        let mut env = bottle_env(Path::new(plan::HOME), &spec.env);
-        let in_container_ca = format!("{}/{CA_FILE}", plan::IN_CONTAINER_DIR);
-        for v in env.values_mut() {
-            if v == IN_BOTTLE_CA_BUNDLE {
-                *v = in_container_ca.clone();
-            }
-        }
+        let env = bottle_env(Path::new(plan::HOME), &spec.env);
         // Every connect in the container goes through the socket warden, served from here once the container runs.
         let runtime = sockets::Runtime::of_this_process().map_err(io("begin"))?;
         let warden = sockets::listen(&shared.join(sockets::WARDEN_SOCK)).map_err(io("begin"))?;

@@ -8,6 +8,7 @@ use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountTmpfsOptions,
 
 use super::sockets::Runtime;
 use crate::backend::{BottleSpec, MountTarget};
+use crate::namespace::spec::IN_BOTTLE_CA_BUNDLE;
 
 /// Where the gate the agent waits at (a FIFO) and the CA bundle appear in the container.
 pub const IN_CONTAINER_DIR: &str = "/.bot-bottle";
@@ -16,6 +17,10 @@ pub const GATE: &str = "gate";
 pub const ENV_FILE: &str = "env";
 /// The workspace's path, for `exec`.
 pub const WORKDIR_FILE: &str = "workdir";
+/// The CA bundle (system roots and the bottle CA), also shown at `IN_BOTTLE_CA_BUNDLE`.
+pub const CA_FILE: &str = "ca-bundle.pem";
+/// The container's /etc/resolv.conf: no resolver.
+pub const RESOLV_FILE: &str = "resolv.conf";
 /// The agent's home when the bottle keeps none.
 pub const HOME: &str = "/home/agent";
 /// Labels every bottle's container carries (the orphan sweep finds them by these).
@@ -53,6 +58,11 @@ pub fn plan(i: &Inputs<'_>) -> ContainerCreateBody {
     let mut binds = vec![
         bind(&spec.workspace, &spec.workspace, true),
         bind(i.shared_dir, Path::new(IN_CONTAINER_DIR), false),
+        // The CA bundle where every backend's bottle has it.
+        bind(&i.shared_dir.join(CA_FILE), Path::new(IN_BOTTLE_CA_BUNDLE), false),
+        // SECURITY: the engine copies the host's resolv.conf even into a container without a network; the bottle
+        // learns nothing of the host's resolvers (it resolves nothing: its proxy does).
+        bind(&i.shared_dir.join(RESOLV_FILE), Path::new("/etc/resolv.conf"), false),
     ];
     if let Some(h) = &spec.home {
         binds.push(bind(h, &home, true));
@@ -65,7 +75,8 @@ pub fn plan(i: &Inputs<'_>) -> ContainerCreateBody {
         binds.push(bind(&m.source, &target, m.writable));
     }
     binds.extend(i.runtime.binds());
-    let mut tmpfs = vec![tmpfs_at("/tmp", 0o1777)];
+    // SECURITY: the engine shows the host's sysfs (read-only) in the container; a bottle sees none of it.
+    let mut tmpfs = vec![tmpfs_at("/tmp", 0o1777), empty_at("/sys")];
     if spec.home.is_none() {
         tmpfs.push(tmpfs_at(HOME, 0o700));
     }
@@ -121,8 +132,9 @@ pub fn plan(i: &Inputs<'_>) -> ContainerCreateBody {
                 .map(|m| i64::try_from(m.saturating_mul(1 << 20)).unwrap_or(i64::MAX)),
             pids_limit: Some(spec.pids.map_or(DEFAULT_PIDS, i64::from)),
             nano_cpus: spec.cpus.map(|c| i64::from(c) * 1_000_000_000),
-            // A real init as pid 1 (Docker's tini): `stop`'s SIGTERM reaches the agent, and zombies are reaped.
-            init: Some(true),
+            // The container's init is bot-bottle's own (`sockets::exec_under_warden`): the agent cannot read or write
+            // it, `stop`'s SIGTERM reaches the agent, zombies are reaped. The engine's would be the agent's to ptrace.
+            init: Some(false),
             privileged: Some(false),
             ..Default::default()
         }),
@@ -157,6 +169,21 @@ fn tmpfs_at(target: &str, mode: i64) -> Mount {
         tmpfs_options: Some(MountTmpfsOptions {
             size_bytes: Some(TMPFS_BYTES),
             mode: Some(mode),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// An empty read-only tmpfs over `target`.
+fn empty_at(target: &str) -> Mount {
+    Mount {
+        target: Some(target.into()),
+        typ: Some(MountType::TMPFS),
+        read_only: Some(true),
+        tmpfs_options: Some(MountTmpfsOptions {
+            size_bytes: Some(4096),
+            mode: Some(0o555),
             ..Default::default()
         }),
         ..Default::default()
@@ -228,6 +255,8 @@ mod tests {
             [
                 "/w:/w:rw",
                 "/state/b1/container:/.bot-bottle:ro",
+                "/state/b1/container/ca-bundle.pem:/etc/bot-bottle/ca-bundle.pem:ro",
+                "/state/b1/container/resolv.conf:/etc/resolv.conf:ro",
                 "/h/.cargo:/home/agent/.cargo:ro",
                 "/opt/bb/bot-bottle:/.bot-bottle-rt/bot-bottle:ro",
                 "/lib/libc.so.6:/.bot-bottle-rt/lib/libc.so.6:ro",
@@ -238,12 +267,19 @@ mod tests {
             .mounts
             .unwrap()
             .into_iter()
-            .map(|m| (m.target.unwrap(), m.tmpfs_options.unwrap().mode))
+            .map(|m| (m.target.unwrap(), m.tmpfs_options.unwrap().mode, m.read_only))
             .collect();
         assert_eq!(
             tmpfs,
-            [("/tmp".to_string(), Some(0o1777)), (HOME.to_string(), Some(0o700))]
+            [
+                ("/tmp".to_string(), Some(0o1777), None),
+                // The host's sysfs is hidden under an empty read-only tmpfs.
+                ("/sys".to_string(), Some(0o555), Some(true)),
+                (HOME.to_string(), Some(0o700), None)
+            ]
         );
+        // bot-bottle's own init, not the engine's.
+        assert_eq!(hc.init, Some(false));
         assert_eq!(body.user.as_deref(), Some("1000:1000"));
         let cmd = body.cmd.unwrap();
         assert_eq!(cmd[..2], ["/bin/sh", "-c"]);

@@ -141,11 +141,42 @@ pub fn serve(listener: OwnedFd, pid: u32, shared: Vec<PathBuf>) -> io::Result<()
     Ok(())
 }
 
-/// In the container (`SUBCOMMAND`): connects to the launcher, installs the connect filter, hands it over, and execs
-/// `argv`. Returns only on failure, with the exit code.
+/// In the container (`SUBCOMMAND`): as the container's first process it stays as its init (below); otherwise (an
+/// `exec`) it confines itself and execs `argv`. Returns the exit code.
 pub fn exec_under_warden(sock: &Path, argv: &[OsString]) -> i32 {
-    let Some((program, args)) = argv.split_first() else {
+    if argv.is_empty() {
         eprintln!("bot-bottle: no command to run");
+        return NOT_STARTED;
+    }
+    if rustix::process::getpid().as_raw_nonzero().get() != 1 {
+        return confine_and_exec(sock, argv);
+    }
+    // The container's init: the agent runs as its child, and this process cannot be read or written by it (not
+    // dumpable: /proc/1/mem and /proc/1/environ need a capability the agent lacks). It forwards `stop`'s SIGTERM,
+    // reaps orphans, and ends with the agent's exit code.
+    if let Err(e) = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable) {
+        eprintln!("bot-bottle: the container's init cannot protect itself: {e}");
+        return NOT_STARTED;
+    }
+    match crate::sys::ns::fork() {
+        Ok(crate::sys::ns::Forked::Child) => crate::sys::ns::exit_child(confine_and_exec(sock, argv)),
+        Ok(crate::sys::ns::Forked::Parent { child }) => {
+            if let Err(e) = crate::sys::ns::forward_signals_to(child) {
+                eprintln!("bot-bottle: the container's init cannot forward signals: {e}");
+            }
+            crate::namespace::init::reap_until(child)
+        }
+        Err(e) => {
+            eprintln!("bot-bottle: the container's init cannot fork: {e}");
+            NOT_STARTED
+        }
+    }
+}
+
+/// Connects to the launcher, installs the warden's filter and the namespace backend's seccomp filter (the engine's
+/// profile admits ptrace, io_uring and more), hands the warden's listener over, and execs `argv`.
+fn confine_and_exec(sock: &Path, argv: &[OsString]) -> i32 {
+    let Some((program, args)) = argv.split_first() else {
         return NOT_STARTED;
     };
     // SECURITY: the channel is connected before the filter exists (afterwards the launcher's socket, a host
@@ -155,10 +186,12 @@ pub fn exec_under_warden(sock: &Path, argv: &[OsString]) -> i32 {
         rustix::net::connect(&chan, &SocketAddrUnix::new(sock)?)?;
         rustix::thread::set_no_new_privs(true)?;
         let filter = crate::sys::harden::install_notify_filter(&warden::program())?;
-        control::send(&chan, &Message::Warden, Some(filter.as_fd()))
+        control::send(&chan, &Message::Warden, Some(filter.as_fd()))?;
+        let main = crate::namespace::harden::seccomp_program().map_err(io::Error::other)?;
+        seccompiler::apply_filter(&main).map_err(io::Error::other)
     })();
     if let Err(e) = handed {
-        eprintln!("bot-bottle: cannot hand the container's connections to the socket warden: {e}");
+        eprintln!("bot-bottle: cannot confine the container's command (socket warden, seccomp): {e}");
         return NOT_STARTED;
     }
     let err = std::process::Command::new(program).args(args).exec();

@@ -429,7 +429,7 @@ pub(super) fn exec_in_bottle(spec: &InitSpec, argv: &[String], warden: BorrowedF
 
 /// Waits for `child`, reaping any other child on the way (pid 1 adopts orphans). Returns its exit code in
 /// shell convention (128 + signal when killed).
-fn reap_until(child: i32) -> i32 {
+pub(crate) fn reap_until(child: i32) -> i32 {
     loop {
         match rustix::process::wait(WaitOptions::empty()) {
             Ok(Some((pid, status))) if pid.as_raw_nonzero().get() == child => return exit_code(status),
