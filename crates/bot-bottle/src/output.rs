@@ -38,7 +38,7 @@ impl Output {
             let mut detail = serde_json::json!({
                 "kind": crate::exit::kind(code),
                 "exit_code": code,
-                "message": format!("{err:#}"),
+                "message": message(err),
             });
             if let Some(p) = err.chain().find_map(|c| c.downcast_ref::<bottle_policy::PolicyError>()) {
                 detail["where"] = serde_json::Value::String(p.where_());
@@ -46,7 +46,36 @@ impl Output {
             }
             let _ = writeln!(stderr, "{}", serde_json::json!({ "error": detail }));
         } else {
-            let _ = writeln!(stderr, "error: {err:#}");
+            let _ = writeln!(stderr, "error: {}", message(err));
         }
+    }
+}
+
+/// The error and its causes joined by `: `, leaving out a cause whose words the message already holds (an error that
+/// shows its source in its own text would otherwise say it twice).
+pub fn message(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let words = cause.to_string();
+        if text.contains(&words) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&words);
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_cause_already_in_the_message_is_said_once() {
+        let inner = std::io::Error::other("no such host");
+        let err = anyhow::Error::new(inner).context("pull failed (no such host)");
+        assert_eq!(super::message(&err), "pull failed (no such host)");
+        let err = anyhow::Error::new(std::io::Error::other("EOF")).context("cannot load");
+        assert_eq!(super::message(&err), "cannot load: EOF");
     }
 }

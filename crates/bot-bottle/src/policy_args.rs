@@ -51,7 +51,8 @@ pub struct PolicyArgs {
     /// `[network.ask] reviewer`) answers allow-once, allow or deny (`[network] unknown = "ask"`).
     #[arg(long)]
     pub ask: bool,
-    /// The container backend's image (a local one: `docker load`, `docker build`; bot-bottle never pulls).
+    /// The container backend's image: a local one, one the engine pulls when missing, or a `docker save` archive (a
+    /// path: `./FILE.tar`, `/…`).
     #[arg(long, value_name = "NAME")]
     pub image: Option<String>,
 }

@@ -211,7 +211,7 @@ fn launch_and_run(
         home,
         env: policy.bottle.env.clone(),
         pass_env,
-        image: policy.bottle.image.clone(),
+        image: policy.bottle.image.as_deref().map(|i| image_archive(i, policy)),
         cpus: policy.bottle.resources.cpus,
         memory_mib: policy.bottle.resources.memory_mib,
         pids: policy.bottle.resources.pids,
@@ -392,6 +392,16 @@ pub(crate) fn command(req: &Request) -> anyhow::Result<Vec<String>> {
 
 /// The workspace: the policy's (relative to the policy file), else the current directory. Never `/` or the
 /// user's home itself, which would hand the agent `~/.ssh` and every other secret there.
+/// The container image as the backend takes it: an archive's relative path (`./…`, `../…`) resolved as the
+/// workspace's is (against the policy file's directory, or the working directory); an image reference as written.
+fn image_archive(image: &str, policy: &Policy) -> String {
+    if !(image.starts_with("./") || image.starts_with("../")) {
+        return image.to_string();
+    }
+    let base = policy.bottle.base_dir.clone().or_else(|| std::env::current_dir().ok());
+    base.map_or_else(|| image.to_string(), |b| b.join(image).display().to_string())
+}
+
 /// A refused workspace is a policy error (exit 121): the workspace is part of what the bottle is, and nothing has
 /// started yet.
 pub(crate) fn workspace(policy: &Policy, state_root: &Path) -> anyhow::Result<PathBuf> {

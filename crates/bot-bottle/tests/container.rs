@@ -228,12 +228,190 @@ fn issue_15_a_missing_image_is_refused_before_anything_starts() {
         "true",
     ]);
     assert_eq!(out.status.code(), Some(122), "{}", text(&out));
+    // The engine tried to pull it (no registry answers for that name here) and said why it could not.
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("is not on this engine"),
+        String::from_utf8_lossy(&out.stderr).contains("is not on this engine and the engine could not pull it ("),
         "{}",
         text(&out)
     );
     assert!(container::containers("bot-bottle-ct-none").is_empty());
+}
+
+fn docker(args: &[&str]) -> Output {
+    let out = Command::new("docker").args(args).output().unwrap();
+    assert!(out.status.success(), "docker {args:?}: {}", text(&out));
+    out
+}
+
+#[test]
+fn issue_15_an_image_archive_is_loaded_and_named_by_its_path() {
+    if skip() {
+        return;
+    }
+    let scene = Scene::new();
+    // An image that exists only in the archive `docker save` wrote.
+    let name = "bot-bottle-test/archived:1";
+    docker(&["tag", container::image(), name]);
+    let archive = scene.path().join("img.tar");
+    docker(&["save", "-o", archive.to_str().unwrap(), name]);
+    docker(&["rmi", name]);
+    // A relative path is the working directory's (here the workspace, under the scene).
+    let out = scene.bb(&[
+        "run",
+        "--name",
+        "ct-load",
+        "--backend",
+        "container",
+        "--image",
+        "../img.tar",
+        "--",
+        "echo",
+        "from-archive",
+    ]);
+    let _ = Command::new("docker").args(["rmi", name]).output();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("from-archive"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("loaded {name}")),
+        "{}",
+        text(&out)
+    );
+    // Not an archive: refused before anything starts, saying what the engine said.
+    std::fs::write(scene.path().join("junk.tar"), b"not a tar").unwrap();
+    let out = scene.bb(&[
+        "run",
+        "--name",
+        "ct-junk",
+        "--backend",
+        "container",
+        "--image",
+        "../junk.tar",
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.status.code(), Some(122), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("could not load the image archive"),
+        "{}",
+        text(&out)
+    );
+    assert!(container::containers("bot-bottle-ct-junk").is_empty());
+}
+
+/// A registry of the distribution project's (Debian's `docker-registry`) on a free loopback port, serving from `dir`.
+struct Registry {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Registry {
+    fn start(dir: &Path) -> Option<Self> {
+        let bin = Path::new("/usr/bin/docker-registry");
+        if !bin.is_file() {
+            require::skip(
+                "container",
+                "/usr/bin/docker-registry is missing (apt-get install docker-registry)",
+            );
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: \
+                 127.0.0.1:{port}\n",
+                dir.join("registry").display()
+            ),
+        )
+        .unwrap();
+        // Killed and reaped on drop, also when it never listens.
+        let registry = Self {
+            child: Command::new(bin).arg("serve").arg(&config).spawn().unwrap(),
+            port,
+        };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(registry);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("the registry did not listen on 127.0.0.1:{port}");
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn issue_15_a_missing_image_is_pulled_with_progress() {
+    if skip() {
+        return;
+    }
+    let scene = Scene::new();
+    let Some(registry) = Registry::start(scene.path()) else {
+        return;
+    };
+    // The image is in the registry and not on the engine: a layer of its own (that the pull downloads) over the test
+    // image's.
+    let name = format!("127.0.0.1:{}/bot-bottle-test/pulled:1", registry.port);
+    let ctx = scene.path().join("ctx");
+    std::fs::create_dir(&ctx).unwrap();
+    let unique = format!("{:?}", std::time::SystemTime::now());
+    std::fs::write(ctx.join("marker"), unique).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {}\nCOPY marker /marker\n", container::image()),
+    )
+    .unwrap();
+    docker(&["build", "-q", "-t", &name, ctx.to_str().unwrap()]);
+    docker(&["push", &name]);
+    docker(&["rmi", &name]);
+    let out = scene.bb(&[
+        "run",
+        "--name",
+        "ct-pull",
+        "--backend",
+        "container",
+        "--image",
+        &name,
+        "--",
+        "echo",
+        "from-pulled",
+    ]);
+    let present = Command::new("docker")
+        .args(["image", "inspect", &name])
+        .output()
+        .unwrap();
+    let _ = Command::new("docker").args(["rmi", &name]).output();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("from-pulled"),
+        "{}",
+        text(&out)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    // The progress, where the user is looking: the layer's own lines, then the result.
+    for line in [
+        format!("pulling image {name}"),
+        "Pull complete".into(),
+        format!("pulled {name}"),
+    ] {
+        assert!(err.contains(&line), "{line:?} missing: {}", text(&out));
+    }
+    assert!(present.status.success(), "the pulled image is on the engine");
 }
 
 #[test]

@@ -7,7 +7,8 @@
 //! - `namespace`: namespace bottles run here, as root, with the tools their tests drive them with (`curl`); tests
 //!   that only need root (a tmpfs, a private mount namespace) or curl need this one too.
 //! - `container`: a rootful Docker daemon answers and container bottles run here (root; busybox-static and curl
-//!   for the test image); the escape suite's families run on the container backend too.
+//!   for the test image, `docker-registry` for the pull test); the escape suite's families run on the container
+//!   backend too.
 //! - `smolmachines`: a verified smolvm engine is installed and runs every step up to the guest's boot.
 //! - `smolmachines-boot`: guests also boot (KVM works, not nested).
 //! - `agents`: the pinned real agent CLIs (`claude`, `codex`, `gemini`, from the npm registry) are installed, and namespace

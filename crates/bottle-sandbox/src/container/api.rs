@@ -31,8 +31,8 @@ pub enum ApiError {
 
 /// A connection to the engine.
 pub struct Api {
-    docker: Docker,
-    rt: tokio::runtime::Runtime,
+    pub(super) docker: Docker,
+    pub(super) rt: tokio::runtime::Runtime,
 }
 
 /// What `doctor` and the preflight say about the engine.
@@ -97,7 +97,7 @@ impl Api {
         })
     }
 
-    /// Whether the image is here (this backend never pulls: a registry is a choice the user makes, with `docker pull`).
+    /// Whether the image is here.
     pub fn has_image(&self, image: &str) -> Result<bool, ApiError> {
         match self.rt.block_on(self.docker.inspect_image(image)) {
             Ok(_) => Ok(true),

@@ -10,6 +10,7 @@
 
 mod api;
 mod gate;
+mod image;
 pub mod plan;
 pub mod sockets;
 mod verify;
@@ -40,14 +41,12 @@ pub enum StepError {
     #[error("step preflight: {0}")]
     Engine(#[from] ApiError),
     #[error(
-        "step preflight: the container backend needs an image: `--image NAME` or `[bottle] image` (a local image: \
-         `docker load -i FILE`, `docker build`, or `docker pull NAME` yourself; bot-bottle never pulls)"
+        "step preflight: the container backend needs an image: `--image NAME` or `[bottle] image` (a local image, \
+         one the engine can pull, or a `docker save` archive as `./FILE.tar`)"
     )]
     NoImage,
-    #[error(
-        "step preflight: image `{0}` is not on this engine: `docker load -i FILE`, `docker build -t {0} .`, or `docker pull {0}`"
-    )]
-    MissingImage(String),
+    #[error("step preflight: {0}")]
+    Image(image::ImageError),
     #[error(
         "step preflight: the engine is rootless; bottles on a rootless engine are not built yet (the proxy's listener \
          is put into the container's network namespace from the host, which needs a rootful engine)"
@@ -94,7 +93,7 @@ pub enum StepError {
 impl StepError {
     fn class(&self) -> FailureClass {
         match self {
-            Self::Engine(_) | Self::NoImage | Self::MissingImage(_) | Self::Rootless | Self::RootWorkspace(_) => {
+            Self::Engine(_) | Self::NoImage | Self::Image(_) | Self::Rootless | Self::RootWorkspace(_) => {
                 FailureClass::Preflight
             }
             Self::NotRunning(_) => FailureClass::Target,
@@ -221,10 +220,9 @@ fn agent_user(workspace: &Path) -> Result<(u32, u32), StepError> {
 
 impl Launch for ContainerLaunch {
     fn begin(&mut self, spec: BottleSpec, dir: &StateDir) -> Result<(), BackendError> {
-        let image = spec.image.clone().ok_or(StepError::NoImage)?;
-        if !self.api.has_image(&image).map_err(StepError::Engine)? {
-            return Err(StepError::MissingImage(image).into());
-        }
+        let named = spec.image.clone().ok_or(StepError::NoImage)?;
+        // A local image as it is; an archive loaded; a missing image pulled (progress on stderr).
+        let image = image::ensure(&self.api, &named, &mut std::io::stderr()).map_err(StepError::Image)?;
         let user = agent_user(&spec.workspace)?;
         if let Some(home) = &spec.home {
             home_for(home, &self.root, user)?;
