@@ -19,6 +19,8 @@ const BB: &str = env!("CARGO_BIN_EXE_bot-bottle");
 /// A scratch state root and a workspace owned by `nobody` (a root launcher runs the agent as the workspace's owner).
 struct Scene {
     dir: tempfile::TempDir,
+    /// `DOCKER_HOST` for bot-bottle, when the engine is not Docker's own socket.
+    engine: Option<String>,
 }
 
 impl Scene {
@@ -27,7 +29,7 @@ impl Scene {
         let w = dir.path().join("w");
         std::fs::create_dir(&w).unwrap();
         std::os::unix::fs::chown(&w, Some(65534), Some(65534)).unwrap();
-        Self { dir }
+        Self { dir, engine: None }
     }
 
     fn state(&self) -> PathBuf {
@@ -35,13 +37,15 @@ impl Scene {
     }
 
     fn bb(&self, args: &[&str]) -> Output {
-        Command::new(BB)
-            .args(args)
+        let mut cmd = Command::new(BB);
+        cmd.args(args)
             .current_dir(self.dir.path().join("w"))
             .env("XDG_STATE_HOME", self.state())
-            .env("HOME", self.dir.path())
-            .output()
-            .unwrap()
+            .env("HOME", self.dir.path());
+        if let Some(host) = &self.engine {
+            cmd.env("DOCKER_HOST", host);
+        }
+        cmd.output().unwrap()
     }
 
     fn path(&self) -> &Path {
@@ -82,8 +86,45 @@ fn issue_15_an_allowed_https_host_is_reached_through_the_proxy_and_nothing_else_
     if skip() {
         return;
     }
+    reaches_the_allowed_host_and_nothing_else(Scene::new(), "docker");
+}
+
+/// Podman's Docker-compatible socket, as `podman system service` serves it for root.
+const PODMAN_SOCKET: &str = "/run/podman/podman.sock";
+
+#[test]
+fn issue_15_rootful_podman_confines_a_bottle_as_docker_does() {
+    if skip() {
+        return;
+    }
+    let why = if !Path::new("/usr/bin/podman").is_file() {
+        Some("podman is missing (apt-get install podman runc)".to_string())
+    } else if std::os::unix::net::UnixStream::connect(PODMAN_SOCKET).is_err() {
+        Some(format!(
+            "Podman's API does not answer at {PODMAN_SOCKET}: `podman system service -t 0 unix://{PODMAN_SOCKET} &`"
+        ))
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        require::skip("podman", &why);
+        return;
+    }
+    // The test image, moved from Docker's store to Podman's.
+    let moved = Command::new("sh")
+        .args(["-c", &format!("docker save {} | podman load -q", container::image())])
+        .output()
+        .unwrap();
+    assert!(moved.status.success(), "{}", text(&moved));
+    let mut scene = Scene::new();
+    scene.engine = Some(format!("unix://{PODMAN_SOCKET}"));
+    reaches_the_allowed_host_and_nothing_else(scene, "podman");
+}
+
+/// A bottle on the engine `cli` names reaches an allowed HTTPS host through interception, and nothing else: no
+/// direct address, no DNS, no UDP, not the host's loopback; no capability, no-new-privs, a read-only root, only `lo`.
+fn reaches_the_allowed_host_and_nothing_else(scene: Scene, cli: &str) {
     let image = container::image();
-    let scene = Scene::new();
     let ca = TestCa::mint(scene.path(), "upstream-ca", "container test upstream CA");
     let up = upstream::https(server_config(&ca.leaf(&["up.test"]), &[b"http/1.1"]));
     // A service on the host's loopback: the bottle's own loopback is another one.
@@ -97,7 +138,7 @@ fn issue_15_an_allowed_https_host_is_reached_through_the_proxy_and_nothing_else_
          echo dns=$(nslookup -timeout=2 example.com 8.8.8.8 >/dev/null 2>&1 && echo answered || echo none); \
          echo udp=$(nslookup -type=a -timeout=2 example.com 1.1.1.1 2>&1 | grep -c Address: ); \
          echo ifaces=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ' '); \
-         echo sys=$(ls -A /sys | wc -l); \
+         echo sys=$(ls -A /sys | tr '\\n' ,); \
          grep -E '^(CapEff|NoNewPrivs):' /proc/self/status | tr -s '\\t' ' '; \
          echo uid=$(id -u); touch /rootfs-write 2>/dev/null && echo root-writable || echo root-read-only"
     );
@@ -138,8 +179,10 @@ fn issue_15_an_allowed_https_host_is_reached_through_the_proxy_and_nothing_else_
     // DNS over UDP to two public resolvers: no answer at all (the datagrams have nowhere to go).
     assert!(shown.contains("udp=0"), "{shown}");
     assert!(shown.contains("ifaces=lo\n"), "{shown}");
-    // The host's sysfs is not shown: an empty directory.
-    assert!(shown.contains("sys=0\n"), "{shown}");
+    // The host's sysfs is not shown: an empty directory (Podman mounts the container's own cgroups, read-only, at
+    // /sys/fs/cgroup over it).
+    let sys = if cli == "podman" { "sys=fs,\n" } else { "sys=\n" };
+    assert!(shown.contains(sys), "{sys:?} missing: {shown}");
     // The interception is on record: the CONNECT and the request inside it.
     let names: Vec<String> = std::fs::read_dir(scene.state().join("bot-bottle"))
         .unwrap()
@@ -154,11 +197,41 @@ fn issue_15_an_allowed_https_host_is_reached_through_the_proxy_and_nothing_else_
         "{audit}"
     );
     // Nothing of the run is left in the engine.
-    assert_eq!(
-        container::containers(&format!("bot-bottle-{}", names[0])),
-        Vec::<String>::new()
-    );
+    let left = Command::new(cli)
+        .args(["ps", "-a", "--format", "{{.Names}}"])
+        .output()
+        .unwrap();
+    let left = String::from_utf8_lossy(&left.stdout);
+    assert!(!left.contains(&format!("bot-bottle-{}", names[0])), "{left}");
     drop(canary);
+}
+
+#[test]
+fn issue_15_the_agent_never_runs_in_the_host_root_group() {
+    if skip() {
+        return;
+    }
+    let scene = Scene::new();
+    // What `chown -R nobody DIR` leaves of a directory root made: the user's, in root's group.
+    std::os::unix::fs::chown(scene.path().join("w"), Some(65534), Some(0)).unwrap();
+    let out = scene.bb(&[
+        "run",
+        "--rm",
+        "--backend",
+        "container",
+        "--image",
+        container::image(),
+        "--",
+        "sh",
+        "-c",
+        "echo ids=$(id -u):$(id -G)",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("ids=65534:65534\n"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! `BOTTLE_TEST_REQUIRE`: a comma-separated list of capabilities this host promises (`namespace`, `container`,
-//! `smolmachines`, `smolmachines-boot`, `agents`). A test that needs a capability the host lacks skips, saying why, unless the
+//! `smolmachines`, `smolmachines-boot`, `agents`, `podman`). A test that needs a capability the host lacks skips, saying why, unless the
 //! capability is listed: then the skip is a failure with the same reason. CI lists what it can run
 //! (`namespace,smolmachines`), so nothing it promises is skipped silently.
 //!
@@ -9,6 +9,7 @@
 //! - `container`: a rootful Docker daemon answers and container bottles run here (root; busybox-static and curl
 //!   for the test image, `docker-registry` for the pull test); the escape suite's families run on the container
 //!   backend too.
+//! - `podman`: rootful Podman's Docker-compatible API answers at `/run/podman/podman.sock` (with `container`).
 //! - `smolmachines`: a verified smolvm engine is installed and runs every step up to the guest's boot.
 //! - `smolmachines-boot`: guests also boot (KVM works, not nested).
 //! - `agents`: the pinned real agent CLIs (`claude`, `codex`, `gemini`, from the npm registry) are installed, and namespace

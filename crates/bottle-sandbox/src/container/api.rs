@@ -29,6 +29,19 @@ pub enum ApiError {
     Runtime(#[source] std::io::Error),
 }
 
+/// Without `$DOCKER_HOST`, the engine's socket as `doctor` finds it: Docker's, else rootful Podman's (its
+/// Docker-compatible API). `None`: bollard's defaults (`$DOCKER_HOST`, or Docker's socket, which then says it is
+/// missing).
+fn local_socket() -> Option<String> {
+    if std::env::var_os("DOCKER_HOST").is_some() {
+        return None;
+    }
+    ["/var/run/docker.sock", "/run/podman/podman.sock"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .map(|p| format!("unix://{p}"))
+}
+
 /// A connection to the engine.
 pub struct Api {
     pub(super) docker: Docker,
@@ -57,7 +70,11 @@ impl Api {
             .enable_all()
             .build()
             .map_err(ApiError::Runtime)?;
-        let docker = Docker::connect_with_local_defaults().map_err(|e| ApiError::Connect(e.to_string()))?;
+        let docker = match local_socket() {
+            Some(path) => Docker::connect_with_socket(&path, 120, bollard::API_DEFAULT_VERSION),
+            None => Docker::connect_with_local_defaults(),
+        }
+        .map_err(|e| ApiError::Connect(e.to_string()))?;
         // The daemon may be older than the client's API (Debian's 20.10 speaks 1.41): speak the daemon's.
         let docker = rt
             .block_on(async { tokio::time::timeout(timeout, docker.negotiate_version()).await })

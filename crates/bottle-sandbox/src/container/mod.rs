@@ -209,14 +209,23 @@ pub struct ContainerLaunch {
 fn agent_user(workspace: &Path) -> Result<(u32, u32), StepError> {
     let (uid, gid) = (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw());
     if uid != 0 {
-        return Ok((uid, gid));
+        return Ok((uid, not_root_group(gid)));
     }
     let meta = std::fs::metadata(workspace).map_err(io("preflight"))?;
     if meta.uid() == 0 {
         return Err(StepError::RootWorkspace(workspace.to_path_buf()));
     }
-    Ok((meta.uid(), meta.gid()))
+    Ok((meta.uid(), not_root_group(meta.gid())))
 }
+
+/// The group the agent runs in: never the host's root group (a container shares the host's ids, so gid 0 would read
+/// and write what the host's root group may in every bind), `nogroup` instead. The agent owns its workspace as its
+/// user, so the group changes nothing it needs (`chown -R USER DIR` leaves a root-made directory's group root).
+fn not_root_group(gid: u32) -> u32 {
+    if gid == 0 { NOGROUP } else { gid }
+}
+
+const NOGROUP: u32 = 65534;
 
 impl Launch for ContainerLaunch {
     fn begin(&mut self, spec: BottleSpec, dir: &StateDir) -> Result<(), BackendError> {

@@ -35,8 +35,10 @@ pub(super) fn check_limits(spec: &BottleSpec, c: &bollard::models::ContainerInsp
         }
     }
     let net = hc.network_mode.unwrap_or_default();
+    // Docker reports `ALL`; Podman the default capabilities it dropped by it. Either way the kernel's word on the
+    // process (`hardened`: every capability set empty) is what admits the container.
     let caps = hc.cap_drop.unwrap_or_default();
-    if net != "none" || !caps.iter().any(|c| c == "ALL") || hc.readonly_rootfs != Some(true) {
+    if net != "none" || caps.is_empty() || hc.readonly_rootfs != Some(true) {
         return Err(StepError::Verify(format!(
             "the engine reports network `{net}`, dropped capabilities {caps:?}, read-only root {:?}",
             hc.readonly_rootfs
@@ -56,12 +58,16 @@ fn hardened(pid: u32) -> Result<(), StepError> {
             .unwrap_or("?")
             .to_string()
     };
-    let (caps, nnp, seccomp) = (field("CapEff:"), field("NoNewPrivs:"), field("Seccomp:"));
-    if caps.trim_start_matches('0').is_empty() && nnp == "1" && seccomp == "2" {
+    let sets = ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"].map(field);
+    let (nnp, seccomp) = (field("NoNewPrivs:"), field("Seccomp:"));
+    // Not only the effective set: a bounding or permitted capability left is one a later exec could take.
+    if sets.iter().all(|c| c.trim_start_matches('0').is_empty()) && nnp == "1" && seccomp == "2" {
         return Ok(());
     }
     Err(StepError::Verify(format!(
-        "the container's process has CapEff {caps}, NoNewPrivs {nnp}, Seccomp {seccomp} (want none, 1, 2)"
+        "the container's process has capabilities {} (inheritable, permitted, effective, bounding, ambient), \
+         NoNewPrivs {nnp}, Seccomp {seccomp} (want all none, 1, 2)",
+        sets.join(" / ")
     )))
 }
 
