@@ -227,7 +227,7 @@ pub struct ProxyArgs {
 
 #[derive(Debug, Args)]
 pub struct SelftestArgs {
-    /// The backend to test; only namespace can be tested so far (the others exit 120).
+    /// The backend to test: namespace, or container with --image (smolmachines exits 120).
     #[arg(
         long,
         value_name = "BACKEND",
@@ -235,4 +235,7 @@ pub struct SelftestArgs {
         value_parser = ["namespace", "container", "smolmachines"]
     )]
     pub backend: String,
+    /// The image the container backend's bottle runs (the one your agents use); container only.
+    #[arg(long, value_name = "NAME")]
+    pub image: Option<String>,
 }

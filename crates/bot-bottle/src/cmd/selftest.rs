@@ -7,6 +7,10 @@
 //! bottle, and at the host's public resolvers and TEST-NET addresses (RFC 5737), which an escape would reach.
 //! Trusts the probe's verdicts and the decoys' counters; anything it cannot read counts as an error, never as "held".
 //!
+//! On the container backend (`--image NAME`) the bottle is a container of the user's image; the probe runs there
+//! with the launcher's own loader and libraries (bound into every container bottle), and the cases that drive a
+//! tool run only where the image has it (a first bottle lists them).
+//!
 //! Prints `CASE  BACKEND  VERDICT` (`held`, `ESCAPED` or `error`), then the left-out cases; exit 0 when every case
 //! held, 123 otherwise.
 
@@ -28,7 +32,23 @@ use host::{CREDENTIAL_HOST, HOST_ENV_VAR, Planted, Scratch, TOKEN_VAR, UPSTREAM_
 const PROBE: &str = "bottle-probe";
 /// The host the bottle's own confinement self-test asks for (bottle_sandbox::namespace::init::SELFTEST_HOST).
 const INIT_SELFTEST_HOST: &str = "selftest.bot-bottle.invalid";
-const BACKEND: &str = "namespace";
+
+/// The backend the self-test's bottle runs on.
+enum Target {
+    Namespace,
+    /// A container of this image: the probe runs with the launcher's loader and libraries (bound into every
+    /// container bottle), the cases that drive tools run only where the image has those tools.
+    Container(String),
+}
+
+impl Target {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Namespace => "namespace",
+            Self::Container(_) => "container",
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -75,26 +95,29 @@ struct Report {
 }
 
 pub fn run(args: &SelftestArgs, out: &Output) -> anyhow::Result<u8> {
-    let reason = match args.backend.as_str() {
-        BACKEND => None,
-        "container" => Some(
-            "the container backend's bottles run an image's tools, not this host's: the catalogue's probe and decoys \
-             are not built for it yet (its confinement is verified at every launch, and tested in the test suite)",
-        ),
-        _ => Some(
-            "only the namespace backend can be self-tested: on smolmachines the catalogue's cases would have to run \
-             inside a guest and be judged against decoys the guest can reach, which is not built yet",
-        ),
-    };
-    if let Some(reason) = reason {
-        return Err(Unavailable {
-            verb: "selftest",
-            reason,
+    let target = match (args.backend.as_str(), &args.image) {
+        ("namespace", None) => Target::Namespace,
+        ("container", Some(image)) => Target::Container(archive_from_here(image)?),
+        ("container", None) => {
+            return Err(crate::exit::Usage(
+                "`selftest --backend container` needs --image NAME: the image your agents' bottles run".into(),
+            )
+            .into());
         }
-        .into());
-    }
-    let report = match selftest() {
-        Ok((rows, left_out)) => report(rows, left_out),
+        (_, Some(_)) if args.backend != "smolmachines" => {
+            return Err(crate::exit::Usage("--image is for `selftest --backend container`".into()).into());
+        }
+        _ => {
+            return Err(Unavailable {
+                verb: "selftest",
+                reason: "the smolmachines backend cannot be self-tested: the catalogue's cases would have to run \
+                         inside a guest and be judged against decoys the guest can reach, which is not built yet",
+            }
+            .into());
+        }
+    };
+    let report = match selftest(&target) {
+        Ok((rows, left_out)) => report(rows, left_out, target.name()),
         Err(e) => {
             out.error(&e.context("the self-test could not run"), SANDBOX);
             return Ok(SANDBOX);
@@ -108,10 +131,10 @@ pub fn run(args: &SelftestArgs, out: &Output) -> anyhow::Result<u8> {
     })
 }
 
-fn report(cases: Vec<Row>, left_out: Vec<LeftOut>) -> Report {
+fn report(cases: Vec<Row>, left_out: Vec<LeftOut>, backend: &'static str) -> Report {
     let count = |v| cases.iter().filter(|r| r.verdict == v).count();
     Report {
-        backend: BACKEND,
+        backend,
         held: count(Verdict::Held),
         escaped: count(Verdict::Escaped),
         errors: count(Verdict::Error),
@@ -195,16 +218,17 @@ fn quote(arg: &str) -> String {
 }
 
 /// Step `tools` checks that every tool a chosen case drives is in the bottle; then one step per chosen case.
-fn script(tools: &[&str], chosen: &[Chosen]) -> String {
+/// `probe` is how the bottle starts the probe (`./bottle-probe`, or that behind the launcher's loader).
+fn script(probe: &str, tools: &[&str], chosen: &[Chosen]) -> String {
     let mut s = String::from("step() { id=$1; shift; echo \"@@step $id\"; \"$@\"; echo \"@@rc $?\"; }\n");
     let check = format!(
         "for t in {}; do command -v \"$t\" >/dev/null || {{ echo \"$t is not installed\"; exit 1; }}; done",
         tools.join(" ")
     );
-    let _ = writeln!(s, "step tools ./{PROBE} command sh -c {}", quote(&check));
+    let _ = writeln!(s, "step tools {probe} command sh -c {}", quote(&check));
     for (i, c) in chosen.iter().enumerate() {
         let args: Vec<String> = c.argv.iter().map(|a| quote(a)).collect();
-        let _ = writeln!(s, "step {i} ./{PROBE} {}", args.join(" "));
+        let _ = writeln!(s, "step {i} {probe} {}", args.join(" "));
     }
     s.push_str("echo @@done\n");
     s
@@ -282,7 +306,8 @@ fn judge(expect: Expect, step: Option<&Step>) -> (Verdict, String) {
     }
 }
 
-fn selftest() -> anyhow::Result<(Vec<Row>, Vec<LeftOut>)> {
+fn selftest(target: &Target) -> anyhow::Result<(Vec<Row>, Vec<LeftOut>)> {
+    let backend = target.name();
     let exe = std::env::current_exe().context("cannot find this executable")?;
     let probe = exe.with_file_name(PROBE);
     if !probe.is_file() {
@@ -312,14 +337,41 @@ fn selftest() -> anyhow::Result<(Vec<Row>, Vec<LeftOut>)> {
              host = \"{CREDENTIAL_HOST}\"\nheader = \"authorization\"\nfrom_env = \"{TOKEN_VAR}\"\n"
         ),
     )?;
-    let (chosen, left_out) = choose(&planted, host::has_tool);
+    let bottle = |cmd: &mut Command| {
+        cmd.current_dir(&work)
+            .env("XDG_STATE_HOME", &state)
+            .env_remove("BOT_BOTTLE_LOG");
+        if let Target::Container(image) = target {
+            cmd.args(["--backend", "container", "--image", image]);
+        }
+    };
+    // The probe as the bottle starts it; on the container backend the image's tools are the ones that count.
+    let (probe_argv, found_tools) = match target {
+        Target::Namespace => (format!("./{PROBE}"), None),
+        Target::Container(_) => {
+            // SECURITY: a root launcher's container bottle runs as the workspace's owner, never root.
+            if rustix::process::geteuid().is_root() {
+                std::os::unix::fs::chown(&work, Some(NOBODY), Some(NOBODY))?;
+            }
+            let runtime = bottle_sandbox::container::sockets::Runtime::of_this_process()
+                .context("cannot find this executable's libraries")?;
+            let mut argv = runtime.loader_prefix();
+            argv.push(format!("./{PROBE}"));
+            (argv.join(" "), Some(image_tools(&exe, &bottle)?))
+        }
+    };
+    let has_tool = |t: &str| match &found_tools {
+        Some(found) => found.iter().any(|f| f == t),
+        None => host::has_tool(t),
+    };
+    let (chosen, left_out) = choose(&planted, has_tool);
     let mut tools: Vec<&str> = chosen.iter().flat_map(|c| c.case.tools()).collect();
     tools.sort_unstable();
     tools.dedup();
     let mut cmd = Command::new(&exe);
-    cmd.args(["run", "--name", &name, "--policy"])
-        .arg(&policy)
-        .args(["--", "sh", "-c", &script(&tools, &chosen)])
+    cmd.args(["run", "--name", &name, "--policy"]).arg(&policy);
+    bottle(&mut cmd);
+    cmd.args(["--", "sh", "-c", &script(&probe_argv, &tools, &chosen)])
         .current_dir(&work)
         .env("XDG_STATE_HOME", &state)
         .env(TOKEN_VAR, &planted.secret)
@@ -360,22 +412,67 @@ fn selftest() -> anyhow::Result<(Vec<Row>, Vec<LeftOut>)> {
             Row {
                 case: c.case.id.to_string(),
                 family: c.family.name,
-                backend: BACKEND,
+                backend,
                 verdict,
                 evidence,
             }
         })
         .collect();
-    rows.push(unwritten_row(&planted.unwritten));
-    rows.push(self_test_row(&state.join("bot-bottle").join(&name).join("audit.jsonl")));
+    rows.push(unwritten_row(&planted.unwritten, backend));
+    rows.push(self_test_row(
+        &state.join("bot-bottle").join(&name).join("audit.jsonl"),
+        backend,
+    ));
     drop(planted);
     drop(scratch);
     Ok((rows, left_out))
 }
 
+/// An archive's relative path (`./…`, `../…`) made absolute here: the bottle runs from its own workspace.
+fn archive_from_here(image: &str) -> anyhow::Result<String> {
+    if !(image.starts_with("./") || image.starts_with("../")) {
+        return Ok(image.to_string());
+    }
+    let here = std::env::current_dir().context("cannot read the current directory")?;
+    Ok(here.join(image).display().to_string())
+}
+
+/// The uid a root launcher's container bottle runs as (the workspace is handed to it).
+const NOBODY: u32 = 65534;
+
+/// The tools of the catalogue the image has (`command -v` in a bottle of it).
+fn image_tools(exe: &Path, bottle: &dyn Fn(&mut Command)) -> anyhow::Result<Vec<String>> {
+    let all: Vec<&str> = {
+        let mut t: Vec<&str> = catalogue::all().flat_map(|(_, c)| c.tools()).collect();
+        t.sort_unstable();
+        t.dedup();
+        t
+    };
+    let mut cmd = Command::new(exe);
+    cmd.args(["run", "--rm"]);
+    bottle(&mut cmd);
+    let check = format!(
+        "for t in {}; do command -v \"$t\" >/dev/null 2>&1 && echo \"@@tool $t\"; done; echo @@done",
+        all.join(" ")
+    );
+    cmd.args(["--", "sh", "-c", &check]);
+    let (status, stdout, stderr) = host::run_bottle(cmd)?;
+    if !stdout.contains("@@done") {
+        bail!(
+            "a bottle of the image could not list its tools ({status}): {}",
+            stderr.trim()
+        );
+    }
+    Ok(stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("@@tool "))
+        .map(String::from)
+        .collect())
+}
+
 /// Escape case 44 on the host side: none of the paths the bottle tried to write exists on the host (a path that
 /// does is removed again, and reported).
-fn unwritten_row(paths: &[std::path::PathBuf]) -> Row {
+fn unwritten_row(paths: &[std::path::PathBuf], backend: &'static str) -> Row {
     let written: Vec<String> = paths
         .iter()
         .filter(|p| p.symlink_metadata().is_ok())
@@ -395,14 +492,14 @@ fn unwritten_row(paths: &[std::path::PathBuf]) -> Row {
     Row {
         case: "c44-host-untouched".into(),
         family: catalogue::LOCAL_IPC_KERNEL.name,
-        backend: BACKEND,
+        backend,
         verdict,
         evidence,
     }
 }
 
 /// Escape case 47: the bottle's own confinement self-test ran, and was refused, before anything the agent did.
-fn self_test_row(audit: &Path) -> Row {
+fn self_test_row(audit: &Path, backend: &'static str) -> Row {
     let first = std::fs::read_to_string(audit)
         .ok()
         .and_then(|a| a.lines().next().map(str::to_string))
@@ -421,7 +518,7 @@ fn self_test_row(audit: &Path) -> Row {
     Row {
         case: "c47-confinement-self-test".into(),
         family: "lifecycle",
-        backend: BACKEND,
+        backend,
         verdict,
         evidence,
     }
@@ -494,7 +591,7 @@ mod tests {
         let row = |case: &str, verdict, evidence: &str| Row {
             case: case.into(),
             family: "f",
-            backend: BACKEND,
+            backend: "namespace",
             verdict,
             evidence: evidence.into(),
         };
@@ -508,6 +605,7 @@ mod tests {
                 family: "f",
                 reason: "needs a second bottle".into(),
             }],
+            "namespace",
         );
         let t = render(&r);
         assert!(

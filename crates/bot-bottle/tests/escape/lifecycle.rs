@@ -500,19 +500,45 @@ fn case_51_a_64_mib_upload_through_an_allowed_tunnel_arrives_intact() {
 
 #[test]
 fn selftest_verb_prints_the_table_and_every_case_holds() {
-    // `selftest --backend container` is refused for now (it would need an image with the probe; the escape suite's
-    // families run on that backend with one), so it is not asked here.
-    for backend in scenario::backends()
-        .into_iter()
-        .filter(|b| *b != scenario::Backend::Container)
-    {
-        selftest_on(backend.name());
+    for backend in scenario::backends() {
+        match backend {
+            // The escape image: the tools the catalogue's shell cases drive are there.
+            scenario::Backend::Container => {
+                let image = bottle_test_support::container::escape_image(scenario::probe_binary());
+                selftest_on("container", &["--image", image]);
+            }
+            other => selftest_on(other.name(), &[]),
+        }
     }
+}
+
+#[test]
+fn selftest_on_a_container_leaves_out_the_cases_whose_tools_the_image_lacks() {
+    if !scenario::backends().contains(&scenario::Backend::Container) {
+        return;
+    }
+    // busybox and curl only: no ssh, no git, no openssl.
+    let out = Command::new(BB)
+        .args(["--json", "selftest", "--backend", "container", "--image"])
+        .arg(bottle_test_support::container::image())
+        .env_remove("BOT_BOTTLE_LOG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ssh = doc["left_out"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["case"] == "c07-ssh-client")
+        .unwrap_or_else(|| panic!("the ssh case ran in an image without ssh: {doc:#}"));
+    assert!(ssh["reason"].as_str().unwrap().contains("`ssh`"), "{ssh}");
+    assert!(doc["held"].as_u64().unwrap() >= 51, "{doc:#}");
 }
 
 /// `bot-bottle selftest --backend B`: at least 51 catalogue cases, every one held, and the catalogue cases it left
 /// out named with a reason, in the JSON and in the table.
-fn selftest_on(backend: &str) {
+fn selftest_on(backend: &str, extra: &[&str]) {
     let probe = scenario::probe_binary();
     let beside = Path::new(BB).with_file_name("bottle-probe");
     assert_eq!(
@@ -521,6 +547,7 @@ fn selftest_on(backend: &str) {
     );
     let out = Command::new(BB)
         .args(["--json", "selftest", "--backend", backend])
+        .args(extra)
         .env_remove("BOT_BOTTLE_LOG")
         .output()
         .unwrap();
@@ -546,6 +573,7 @@ fn selftest_on(backend: &str) {
     }
     let out = Command::new(BB)
         .args(["selftest", "--backend", backend])
+        .args(extra)
         .env_remove("BOT_BOTTLE_LOG")
         .output()
         .unwrap();

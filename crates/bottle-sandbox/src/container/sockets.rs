@@ -87,6 +87,19 @@ impl Runtime {
 
     /// The argv prefix that runs a command under the warden in the container.
     pub fn prefix(&self) -> Vec<String> {
+        let mut argv = self.loader_prefix();
+        argv.extend([
+            format!("{RUNTIME_DIR}/bot-bottle"),
+            SUBCOMMAND.into(),
+            format!("{IN_CONTAINER_DIR}/{WARDEN_SOCK}"),
+            "--".into(),
+        ]);
+        argv
+    }
+
+    /// The argv prefix that runs a program linking no more than the launcher's libraries with the launcher's loader
+    /// and libraries, whatever the image has (`selftest` runs its probe so).
+    pub fn loader_prefix(&self) -> Vec<String> {
         let loader = self
             .loader
             .file_name()
@@ -96,10 +109,6 @@ impl Runtime {
             format!("{RUNTIME_DIR}/lib/{loader}"),
             "--library-path".into(),
             format!("{RUNTIME_DIR}/lib"),
-            format!("{RUNTIME_DIR}/bot-bottle"),
-            SUBCOMMAND.into(),
-            format!("{IN_CONTAINER_DIR}/{WARDEN_SOCK}"),
-            "--".into(),
         ]
     }
 }
