@@ -169,6 +169,21 @@ impl Scene {
         cmd
     }
 
+    /// Inside a bottle of `agent`'s preset, `var` holds a placeholder, never the real key; and no file of the kept
+    /// homes holds the real key.
+    fn holds_only_the_placeholder(&self, agent: &str, host: &str, addr: &str, var: &str) {
+        let echo = format!("echo \"${var}\"");
+        let env = self.run(agent, host, addr, var, &["sh", "-c", &echo]);
+        assert!(env.status.success(), "{}", text(&env));
+        let inside = String::from_utf8_lossy(&env.stdout);
+        assert!(
+            !inside.trim().is_empty() && !inside.contains(REAL_KEY),
+            "{}",
+            text(&env)
+        );
+        assert_eq!(self.homes_holding_the_key(), Vec::<PathBuf>::new());
+    }
+
     /// Every file of the kept homes (on the host) that holds the real key.
     fn homes_holding_the_key(&self) -> Vec<PathBuf> {
         let mut found = Vec::new();
@@ -250,21 +265,7 @@ fn claude_round(s: Scene, addr: &str) {
         assert_eq!(m["headers"]["x-api-key"], REAL_KEY, "the API got another key: {m:#}");
     }
     // Inside, only the placeholder; and the kept home holds no real key.
-    let env = s.run(
-        "claude",
-        "api.anthropic.com",
-        addr,
-        "ANTHROPIC_API_KEY",
-        &["sh", "-c", "echo \"$ANTHROPIC_API_KEY\""],
-    );
-    assert!(env.status.success(), "{}", text(&env));
-    let inside = String::from_utf8_lossy(&env.stdout);
-    assert!(
-        !inside.trim().is_empty() && !inside.contains(REAL_KEY),
-        "{}",
-        text(&env)
-    );
-    assert_eq!(s.homes_holding_the_key(), Vec::<PathBuf>::new());
+    s.holds_only_the_placeholder("claude", "api.anthropic.com", addr, "ANTHROPIC_API_KEY");
 
     // A second run in the same kept home continues the first: the model sees the first exchange again.
     let before = api.requests().len();
@@ -332,20 +333,7 @@ fn gemini_round(s: Scene, addr: &str) {
             "the API got another key: {c:#}"
         );
     }
-    let env = s.run(
-        "gemini",
-        host,
-        addr,
-        "GEMINI_API_KEY",
-        &["sh", "-c", "echo \"$GEMINI_API_KEY\""],
-    );
-    let inside = String::from_utf8_lossy(&env.stdout);
-    assert!(
-        !inside.trim().is_empty() && !inside.contains(REAL_KEY),
-        "{}",
-        text(&env)
-    );
-    assert_eq!(s.homes_holding_the_key(), Vec::<PathBuf>::new());
+    s.holds_only_the_placeholder("gemini", host, addr, "GEMINI_API_KEY");
 }
 
 /// aider (`aider-chat` on PyPI, pinned in `.ci/run`, in a venv under /usr/local so the bottle sees it) against a
@@ -395,20 +383,7 @@ fn aider_round(s: Scene, addr: &str) {
             "the API got another key: {c:#}"
         );
     }
-    let env = s.run(
-        "aider",
-        host,
-        addr,
-        "OPENAI_API_KEY",
-        &["sh", "-c", "echo \"$OPENAI_API_KEY\""],
-    );
-    let inside = String::from_utf8_lossy(&env.stdout);
-    assert!(
-        !inside.trim().is_empty() && !inside.contains(REAL_KEY),
-        "{}",
-        text(&env)
-    );
-    assert_eq!(s.homes_holding_the_key(), Vec::<PathBuf>::new());
+    s.holds_only_the_placeholder("aider", host, addr, "OPENAI_API_KEY");
 }
 
 #[test]
@@ -448,21 +423,7 @@ fn codex_round(s: Scene, addr: &str) {
             "the API got another key: {c:#}"
         );
     }
-    let env = s.run(
-        "codex",
-        "api.openai.com",
-        addr,
-        "CODEX_API_KEY",
-        &["sh", "-c", "printenv CODEX_API_KEY"],
-    );
-    assert!(env.status.success(), "{}", text(&env));
-    let inside = String::from_utf8_lossy(&env.stdout);
-    assert!(
-        !inside.trim().is_empty() && !inside.contains(REAL_KEY),
-        "{}",
-        text(&env)
-    );
-    assert_eq!(s.homes_holding_the_key(), Vec::<PathBuf>::new());
+    s.holds_only_the_placeholder("codex", "api.openai.com", addr, "CODEX_API_KEY");
     // The session was kept in the home: `codex exec resume --last` sends the first exchange again.
     let before = api.requests().len();
     let second = s.run(

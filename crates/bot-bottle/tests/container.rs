@@ -52,6 +52,13 @@ impl Scene {
         self.dir.path()
     }
 
+    /// `run --name NAME --backend container --image IMAGE -- ARGV`.
+    fn run_container(&self, name: &str, image: &str, argv: &[&str]) -> Output {
+        let mut args = vec!["run", "--name", name, "--backend", "container", "--image", image, "--"];
+        args.extend(argv);
+        self.bb(&args)
+    }
+
     /// `run -d --name NAME` of `sleep 600` in a container of `image`.
     fn detached(&self, name: &str, image: &str) {
         let out = self.bb(&[
@@ -227,11 +234,7 @@ fn issue_15_the_agent_never_runs_in_the_host_root_group() {
         "echo ids=$(id -u):$(id -G)",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("ids=65534:65534\n"),
-        "{}",
-        text(&out)
-    );
+    says(&out.stdout, "ids=65534:65534\n", &out);
 }
 
 #[test]
@@ -284,30 +287,26 @@ fn issue_15_a_missing_image_is_refused_before_anything_starts() {
     let scene = Scene::new();
     let out = scene.bb(&["run", "--name", "ct-none", "--backend", "container", "--", "true"]);
     assert_eq!(out.status.code(), Some(122), "{}", text(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("needs an image: `--image NAME`"),
-        "{}",
-        text(&out)
-    );
-    let out = scene.bb(&[
-        "run",
-        "--name",
-        "ct-none",
-        "--backend",
-        "container",
-        "--image",
-        "bot-bottle-test/absent:0",
-        "--",
-        "true",
-    ]);
+    says(&out.stderr, "needs an image: `--image NAME`", &out);
+    let out = scene.run_container("ct-none", "bot-bottle-test/absent:0", &["true"]);
     assert_eq!(out.status.code(), Some(122), "{}", text(&out));
     // The engine tried to pull it (no registry answers for that name here) and said why it could not.
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("is not on this engine and the engine could not pull it ("),
-        "{}",
-        text(&out)
+    says(
+        &out.stderr,
+        "is not on this engine and the engine could not pull it (",
+        &out,
     );
     assert!(container::containers("bot-bottle-ct-none").is_empty());
+}
+
+/// `stream` of `out` holds `words`.
+fn says(stream: &[u8], words: impl AsRef<str>, out: &Output) {
+    let words = words.as_ref();
+    assert!(
+        String::from_utf8_lossy(stream).contains(words),
+        "{words:?} missing: {}",
+        text(out)
+    );
 }
 
 fn docker(args: &[&str]) -> Output {
@@ -329,49 +328,16 @@ fn issue_15_an_image_archive_is_loaded_and_named_by_its_path() {
     docker(&["save", "-o", archive.to_str().unwrap(), name]);
     docker(&["rmi", name]);
     // A relative path is the working directory's (here the workspace, under the scene).
-    let out = scene.bb(&[
-        "run",
-        "--name",
-        "ct-load",
-        "--backend",
-        "container",
-        "--image",
-        "../img.tar",
-        "--",
-        "echo",
-        "from-archive",
-    ]);
+    let out = scene.run_container("ct-load", "../img.tar", &["echo", "from-archive"]);
     let _ = Command::new("docker").args(["rmi", name]).output();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("from-archive"),
-        "{}",
-        text(&out)
-    );
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains(&format!("loaded {name}")),
-        "{}",
-        text(&out)
-    );
+    says(&out.stdout, "from-archive", &out);
+    says(&out.stderr, format!("loaded {name}"), &out);
     // Not an archive: refused before anything starts, saying what the engine said.
     std::fs::write(scene.path().join("junk.tar"), b"not a tar").unwrap();
-    let out = scene.bb(&[
-        "run",
-        "--name",
-        "ct-junk",
-        "--backend",
-        "container",
-        "--image",
-        "../junk.tar",
-        "--",
-        "true",
-    ]);
+    let out = scene.run_container("ct-junk", "../junk.tar", &["true"]);
     assert_eq!(out.status.code(), Some(122), "{}", text(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("could not load the image archive"),
-        "{}",
-        text(&out)
-    );
+    says(&out.stderr, "could not load the image archive", &out);
     assert!(container::containers("bot-bottle-ct-junk").is_empty());
 }
 
@@ -452,29 +418,14 @@ fn issue_15_a_missing_image_is_pulled_with_progress() {
     docker(&["build", "-q", "-t", &name, ctx.to_str().unwrap()]);
     docker(&["push", &name]);
     docker(&["rmi", &name]);
-    let out = scene.bb(&[
-        "run",
-        "--name",
-        "ct-pull",
-        "--backend",
-        "container",
-        "--image",
-        &name,
-        "--",
-        "echo",
-        "from-pulled",
-    ]);
+    let out = scene.run_container("ct-pull", &name, &["echo", "from-pulled"]);
     let present = Command::new("docker")
         .args(["image", "inspect", &name])
         .output()
         .unwrap();
     let _ = Command::new("docker").args(["rmi", &name]).output();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("from-pulled"),
-        "{}",
-        text(&out)
-    );
+    says(&out.stdout, "from-pulled", &out);
     let err = String::from_utf8_lossy(&out.stderr);
     // The progress, where the user is looking: the layer's own lines, then the result.
     for line in [
@@ -600,26 +551,12 @@ fn issue_15_a_container_of_that_name_that_is_not_the_bottles_is_never_touched() 
         .output()
         .unwrap();
     assert!(theirs.status.success(), "{}", text(&theirs));
-    let out = scene.bb(&[
-        "run",
-        "--name",
-        "ct-taken",
-        "--backend",
-        "container",
-        "--image",
-        image,
-        "--",
-        "true",
-    ]);
+    let out = scene.run_container("ct-taken", image, &["true"]);
     let _ = Command::new("docker")
         .args(["rm", "-f", "bot-bottle-ct-taken"])
         .output();
     assert_eq!(out.status.code(), Some(122), "{}", text(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("exists and is not this bottle's"),
-        "{}",
-        text(&out)
-    );
+    says(&out.stderr, "exists and is not this bottle's", &out);
 }
 
 #[test]

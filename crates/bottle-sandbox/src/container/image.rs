@@ -80,29 +80,19 @@ fn pull(api: &Api, image: &str, progress: &mut dyn Write) -> Result<(), ImageErr
         tag,
         ..Default::default()
     };
-    let mut stream = api.docker.create_image(Some(options), None, None);
+    let stream = api.docker.create_image(Some(options), None, None).map(|item| {
+        item.map(|i: CreateImageInfo| Event {
+            error: i.error_detail.map(|d| d.message.unwrap_or_default()),
+            id: i.id,
+            status: i.status,
+            detail: i.progress_detail,
+            stream: None,
+        })
+    });
     let mut shown = Shown::default();
-    let fail = |why: String| ImageError::Pull {
+    drain(api, stream, |e| shown.line(progress, e.id, e.status, e.detail)).map_err(|why| ImageError::Pull {
         image: image.to_string(),
         why,
-    };
-    api.rt.block_on(async {
-        loop {
-            let item = match tokio::time::timeout(STALL, stream.next()).await {
-                Err(_) => return Err(fail(format!("no progress for {STALL:?}"))),
-                Ok(None) => return Ok(()),
-                Ok(Some(item)) => item,
-            };
-            match item {
-                Err(e) => return Err(fail(e.to_string())),
-                Ok(CreateImageInfo {
-                    error_detail: Some(d), ..
-                }) => {
-                    return Err(fail(d.message.unwrap_or_else(|| "an error without a message".into())));
-                }
-                Ok(info) => shown.line(progress, info.id, info.status, info.progress_detail),
-            }
-        }
     })?;
     let _ = writeln!(progress, "bot-bottle: pulled {image}");
     Ok(())
@@ -130,38 +120,31 @@ fn load(api: &Api, path: &Path, progress: &mut dyn Write) -> Result<String, Imag
             Err(e) => Some(Err(e)),
         })
     });
-    let mut stream = api
+    let stream = api
         .docker
-        .import_image_stream(ImportImageOptions::default(), chunks, None);
+        .import_image_stream(ImportImageOptions::default(), chunks, None)
+        .map(|item| {
+            item.map(|i: BuildInfo| Event {
+                error: i.error_detail.map(|d| d.message.unwrap_or_default()),
+                id: i.id,
+                status: i.status,
+                detail: i.progress_detail,
+                stream: i.stream,
+            })
+        });
     let fail = |why: String| ImageError::Load {
         path: path.to_path_buf(),
         why,
     };
     let mut names = Vec::new();
     let mut shown = Shown::default();
-    api.rt.block_on(async {
-        loop {
-            let item = match tokio::time::timeout(STALL, stream.next()).await {
-                Err(_) => return Err(fail(format!("no progress for {STALL:?}"))),
-                Ok(None) => return Ok(()),
-                Ok(Some(item)) => item,
-            };
-            match item {
-                Err(e) => return Err(fail(e.to_string())),
-                Ok(BuildInfo {
-                    error_detail: Some(d), ..
-                }) => {
-                    return Err(fail(d.message.unwrap_or_else(|| "an error without a message".into())));
-                }
-                Ok(info) => {
-                    if let Some(line) = &info.stream {
-                        names.extend(loaded(line));
-                    }
-                    shown.line(progress, info.id, info.status, info.progress_detail);
-                }
-            }
+    drain(api, stream, |e| {
+        if let Some(line) = &e.stream {
+            names.extend(loaded(line));
         }
-    })?;
+        shown.line(progress, e.id, e.status, e.detail);
+    })
+    .map_err(fail)?;
     match names.as_slice() {
         [one] => {
             let _ = writeln!(progress, "bot-bottle: loaded {one}");
@@ -173,6 +156,41 @@ fn load(api: &Api, path: &Path, progress: &mut dyn Write) -> Result<String, Imag
             names,
         }),
     }
+}
+
+/// One message of a pull's or a load's progress stream.
+struct Event {
+    id: Option<String>,
+    status: Option<String>,
+    detail: Option<bollard::models::ProgressDetail>,
+    /// A load's words (`Loaded image: …`).
+    stream: Option<String>,
+    error: Option<String>,
+}
+
+/// Reads the stream to its end, each message to `on`; the engine's error, a broken stream or a stall as the reason.
+fn drain(
+    api: &Api,
+    mut stream: impl futures_util::Stream<Item = Result<Event, bollard::errors::Error>> + Unpin,
+    mut on: impl FnMut(Event),
+) -> Result<(), String> {
+    api.rt.block_on(async {
+        loop {
+            match tokio::time::timeout(STALL, stream.next()).await {
+                Err(_) => return Err(format!("no progress for {STALL:?}")),
+                Ok(None) => return Ok(()),
+                Ok(Some(Err(e))) => return Err(e.to_string()),
+                Ok(Some(Ok(Event { error: Some(why), .. }))) => {
+                    return Err(if why.is_empty() {
+                        "an error without a message".into()
+                    } else {
+                        why
+                    });
+                }
+                Ok(Some(Ok(event))) => on(event),
+            }
+        }
+    })
 }
 
 /// The image a load's output line names: `Loaded image: NAME` (tagged) or `Loaded image ID: sha256:…` (untagged).
