@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used, clippy::disallowed_methods)]
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -297,6 +298,40 @@ fn issue_15_a_missing_image_is_refused_before_anything_starts() {
         &out,
     );
     assert!(container::containers("bot-bottle-ct-none").is_empty());
+}
+
+#[test]
+fn issue_15_an_unprivileged_launcher_is_refused_before_anything_starts() {
+    if skip() {
+        return;
+    }
+    // As a member of the docker group would launch it: refused with the fix, before the engine is asked anything.
+    let scene = Scene::new();
+    std::os::unix::fs::chown(scene.path(), Some(65534), Some(65534)).unwrap();
+    let out = Command::new(BB)
+        .args([
+            "run",
+            "--name",
+            "ct-user",
+            "--backend",
+            "container",
+            "--image",
+            container::image(),
+            "--",
+            "true",
+        ])
+        .current_dir(scene.path().join("w"))
+        .env("XDG_STATE_HOME", scene.state())
+        .env("HOME", scene.path())
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(122), "{}", text(&out));
+    says(&out.stderr, "container bottles are launched by root", &out);
+    says(&out.stderr, "sudo bot-bottle run --backend container", &out);
+    assert!(container::containers("bot-bottle-ct-user").is_empty());
+    assert!(!scene.state().join("bot-bottle").join("ct-user").exists());
 }
 
 /// `stream` of `out` holds `words`.

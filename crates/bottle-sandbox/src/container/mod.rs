@@ -53,6 +53,12 @@ pub enum StepError {
     )]
     Rootless,
     #[error(
+        "step preflight: {}; {}",
+        crate::preflight::container::NOT_ROOT_REASON,
+        crate::preflight::container::NOT_ROOT_REMEDY
+    )]
+    NotRoot,
+    #[error(
         "step preflight: as root, the container backend runs the agent as the workspace's owner, and {0} is owned by \
          root: `chown -R USER {0}`, or run bot-bottle as that user (a bottle never runs as host root)"
     )]
@@ -93,9 +99,12 @@ pub enum StepError {
 impl StepError {
     fn class(&self) -> FailureClass {
         match self {
-            Self::Engine(_) | Self::NoImage | Self::Image(_) | Self::Rootless | Self::RootWorkspace(_) => {
-                FailureClass::Preflight
-            }
+            Self::Engine(_)
+            | Self::NoImage
+            | Self::Image(_)
+            | Self::Rootless
+            | Self::NotRoot
+            | Self::RootWorkspace(_) => FailureClass::Preflight,
             Self::NotRunning(_) => FailureClass::Target,
             Self::NameTaken(_) => FailureClass::Preflight,
             _ => FailureClass::Sandbox,
@@ -138,6 +147,9 @@ impl Backend for Container {
     }
 
     fn prepare(&self, root: &Path) -> Result<Box<dyn Launch>, BackendError> {
+        if !rustix::process::geteuid().is_root() {
+            return Err(StepError::NotRoot.into());
+        }
         let api = Api::connect().map_err(StepError::Engine)?;
         if api.info().map_err(StepError::Engine)?.rootless {
             return Err(StepError::Rootless.into());

@@ -26,7 +26,7 @@ const INFO_REQUEST: &[u8] = b"GET /info HTTP/1.0\r\nHost: docker\r\n\r\n";
 
 pub(super) fn checks(host: &dyn Host) -> Vec<Check> {
     let cli = find_cli(host);
-    let mut checks = vec![cli_check(host, cli.as_ref())];
+    let mut checks = vec![launcher_check(host), cli_check(host, cli.as_ref())];
     let (daemon, socket) = daemon_check(host, cli.as_ref());
     checks.push(daemon);
     if let Some(runtime) = socket.and_then(|socket| runtime_check(host, &socket)) {
@@ -34,6 +34,22 @@ pub(super) fn checks(host: &dyn Host) -> Vec<Check> {
     }
     checks.push(gvisor_check(host));
     checks
+}
+
+/// Why a container bottle needs a root launcher, and the fix (the container backend says the same at launch).
+pub const NOT_ROOT_REASON: &str = "container bottles are launched by root: the launcher puts the proxy's listener \
+                                   into the container's network namespace and serves its socket warden from the host, \
+                                   which takes root there (a member of the docker group is root on this host anyway)";
+pub const NOT_ROOT_REMEDY: &str = "run it as root (`sudo bot-bottle run --backend container …`); the agent still runs as \
+                                   the workspace's owner, never root";
+
+fn launcher_check(host: &dyn Host) -> Check {
+    const NAME: &str = "container launcher";
+    if host.euid() == 0 {
+        Check::ok(NAME, "root")
+    } else {
+        Check::new(NAME, Status::missing(NOT_ROOT_REASON, NOT_ROOT_REMEDY))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -359,6 +375,15 @@ mod tests {
             remedy(&report, "container runtime").contains("rootful daemon"),
             "{check:#?}"
         );
+    }
+
+    #[test]
+    fn an_unprivileged_launcher_is_missing_with_the_root_remedy() {
+        let mut host = FakeHost::healthy();
+        host.euid = 1000;
+        let report = run(&host);
+        assert!(!report.usable());
+        assert!(remedy(&report, "container launcher").contains("sudo bot-bottle run"));
     }
 
     #[test]

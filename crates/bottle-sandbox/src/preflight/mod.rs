@@ -1,7 +1,7 @@
 //! Preflight: what each backend needs from the host, as a report of `Ok | Degraded | Missing` checks that `doctor`
 //! prints and `run` refuses on. Owns the verdicts and remedies; trusts only what the `Host` seam observes.
 
-mod container;
+pub(crate) mod container;
 mod host;
 mod loopback;
 mod namespace;
