@@ -1052,6 +1052,10 @@ for _ in range(200):
     time.sleep(0.05)
 print("late", tryc("late.sock"))
 print("shared", tryc("dev.sock"))
+# The shared name re-pointed by the agent at a host socket it may not reach.
+os.rename("dev.sock", "dev.sock.orig")
+os.symlink(".git/fsmonitor--daemon.ipc", "dev.sock")
+print("relinked", tryc("dev.sock"))
 srv = socket.socket(socket.AF_UNIX)
 srv.bind("inner.sock")
 srv.listen(1)
@@ -1115,6 +1119,7 @@ except OSError as e:
             ("link", &eacces),
             ("late", &eacces),
             ("shared", "connected"),
+            ("relinked", &eacces),
             ("inner", "connected"),
             // The warden is asked by a thread that does not lead its process: descriptors are its process's.
             ("thread", "connected"),

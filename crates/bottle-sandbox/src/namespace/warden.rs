@@ -244,12 +244,16 @@ impl Warden {
     }
 
     fn allowed(&self, tid: u32, (dev, ino): (u64, u64)) -> bool {
+        // SECURITY: a shared path is taken as written, through no symlink: the agent may write where the shared socket
+        // lives (the workspace), and a link it puts there must not make another host socket the shared one.
         let shared = self.shared.iter().any(|p| {
-            resolve(tid, p.as_os_str().as_encoded_bytes())
-                .and_then(|fd| rustix::fs::fstat(&fd))
-                .is_ok_and(|s| {
-                    FileType::from_raw_mode(s.st_mode) == FileType::Socket && s.st_dev == dev && s.st_ino == ino
-                })
+            resolve_with(
+                tid,
+                p.as_os_str().as_encoded_bytes(),
+                rustix::fs::ResolveFlags::NO_SYMLINKS,
+            )
+            .and_then(|fd| rustix::fs::fstat(&fd))
+            .is_ok_and(|s| FileType::from_raw_mode(s.st_mode) == FileType::Socket && s.st_dev == dev && s.st_ino == ino)
         });
         if shared {
             return true;
@@ -285,6 +289,11 @@ fn thread_group(tid: u32) -> Option<i32> {
 /// `path` as thread `tid` would find it: inside its root (`RESOLVE_IN_ROOT`: neither `..` nor a link leaves it), a
 /// relative one from its working directory (its path inside that root).
 fn resolve(tid: u32, path: &[u8]) -> Result<OwnedFd, Errno> {
+    resolve_with(tid, path, rustix::fs::ResolveFlags::empty())
+}
+
+/// `resolve` with more `openat2` resolve flags.
+fn resolve_with(tid: u32, path: &[u8], more: rustix::fs::ResolveFlags) -> Result<OwnedFd, Errno> {
     use rustix::fs::ResolveFlags;
     let root = rustix::fs::open(
         format!("/proc/{tid}/root"),
@@ -308,7 +317,7 @@ fn resolve(tid: u32, path: &[u8]) -> Result<OwnedFd, Errno> {
         full.as_slice(),
         OFlags::PATH | OFlags::CLOEXEC,
         Mode::empty(),
-        ResolveFlags::IN_ROOT,
+        ResolveFlags::IN_ROOT | more,
     )
 }
 
