@@ -77,10 +77,16 @@ pub enum Command {
     /// Internal: in a container bottle, starts a command under the socket warden.
     #[command(name = "__warden-exec", hide = true)]
     WardenExec {
-        socket: PathBuf,
+        /// Under gVisor: no warden (gVisor keeps host sockets out itself), the seccomp filter alone.
+        #[arg(long, conflicts_with = "socket", required_unless_present = "socket")]
+        gvisor: bool,
+        socket: Option<PathBuf>,
         #[arg(last = true, required = true)]
         command: Vec<std::ffi::OsString>,
     },
+    /// Internal: in a container bottle under gVisor, whether a host Unix socket answers (it must not).
+    #[command(name = "__connect-check", hide = true)]
+    ConnectCheck { path: PathBuf },
 }
 
 #[derive(Debug, Args)]
@@ -238,4 +244,7 @@ pub struct SelftestArgs {
     /// The image the container backend's bottle runs (the one your agents use); container only.
     #[arg(long, value_name = "NAME")]
     pub image: Option<String>,
+    /// The container engine's runtime the bottle runs under (`runsc`: gVisor); container only.
+    #[arg(long, value_name = "NAME", requires = "image")]
+    pub runtime: Option<String>,
 }

@@ -55,6 +55,9 @@ pub struct PolicyArgs {
     /// path: `./FILE.tar`, `/…`).
     #[arg(long, value_name = "NAME")]
     pub image: Option<String>,
+    /// The container engine's runtime the bottle runs under: `runsc` (gVisor), as registered with the engine.
+    #[arg(long, value_name = "NAME")]
+    pub runtime: Option<String>,
 }
 
 impl PolicyArgs {
@@ -72,6 +75,7 @@ impl PolicyArgs {
             mounts: self.mounts.clone(),
             ask: self.ask,
             image: self.image.clone(),
+            runtime: self.runtime.clone(),
         }
     }
 

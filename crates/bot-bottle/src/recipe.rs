@@ -212,6 +212,7 @@ fn launch_and_run(
         env: policy.bottle.env.clone(),
         pass_env,
         image: policy.bottle.image.as_deref().map(|i| image_archive(i, policy)),
+        runtime: policy.bottle.runtime.clone(),
         cpus: policy.bottle.resources.cpus,
         memory_mib: policy.bottle.resources.memory_mib,
         pids: policy.bottle.resources.pids,

@@ -722,3 +722,30 @@ fn an_image_on_the_namespace_backend_is_refused_not_ignored() {
         ));
     assert!(!tmp.path().join("state").exists(), "a refused launch wrote state");
 }
+
+#[test]
+fn a_runtime_on_the_namespace_or_smolmachines_backend_is_refused_not_ignored() {
+    for (backend, says) in [
+        ("namespace", "a namespace bottle runs on this host's kernel"),
+        ("smolmachines", "a smolmachines bottle is a microVM of its own"),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        bb(tmp.path())
+            .args(["run", "--backend", backend, "--runtime", "runsc", "--", "true"])
+            .assert()
+            .code(UNAVAILABLE)
+            .stderr(predicate::str::contains(says));
+        assert!(!tmp.path().join("state").exists(), "a refused launch wrote state");
+    }
+}
+
+#[test]
+fn a_runtime_name_that_is_no_name_is_a_policy_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("p.toml"), "[bottle]\nruntime = \"run sc\"\n").unwrap();
+    bb(tmp.path())
+        .args(["policy", "check", "p.toml"])
+        .assert()
+        .code(121)
+        .stderr(predicate::str::contains("runtime `run sc` is not a runtime name"));
+}

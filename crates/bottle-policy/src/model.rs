@@ -165,6 +165,8 @@ pub struct Bottle {
     /// Directory of the policy file (or the working directory for flags and presets).
     pub base_dir: Option<PathBuf>,
     pub image: Option<String>,
+    /// The container engine's runtime the bottle runs under (`runsc`: gVisor); the engine's default when `None`.
+    pub runtime: Option<String>,
     /// `tmpfs`, or a directory kept between runs; `None`: the agent preset's home under the state root.
     pub home: Option<String>,
     pub command: Option<Vec<String>>,

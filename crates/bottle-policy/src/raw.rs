@@ -40,6 +40,7 @@ pub struct RawBottle {
     pub agent: Option<S<String>>,
     pub workspace: Option<S<String>>,
     pub image: Option<S<String>>,
+    pub runtime: Option<S<String>>,
     pub home: Option<S<String>>,
     pub command: Option<S<Vec<S<String>>>>,
     #[serde(default)]

@@ -39,6 +39,8 @@ struct EBottle {
     #[serde(skip_serializing_if = "Option::is_none")]
     image: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    runtime: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     home: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     command: Option<Vec<String>>,
@@ -126,6 +128,7 @@ impl Effective {
                 agent: b.agent.to_string(),
                 workspace: b.workspace.as_ref().map(|w| w.display().to_string()),
                 image: b.image.clone(),
+                runtime: b.runtime.clone(),
                 home: b.home.clone(),
                 command: b.command.clone(),
                 pass_env: b.pass_env.clone(),

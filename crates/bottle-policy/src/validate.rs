@@ -85,6 +85,8 @@ pub struct Overrides {
     pub ask: bool,
     /// `--image NAME`: the container backend's image.
     pub image: Option<String>,
+    /// `--runtime NAME`: the container engine's runtime.
+    pub runtime: Option<String>,
 }
 
 /// The text of a policy and where it came from.
@@ -200,6 +202,11 @@ impl Validator<'_> {
             (None, Some(i)) => Some(self.at(i, |s| image_ref(s))?),
             (None, None) => None,
         };
+        let runtime = match (&self.overrides.runtime, &raw.runtime) {
+            (Some(flag), _) => Some(Self::flag("--runtime", flag, runtime_name)?),
+            (None, Some(r)) => Some(self.at(r, |s| runtime_name(s))?),
+            (None, None) => None,
+        };
         let home = match (&self.overrides.home, &raw.home) {
             (Some(h), _) => Some(Self::flag("--home", h, home_choice)?),
             (None, Some(h)) => Some(self.at(h, |s| home_choice(s))?),
@@ -243,6 +250,7 @@ impl Validator<'_> {
             workspace,
             base_dir: self.src.path.and_then(Path::parent).map(Path::to_path_buf),
             image,
+            runtime,
             home,
             command,
             env,
@@ -608,6 +616,19 @@ fn image_ref(s: &str) -> Result<String, String> {
     if s.is_empty() || s.len() > 512 || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(format!(
             "image `{s}` is not a valid image reference (no spaces, at most 512 characters)"
+        ));
+    }
+    Ok(s.to_string())
+}
+
+fn runtime_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !ok {
+        return Err(format!(
+            "runtime `{s}` is not a runtime name (letters, digits, `.`, `_`, `-`; e.g. \"runsc\")"
         ));
     }
     Ok(s.to_string())

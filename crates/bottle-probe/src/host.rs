@@ -207,19 +207,27 @@ pub fn proc_status(args: &[String]) -> Outcome {
         .filter(|(k, _)| k.starts_with("Cap") || *k == "NoNewPrivs" || *k == "Seccomp")
         .collect();
     let mut problems = Vec::new();
-    if fields.get("NoNewPrivs") != Some(&"1") {
+    if !no_new_privs(fields.get("NoNewPrivs").copied()) {
         problems.push(format!("NoNewPrivs={:?}", fields.get("NoNewPrivs")));
     }
     if fields.get("Seccomp") != Some(&"2") {
         problems.push(format!("Seccomp={:?}", fields.get("Seccomp")));
     }
+    let empty = |cap: &str| fields.get(cap).is_some_and(|v| v.bytes().all(|b| b == b'0'));
     for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
-        match fields.get(cap) {
-            Some(v) if v.bytes().all(|b| b == b'0') => {}
-            other => problems.push(format!("{cap}={other:?}")),
+        // A kernel that does not list the ambient set (gVisor): it is a subset of the permitted and inheritable
+        // sets, so empty when either is.
+        let ambient_implied = cap == "CapAmb" && !fields.contains_key(cap) && (empty("CapPrm") || empty("CapInh"));
+        if !(empty(cap) || ambient_implied) {
+            problems.push(format!("{cap}={:?}", fields.get(cap)));
         }
     }
-    let detail = json!(fields);
+    let mut detail = json!(fields);
+    if !fields.contains_key("NoNewPrivs") {
+        let nnp = if no_new_privs(None) { "1" } else { "0" };
+        detail["NoNewPrivs"] = json!(nnp);
+        detail["NoNewPrivsFrom"] = json!("prctl(PR_GET_NO_NEW_PRIVS): not in /proc/self/status");
+    }
     let v = if problems.is_empty() {
         Verdict::held(
             "proc-status",
@@ -229,6 +237,14 @@ pub fn proc_status(args: &[String]) -> Outcome {
         Verdict::escaped("proc-status", format!("privileges remain: {}", problems.join(", ")))
     };
     Ok(v.with(detail))
+}
+
+/// Whether no_new_privs is set: the status line, or where the kernel does not list it (gVisor), prctl's answer.
+pub fn no_new_privs(status_line: Option<&str>) -> bool {
+    match status_line {
+        Some(v) => v == "1",
+        None => rustix::thread::no_new_privs().unwrap_or(false),
+    }
 }
 
 pub fn processes(args: &[String]) -> Outcome {

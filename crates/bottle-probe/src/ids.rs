@@ -45,7 +45,8 @@ pub fn host_ids(args: &[String]) -> Outcome {
     let holds_zero = ["Uid", "Gid"]
         .into_iter()
         .any(|f| field(f).split_whitespace().any(|id| id == "0"));
-    let could_take = !field("CapBnd").trim_start_matches('0').is_empty() || field("NoNewPrivs") != "1";
+    let nnp = Some(field("NoNewPrivs")).filter(|v| !v.is_empty());
+    let could_take = !field("CapBnd").trim_start_matches('0').is_empty() || !crate::host::no_new_privs(nnp);
     let v = if problems.is_empty() {
         Verdict::held("host-ids", "no id of the bottle is host root's")
     } else if !holds_zero && !could_take {

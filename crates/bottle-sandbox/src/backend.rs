@@ -48,6 +48,8 @@ pub struct BottleSpec {
     /// SECURITY: `pass_env` values, in memory only; a file that outlives the launch may name them, never hold them.
     pub pass_env: BTreeMap<String, String>,
     pub image: Option<String>,
+    /// The container engine's runtime (`runsc`: gVisor); the engine's default when `None`.
+    pub runtime: Option<String>,
     pub cpus: Option<u32>,
     pub memory_mib: Option<u64>,
     pub pids: Option<u32>,

@@ -25,6 +25,32 @@ pub fn unavailable() -> Option<String> {
     }
 }
 
+/// The engine's runtime gVisor bottles run under in the tests.
+pub const GVISOR: &str = "runsc";
+
+/// Why container bottles under gVisor cannot run here (no rootful engine, or no `runsc` runtime registered as
+/// bottles need it: `.ci/run` writes the daemon.json entry), or `None` when they can.
+pub fn gvisor_unavailable() -> Option<String> {
+    if let Some(why) = unavailable() {
+        return Some(why);
+    }
+    let out = Command::new("docker")
+        .args(["info", "--format", "{{json .Runtimes}}"])
+        .output()
+        .ok()?;
+    let runtimes = String::from_utf8_lossy(&out.stdout);
+    let registered = runtimes.contains(&format!("\"{GVISOR}\":"))
+        && runtimes.contains("--network=host")
+        && runtimes.contains("--host-fifo=open");
+    (!registered).then(|| {
+        format!(
+            "the engine has no runtime `{GVISOR}` registered with --network=host --host-fifo=open (it has {}); \
+             see README.md, gVisor",
+            runtimes.trim()
+        )
+    })
+}
+
 /// Builds `IMAGE` from this host's busybox and curl; panics if it cannot.
 pub fn image() -> &'static str {
     static BUILT: std::sync::OnceLock<()> = std::sync::OnceLock::new();

@@ -42,8 +42,16 @@ pub fn dispatch(command: Command, out: &Output) -> anyhow::Result<u8> {
             let code = bottle_sandbox::backend::exec_helper(&spec, init_pid, supervisor_pid, &command);
             Ok(u8::try_from(code).unwrap_or(crate::exit::SANDBOX))
         }
-        Command::WardenExec { socket, command } => {
-            let code = bottle_sandbox::container::sockets::exec_under_warden(&socket, &command);
+        Command::WardenExec {
+            gvisor: _,
+            socket,
+            command,
+        } => {
+            let code = bottle_sandbox::container::sockets::exec_under_warden(socket.as_deref(), &command);
+            Ok(u8::try_from(code).unwrap_or(crate::exit::SANDBOX))
+        }
+        Command::ConnectCheck { path } => {
+            let code = bottle_sandbox::container::sockets::connect_check(&path);
             Ok(u8::try_from(code).unwrap_or(crate::exit::SANDBOX))
         }
     }

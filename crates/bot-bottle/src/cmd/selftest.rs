@@ -38,14 +38,14 @@ enum Target {
     Namespace,
     /// A container of this image: the probe runs with the launcher's loader and libraries (bound into every
     /// container bottle), the cases that drive tools run only where the image has those tools.
-    Container(String),
+    Container(String, Option<String>),
 }
 
 impl Target {
     fn name(&self) -> &'static str {
         match self {
             Self::Namespace => "namespace",
-            Self::Container(_) => "container",
+            Self::Container(..) => "container",
         }
     }
 }
@@ -97,7 +97,7 @@ struct Report {
 pub fn run(args: &SelftestArgs, out: &Output) -> anyhow::Result<u8> {
     let target = match (args.backend.as_str(), &args.image) {
         ("namespace", None) => Target::Namespace,
-        ("container", Some(image)) => Target::Container(archive_from_here(image)?),
+        ("container", Some(image)) => Target::Container(archive_from_here(image)?, args.runtime.clone()),
         ("container", None) => {
             return Err(crate::exit::Usage(
                 "`selftest --backend container` needs --image NAME: the image your agents' bottles run".into(),
@@ -341,14 +341,17 @@ fn selftest(target: &Target) -> anyhow::Result<(Vec<Row>, Vec<LeftOut>)> {
         cmd.current_dir(&work)
             .env("XDG_STATE_HOME", &state)
             .env_remove("BOT_BOTTLE_LOG");
-        if let Target::Container(image) = target {
+        if let Target::Container(image, runtime) = target {
             cmd.args(["--backend", "container", "--image", image]);
+            if let Some(runtime) = runtime {
+                cmd.args(["--runtime", runtime]);
+            }
         }
     };
     // The probe as the bottle starts it; on the container backend the image's tools are the ones that count.
     let (probe_argv, found_tools) = match target {
         Target::Namespace => (format!("./{PROBE}"), None),
-        Target::Container(_) => {
+        Target::Container(..) => {
             // SECURITY: a root launcher's container bottle runs as the workspace's owner, never root.
             if rustix::process::geteuid().is_root() {
                 std::os::unix::fs::chown(&work, Some(NOBODY), Some(NOBODY))?;

@@ -13,17 +13,25 @@ use crate::scenario::{BB, CURL};
 pub enum Backend {
     Namespace,
     Container,
+    /// The container backend under gVisor (`--runtime runsc`).
+    Gvisor,
     Smolmachines,
 }
 
 /// Every backend, in the order the families try them.
-pub const BACKENDS: [Backend; 3] = [Backend::Namespace, Backend::Container, Backend::Smolmachines];
+pub const BACKENDS: [Backend; 4] = [
+    Backend::Namespace,
+    Backend::Container,
+    Backend::Gvisor,
+    Backend::Smolmachines,
+];
 
 impl Backend {
     pub fn name(self) -> &'static str {
         match self {
             Self::Namespace => "namespace",
             Self::Container => "container",
+            Self::Gvisor => "container under gVisor",
             Self::Smolmachines => "smolmachines",
         }
     }
@@ -39,6 +47,7 @@ impl Backend {
             Self::Namespace => "namespace",
             // Wherever the container backend's own tests must run, the families must run on it too.
             Self::Container => "container",
+            Self::Gvisor => "runsc",
             Self::Smolmachines => "smolmachines-boot",
         }
     }
@@ -48,6 +57,7 @@ impl Backend {
         match self {
             Self::Namespace => namespace_skip_reason(),
             Self::Container => bottle_test_support::container::unavailable(),
+            Self::Gvisor => bottle_test_support::container::gvisor_unavailable(),
             Self::Smolmachines => Some(
                 "the families have no smolmachines runner yet: a guest's attempts would have to land in the lab \
                  (its egress path is the host's, not a netns the suite owns), and a guest must boot (nested KVM \

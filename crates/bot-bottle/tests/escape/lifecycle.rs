@@ -507,6 +507,13 @@ fn selftest_verb_prints_the_table_and_every_case_holds() {
                 let image = bottle_test_support::container::escape_image(scenario::probe_binary());
                 selftest_on("container", &["--image", image]);
             }
+            scenario::Backend::Gvisor => {
+                let image = bottle_test_support::container::escape_image(scenario::probe_binary());
+                selftest_on(
+                    "container",
+                    &["--image", image, "--runtime", bottle_test_support::container::GVISOR],
+                );
+            }
             other => selftest_on(other.name(), &[]),
         }
     }

@@ -404,7 +404,7 @@ pub const LAUNCHERS: [(&str, Option<u32>); 2] = [("root", None), ("nobody", Some
 /// (a container engine answers root, and an unprivileged user only through its group, which is host root too).
 pub fn launchers() -> &'static [(&'static str, Option<u32>)] {
     match crate::backend::current() {
-        Backend::Container => &LAUNCHERS[..1],
+        Backend::Container | Backend::Gvisor => &LAUNCHERS[..1],
         _ => &LAUNCHERS,
     }
 }
@@ -539,9 +539,12 @@ impl<'a> Launch<'a> {
     /// the suite's image, whose workspace a root launcher's agent owns as `nobody`.
     pub fn command(&self, argv: &[&str]) -> Command {
         let mut args: Vec<String> = vec!["run".into(), "--name".into(), self.name.clone()];
-        if crate::backend::current() == Backend::Container {
+        if matches!(crate::backend::current(), Backend::Container | Backend::Gvisor) {
             let image = bottle_test_support::container::escape_image(probe_binary());
             args.extend(["--backend".into(), "container".into(), "--image".into(), image.into()]);
+            if crate::backend::current() == Backend::Gvisor {
+                args.extend(["--runtime".into(), bottle_test_support::container::GVISOR.into()]);
+            }
             std::os::unix::fs::chown(self.env.work(), Some(NOBODY), Some(NOBODY)).unwrap();
         }
         args.extend(self.flags.iter().cloned());

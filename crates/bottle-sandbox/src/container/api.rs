@@ -2,7 +2,7 @@
 //! each call on a small runtime of this module's own, so the backend stays synchronous like the others. Trusts the
 //! daemon as the user does (it is root on the host); treats what it says about a container as data to check.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use bollard::Docker;
@@ -56,7 +56,9 @@ pub struct EngineInfo {
     /// Podman answers with its own name in the components.
     pub podman: bool,
     pub rootless: bool,
-    pub runtimes: Vec<String>,
+    /// The runtime a container gets when none is named.
+    pub default_runtime: Option<String>,
+    pub runtimes: BTreeMap<String, super::runtime::Registered>,
 }
 
 impl Api {
@@ -103,13 +105,24 @@ impl Api {
             .unwrap_or_default()
             .iter()
             .any(|o| o.contains("rootless"));
-        let mut runtimes: Vec<String> = info.runtimes.unwrap_or_default().into_keys().collect();
-        runtimes.sort();
+        let runtimes = info
+            .runtimes
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(name, r)| {
+                let registered = super::runtime::Registered {
+                    path: r.path.unwrap_or_else(|| name.clone()),
+                    args: r.runtime_args.unwrap_or_default(),
+                };
+                (name, registered)
+            })
+            .collect();
         Ok(EngineInfo {
             version: version.version.unwrap_or_default(),
             api_version: version.api_version.unwrap_or_default(),
             podman,
             rootless,
+            default_runtime: info.default_runtime,
             runtimes,
         })
     }
@@ -207,6 +220,23 @@ impl Api {
     /// Runs `command` in the running container `id` (as its user, with its environment), its output copied to ours;
     /// returns its exit code.
     pub fn exec(&self, id: &str, command: &[String]) -> Result<i64, ApiError> {
+        self.exec_into(id, command, None)
+    }
+
+    /// Runs `command` in the running container `id` (a check: bounded in time); returns its exit code and what it
+    /// wrote to stdout and to stderr (at most 64 KiB of each kept).
+    pub fn exec_output(&self, id: &str, command: &[String]) -> Result<(i64, Vec<u8>, Vec<u8>), ApiError> {
+        let mut captured = (Vec::new(), Vec::new());
+        let code = self.exec_into(id, command, Some(&mut captured))?;
+        Ok((code, captured.0, captured.1))
+    }
+
+    fn exec_into(
+        &self,
+        id: &str,
+        command: &[String],
+        mut capture: Option<&mut (Vec<u8>, Vec<u8>)>,
+    ) -> Result<i64, ApiError> {
         use bollard::exec::{CreateExecOptions, StartExecResults};
         let created = self.call(self.docker.create_exec(
             id,
@@ -218,21 +248,35 @@ impl Api {
             },
         ))?;
         let started = self.call(self.docker.start_exec(&created.id, None))?;
+        let bounded = capture.is_some();
         if let StartExecResults::Attached { mut output, .. } = started {
-            self.rt.block_on(async {
+            let copy = async {
                 use std::io::Write;
                 while let Some(Ok(item)) = output.next().await {
-                    match item {
-                        bollard::container::LogOutput::StdErr { message } => {
+                    let keep = |into: &mut Vec<u8>, bytes: &[u8]| {
+                        let room = (64usize << 10).saturating_sub(into.len());
+                        into.extend_from_slice(&bytes[..bytes.len().min(room)]);
+                    };
+                    match (item, capture.as_deref_mut()) {
+                        (bollard::container::LogOutput::StdErr { message }, Some((_, err))) => keep(err, &message),
+                        (other, Some((out, _))) => keep(out, &other.into_bytes()),
+                        (bollard::container::LogOutput::StdErr { message }, None) => {
                             let _ = std::io::stderr().write_all(&message);
                         }
-                        other => {
+                        (other, None) => {
                             let _ = std::io::stdout().write_all(&other.into_bytes());
                             let _ = std::io::stdout().flush();
                         }
                     }
                 }
-            });
+            };
+            if bounded {
+                self.rt
+                    .block_on(async { tokio::time::timeout(CALL_TIMEOUT, copy).await })
+                    .map_err(|_| ApiError::Timeout(CALL_TIMEOUT))?;
+            } else {
+                self.rt.block_on(copy);
+            }
         }
         let inspected = self.call(self.docker.inspect_exec(&created.id))?;
         Ok(inspected.exit_code.unwrap_or(-1))

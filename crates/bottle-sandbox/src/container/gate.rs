@@ -57,7 +57,8 @@ pub(super) fn open_gate(path: &Path, pass_env: &BTreeMap<String, String>) -> std
             Ok(mut f) => {
                 let flags = rustix::fs::fcntl_getfl(&f)? - rustix::fs::OFlags::NONBLOCK;
                 rustix::fs::fcntl_setfl(&f, flags)?;
-                return f.write_all(exports(pass_env).as_bytes());
+                // Never nothing: gVisor's reader of a host FIFO sees no end when the writer closes without writing.
+                return f.write_all(format!("# the bottle's gate\n{}", exports(pass_env)).as_bytes());
             }
             // ENXIO: nobody reads yet (the container's shell is starting).
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) && std::time::Instant::now() < deadline => {

@@ -12,6 +12,7 @@ mod api;
 mod gate;
 mod image;
 pub mod plan;
+pub mod runtime;
 pub mod sockets;
 mod verify;
 
@@ -47,6 +48,8 @@ pub enum StepError {
     NoImage,
     #[error("step preflight: {0}")]
     Image(image::ImageError),
+    #[error("step preflight: {0}")]
+    Runtime(runtime::RuntimeError),
     #[error(
         "step preflight: the engine is rootless; bottles on a rootless engine are not built yet (the proxy's listener \
          is put into the container's network namespace from the host, which needs a rootful engine)"
@@ -105,6 +108,8 @@ impl StepError {
             | Self::Rootless
             | Self::NotRoot
             | Self::RootWorkspace(_) => FailureClass::Preflight,
+            Self::Runtime(runtime::RuntimeError::GvisorShare { .. }) => FailureClass::Unsupported,
+            Self::Runtime(_) => FailureClass::Preflight,
             Self::NotRunning(_) => FailureClass::Target,
             Self::NameTaken(_) => FailureClass::Preflight,
             _ => FailureClass::Sandbox,
@@ -151,11 +156,14 @@ impl Backend for Container {
             return Err(StepError::NotRoot.into());
         }
         let api = Api::connect().map_err(StepError::Engine)?;
-        if api.info().map_err(StepError::Engine)?.rootless {
+        let engine = api.info().map_err(StepError::Engine)?;
+        if engine.rootless {
             return Err(StepError::Rootless.into());
         }
         Ok(Box::new(ContainerLaunch {
             api,
+            engine,
+            confinement: None,
             root: root.to_path_buf(),
             id: None,
             pid: None,
@@ -189,7 +197,9 @@ impl Backend for Container {
         }
         let engine = Api::connect().map_err(StepError::Engine)?;
         let runtime = sockets::Runtime::of_this_process().map_err(io("exec"))?;
-        let (id, command) = (plan::container_name(s.name.as_str()), plan::with_env(&runtime, command));
+        let id = plan::container_name(s.name.as_str());
+        let confinement = confinement_of(&engine, &id)?;
+        let command = plan::with_env(&runtime, confinement, command);
         // With the user's terminal on both ends, the command gets a terminal of its own in the container.
         let code = if std::io::IsTerminal::is_terminal(&std::io::stdin())
             && std::io::IsTerminal::is_terminal(&std::io::stdout())
@@ -205,6 +215,10 @@ impl Backend for Container {
 
 pub struct ContainerLaunch {
     api: Api,
+    /// The engine as `prepare` found it (its runtimes among it).
+    engine: EngineInfo,
+    /// How the container keeps host sockets out, once chosen.
+    confinement: Option<runtime::Confinement>,
     root: PathBuf,
     /// The container, once created.
     id: Option<String>,
@@ -242,6 +256,14 @@ const NOGROUP: u32 = 65534;
 impl Launch for ContainerLaunch {
     fn begin(&mut self, spec: BottleSpec, dir: &StateDir) -> Result<(), BackendError> {
         let named = spec.image.clone().ok_or(StepError::NoImage)?;
+        // The runtime first: a launch that cannot keep its promises pulls nothing.
+        let oci = runtime::choose(
+            spec.runtime.as_deref(),
+            self.engine.default_runtime.as_deref(),
+            &self.engine.runtimes,
+            !spec.share_sockets.is_empty(),
+        )
+        .map_err(StepError::Runtime)?;
         // A local image as it is; an archive loaded; a missing image pulled (progress on stderr).
         let image = image::ensure(&self.api, &named, &mut std::io::stderr()).map_err(StepError::Image)?;
         let user = agent_user(&spec.workspace)?;
@@ -282,9 +304,15 @@ impl Launch for ContainerLaunch {
         // The CA bundle is bound where every bottle has it (plan.rs), so the environment names the usual path.
         // `pass_env` values stay out of the container's config (the engine writes it to disk): the gate hands them over.
         let env = bottle_env(Path::new(plan::HOME), &spec.env);
-        // Every connect in the container goes through the socket warden, served from here once the container runs.
+        // Every connect in the container goes through the socket warden, served from here once the container runs
+        // (gVisor refuses the warden's listener and keeps host sockets out itself: checked at `start`).
         let runtime = sockets::Runtime::of_this_process().map_err(io("begin"))?;
-        let warden = sockets::listen(&shared.join(sockets::WARDEN_SOCK)).map_err(io("begin"))?;
+        let warden = match oci.confinement {
+            runtime::Confinement::Warden => {
+                Some(sockets::listen(&shared.join(sockets::WARDEN_SOCK)).map_err(io("begin"))?)
+            }
+            runtime::Confinement::Gvisor => None,
+        };
         let body = plan::plan(&plan::Inputs {
             spec: &spec,
             image: &image,
@@ -293,7 +321,9 @@ impl Launch for ContainerLaunch {
             env: &env,
             root: &self.root,
             runtime: &runtime,
+            oci: &oci,
         });
+        self.confinement = Some(oci.confinement);
         let name = plan::container_name(spec.name.as_str());
         // A container of this name left by a killed launch of this bottle (the lease says nobody holds the name) is
         // removed; one that is not this state root's bottle is never touched.
@@ -318,7 +348,9 @@ impl Launch for ContainerLaunch {
             .filter(|p| *p > 0)
             .ok_or_else(|| StepError::Verify("the engine reports no process for the container".into()))?;
         self.pid = Some(pid);
-        sockets::serve(warden, pid, spec.share_sockets.clone()).map_err(io("start"))?;
+        if let Some(warden) = warden {
+            sockets::serve(warden, pid, spec.share_sockets.clone()).map_err(io("start"))?;
+        }
         self.pass_env = spec.pass_env.clone();
         verify::check_limits(&spec, &inspected)?;
         self.io = Some(spec.io);
@@ -352,7 +384,14 @@ impl Launch for ContainerLaunch {
         // The credentials' placeholders (made by the proxy after the container was created) reach the agent and
         // `exec` through a file the gate sources.
         gate::write_env(&shared.join(plan::ENV_FILE), &services.placeholders()).map_err(io("start"))?;
-        verify::verify(pid)?;
+        match self.confinement {
+            Some(runtime::Confinement::Warden) => verify::verify(pid)?,
+            Some(runtime::Confinement::Gvisor) => {
+                let id = self.id.as_deref().ok_or(StepError::Order("start before begin"))?;
+                verify::verify_gvisor(pid, &self.api, id, &shared)?;
+            }
+            None => return Err(StepError::Order("start before begin").into()),
+        }
         // `stop` (SIGTERM to the supervisor) reaches the agent: the container's first process, seen from the host.
         services.forward_termination(pid);
         gate::open_gate(&shared.join(plan::GATE), &self.pass_env).map_err(io("start"))?;
@@ -398,6 +437,25 @@ impl Drop for ContainerLaunch {
     fn drop(&mut self) {
         let _ = self.shutdown();
     }
+}
+
+/// How a running bottle's container keeps host sockets out: by the runtime the engine reports it runs under.
+fn confinement_of(engine_api: &Api, id: &str) -> Result<runtime::Confinement, StepError> {
+    let inspected = engine_api.inspect(id).map_err(api("exec"))?;
+    let engine = engine_api.info().map_err(api("exec"))?;
+    let name = inspected
+        .host_config
+        .and_then(|h| h.runtime)
+        .filter(|r| !r.is_empty())
+        .or(engine.default_runtime);
+    let gvisor = name
+        .and_then(|n| engine.runtimes.get(&n).cloned())
+        .is_some_and(|r| runtime::is_gvisor(&r));
+    Ok(if gvisor {
+        runtime::Confinement::Gvisor
+    } else {
+        runtime::Confinement::Warden
+    })
 }
 
 /// How the agent ended, from the container's exit code.

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountTmpfsOptions, MountType};
 
+use super::runtime::{Chosen, Confinement};
 use super::sockets::Runtime;
 use crate::backend::{BottleSpec, MountTarget};
 use crate::namespace::spec::IN_BOTTLE_CA_BUNDLE;
@@ -45,6 +46,8 @@ pub struct Inputs<'a> {
     pub root: &'a Path,
     /// The launcher's binary and libraries, shown read-only: every command starts under the socket warden.
     pub runtime: &'a Runtime,
+    /// The engine's runtime the container runs under, and how it keeps host sockets out.
+    pub oci: &'a Chosen,
 }
 
 /// The name of a bottle's container.
@@ -94,8 +97,9 @@ pub fn plan(i: &Inputs<'_>) -> ContainerCreateBody {
         // image before the tmpfs mounts, which then lose their mode (a /tmp of 0755 when the workspace is under it).
         spec.workspace.display().to_string(),
     ];
-    // SECURITY (#12): the command starts under the socket warden, which judges every connect it makes.
-    cmd.extend(i.runtime.prefix());
+    // SECURITY (#12): the command starts under the socket warden, which judges every connect it makes (under
+    // gVisor, whose kernel refuses host sockets itself, under the seccomp filter alone).
+    cmd.extend(i.runtime.prefix(i.oci.confinement));
     cmd.extend(spec.argv.iter().cloned());
     let labels = HashMap::from([
         (OWNER_LABEL.0.to_string(), OWNER_LABEL.1.to_string()),
@@ -136,6 +140,8 @@ pub fn plan(i: &Inputs<'_>) -> ContainerCreateBody {
             // it, `stop`'s SIGTERM reaches the agent, zombies are reaped. The engine's would be the agent's to ptrace.
             init: Some(false),
             privileged: Some(false),
+            // The engine's default runtime unless the policy names one (`runsc`: gVisor).
+            runtime: i.oci.name.clone(),
             ..Default::default()
         }),
         ..Default::default()
@@ -144,7 +150,7 @@ pub fn plan(i: &Inputs<'_>) -> ContainerCreateBody {
 
 /// `command` run with the placeholders of the bottle's credentials in its environment, under the socket warden
 /// (for `exec`).
-pub fn with_env(runtime: &Runtime, command: &[String]) -> Vec<String> {
+pub fn with_env(runtime: &Runtime, confinement: Confinement, command: &[String]) -> Vec<String> {
     let mut argv = vec![
         "/bin/sh".to_string(),
         "-c".into(),
@@ -154,7 +160,7 @@ pub fn with_env(runtime: &Runtime, command: &[String]) -> Vec<String> {
         ),
         "bot-bottle-exec".into(),
     ];
-    argv.extend(runtime.prefix());
+    argv.extend(runtime.prefix(confinement));
     argv.extend(command.iter().cloned());
     argv
 }
@@ -210,6 +216,7 @@ mod tests {
             env: BTreeMap::new(),
             pass_env: BTreeMap::new(),
             image: Some("local/busybox".into()),
+            runtime: None,
             cpus: Some(2),
             memory_mib: Some(64),
             pids: None,
@@ -240,8 +247,13 @@ mod tests {
             env: &env,
             root: Path::new("/state"),
             runtime: &runtime,
+            oci: &Chosen {
+                name: None,
+                confinement: Confinement::Warden,
+            },
         });
         let hc = body.host_config.unwrap();
+        assert_eq!(hc.runtime, None);
         assert_eq!(hc.network_mode.as_deref(), Some("none"));
         assert_eq!(hc.cap_drop.unwrap(), ["ALL"]);
         assert_eq!(hc.security_opt.unwrap(), ["no-new-privileges"]);
@@ -302,5 +314,37 @@ mod tests {
         );
         assert_eq!(body.working_dir, None);
         assert_eq!(body.labels.unwrap()["owner"], "bot-bottle");
+    }
+
+    #[test]
+    fn under_gvisor_the_runtime_is_named_and_the_command_starts_without_the_warden() {
+        let s = spec();
+        let env = BTreeMap::new();
+        let runtime = Runtime {
+            exe: "/opt/bb/bot-bottle".into(),
+            libs: vec!["/lib64/ld-linux-x86-64.so.2".into()],
+            loader: "/lib64/ld-linux-x86-64.so.2".into(),
+        };
+        let body = plan(&Inputs {
+            spec: &s,
+            image: "local/busybox",
+            user: (1000, 1000),
+            shared_dir: Path::new("/state/b1/container"),
+            env: &env,
+            root: Path::new("/state"),
+            runtime: &runtime,
+            oci: &Chosen {
+                name: Some("runsc".into()),
+                confinement: Confinement::Gvisor,
+            },
+        });
+        let hc = body.host_config.unwrap();
+        assert_eq!(hc.runtime.as_deref(), Some("runsc"));
+        // Every other setting is the same as under runc.
+        assert_eq!(hc.network_mode.as_deref(), Some("none"));
+        assert_eq!(hc.cap_drop.unwrap(), ["ALL"]);
+        let cmd = body.cmd.unwrap();
+        assert_eq!(cmd[9..12], ["__warden-exec", "--gvisor", "--"]);
+        assert!(!cmd.iter().any(|a| a.contains("warden.sock")), "{cmd:?}");
     }
 }

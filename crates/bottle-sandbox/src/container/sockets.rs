@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 
 use super::plan::IN_CONTAINER_DIR;
+use super::runtime::Confinement;
 use crate::namespace::control::{self, Message};
 use crate::namespace::warden;
 
@@ -25,6 +26,10 @@ pub const RUNTIME_DIR: &str = "/.bot-bottle-rt";
 pub const WARDEN_SOCK: &str = "warden.sock";
 /// The hidden subcommand that runs in the container.
 pub const SUBCOMMAND: &str = "__warden-exec";
+/// `SUBCOMMAND`'s flag for a container under gVisor: no warden (gVisor refuses it; it refuses host sockets itself).
+pub const GVISOR_FLAG: &str = "--gvisor";
+/// The hidden subcommand that tries a Unix socket connect in the container: 0 connected, 1 refused.
+pub const CONNECT_CHECK: &str = "__connect-check";
 /// Exit code when the command never started (as the gate's).
 const NOT_STARTED: i32 = 125;
 
@@ -85,15 +90,23 @@ impl Runtime {
         binds
     }
 
-    /// The argv prefix that runs a command under the warden in the container.
-    pub fn prefix(&self) -> Vec<String> {
+    /// The argv prefix that runs a command under the warden in the container (under gVisor, which keeps host
+    /// sockets out itself, under the seccomp filter alone).
+    pub fn prefix(&self, confinement: Confinement) -> Vec<String> {
         let mut argv = self.loader_prefix();
-        argv.extend([
-            format!("{RUNTIME_DIR}/bot-bottle"),
-            SUBCOMMAND.into(),
-            format!("{IN_CONTAINER_DIR}/{WARDEN_SOCK}"),
-            "--".into(),
-        ]);
+        argv.extend([format!("{RUNTIME_DIR}/bot-bottle"), SUBCOMMAND.into()]);
+        match confinement {
+            Confinement::Warden => argv.push(format!("{IN_CONTAINER_DIR}/{WARDEN_SOCK}")),
+            Confinement::Gvisor => argv.push(GVISOR_FLAG.into()),
+        }
+        argv.push("--".into());
+        argv
+    }
+
+    /// The argv that tries to connect to the Unix socket `path` in the container (`CONNECT_CHECK`).
+    pub fn connect_check(&self, path: &str) -> Vec<String> {
+        let mut argv = self.loader_prefix();
+        argv.extend([format!("{RUNTIME_DIR}/bot-bottle"), CONNECT_CHECK.into(), path.into()]);
         argv
     }
 
@@ -151,8 +164,10 @@ pub fn serve(listener: OwnedFd, pid: u32, shared: Vec<PathBuf>) -> io::Result<()
 }
 
 /// In the container (`SUBCOMMAND`): as the container's first process it stays as its init (below); otherwise (an
-/// `exec`) it confines itself and execs `argv`. Returns the exit code.
-pub fn exec_under_warden(sock: &Path, argv: &[OsString]) -> i32 {
+/// `exec`) it confines itself and execs `argv`. `sock` is the launcher's warden socket; `None` under gVisor, whose
+/// kernel refuses the warden's listener and keeps host sockets out itself (the launcher checked that it does).
+/// Returns the exit code.
+pub fn exec_under_warden(sock: Option<&Path>, argv: &[OsString]) -> i32 {
     if argv.is_empty() {
         eprintln!("bot-bottle: no command to run");
         return NOT_STARTED;
@@ -184,18 +199,32 @@ pub fn exec_under_warden(sock: &Path, argv: &[OsString]) -> i32 {
 
 /// Connects to the launcher, installs the warden's filter and the namespace backend's seccomp filter (the engine's
 /// profile admits ptrace, io_uring and more), hands the warden's listener over, and execs `argv`.
-fn confine_and_exec(sock: &Path, argv: &[OsString]) -> i32 {
+fn confine_and_exec(sock: Option<&Path>, argv: &[OsString]) -> i32 {
     let Some((program, args)) = argv.split_first() else {
         return NOT_STARTED;
     };
     // SECURITY: the channel is connected before the filter exists (afterwards the launcher's socket, a host
     // process's, would be refused like any other).
     let handed = (|| -> io::Result<()> {
-        let chan = rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?;
-        rustix::net::connect(&chan, &SocketAddrUnix::new(sock)?)?;
+        if let Some(sock) = sock {
+            let chan =
+                rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)?;
+            rustix::net::connect(&chan, &SocketAddrUnix::new(sock)?)?;
+            rustix::thread::set_no_new_privs(true)?;
+            let filter = crate::sys::harden::install_notify_filter(&warden::program()).map_err(|e| {
+                if e.raw_os_error() == Some(libc::EINVAL) {
+                    // gVisor's kernel has no seccomp listener; a runsc registered through a wrapper looks like runc.
+                    io::Error::other(format!(
+                        "{e} (is this runtime gVisor through a wrapper? register /usr/bin/runsc itself, with its \
+                         flags as \"runtimeArgs\")"
+                    ))
+                } else {
+                    e
+                }
+            })?;
+            control::send(&chan, &Message::Warden, Some(filter.as_fd()))?;
+        }
         rustix::thread::set_no_new_privs(true)?;
-        let filter = crate::sys::harden::install_notify_filter(&warden::program())?;
-        control::send(&chan, &Message::Warden, Some(filter.as_fd()))?;
         let main = crate::namespace::harden::seccomp_program().map_err(io::Error::other)?;
         seccompiler::apply_filter(&main).map_err(io::Error::other)
     })();
@@ -216,6 +245,23 @@ fn confine_and_exec(sock: &Path, argv: &[OsString]) -> i32 {
         _ => {
             eprintln!("bot-bottle: `{name}`: cannot be executed in the container ({err})");
             126
+        }
+    }
+}
+
+/// In the container (`CONNECT_CHECK`), before the agent starts: whether a stream connect to the Unix socket at
+/// `path` succeeds (0) or is refused (1, the reason on stderr).
+pub fn connect_check(path: &Path) -> i32 {
+    let tried = (|| -> io::Result<()> {
+        let sock = rustix::net::socket_with(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+        rustix::net::connect(&sock, &SocketAddrUnix::new(path)?)?;
+        Ok(())
+    })();
+    match tried {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("bot-bottle: connect to {}: {e}", path.display());
+            1
         }
     }
 }
@@ -246,7 +292,7 @@ mod tests {
             ]
         );
         assert_eq!(
-            rt.prefix()[..4],
+            rt.prefix(Confinement::Warden)[..4],
             [
                 "/.bot-bottle-rt/lib/ld-linux-x86-64.so.2".to_string(),
                 "--library-path".into(),

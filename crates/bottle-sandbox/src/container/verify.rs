@@ -3,6 +3,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 
 use super::{StepError, io, plan};
 use crate::backend::BottleSpec;
@@ -69,6 +70,116 @@ fn hardened(pid: u32) -> Result<(), StepError> {
          NoNewPrivs {nnp}, Seccomp {seccomp} (want all none, 1, 2)",
         sets.join(" / ")
     )))
+}
+
+/// The kernel's word on a process's capability sets, no-new-privileges and seccomp mode.
+fn status_of(pid: u32) -> Result<([String; 5], String, String), StepError> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(io("verify"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name).map(str::trim))
+            .unwrap_or("?")
+            .to_string()
+    };
+    let sets = ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"].map(field);
+    Ok((sets, field("NoNewPrivs:"), field("Seccomp:")))
+}
+
+/// CAP_SYS_PTRACE: gVisor's sandbox process keeps it on the ptrace platform, to run the bottle's processes.
+const CAP_SYS_PTRACE: u64 = 1 << 19;
+/// The decoy host socket a bottle under gVisor must not reach, in the shared folder.
+const DECOY: &str = "decoy.sock";
+
+/// The same promises under gVisor (`runsc` with the host's network stack). The engine's pid is gVisor's sandbox
+/// on the host: no capability but CAP_SYS_PTRACE, no-new-privileges, under its own seccomp filter. Inside, as
+/// gVisor's kernel reports it before any command of the agent ran: the container's first process holds no
+/// capability, and a host socket in a bind (the decoy) does not answer: gVisor keeps host sockets out instead of
+/// the socket warden, and the bottle starts only if it does. The network namespace is checked as under runc.
+pub(super) fn verify_gvisor(pid: u32, api: &super::Api, id: &str, shared: &Path) -> Result<(), StepError> {
+    let (sets, nnp, seccomp) = status_of(pid)?;
+    let only_ptrace = sets
+        .iter()
+        .all(|c| u64::from_str_radix(c, 16).is_ok_and(|v| v & !CAP_SYS_PTRACE == 0));
+    if !(only_ptrace && nnp == "1" && seccomp == "2") {
+        return Err(StepError::Verify(format!(
+            "gVisor's sandbox process has capabilities {} (inheritable, permitted, effective, bounding, ambient), \
+             NoNewPrivs {nnp}, Seccomp {seccomp} (want none but CAP_SYS_PTRACE, 1, 2)",
+            sets.join(" / ")
+        )));
+    }
+    // Shell builtins only: every image has the /bin/sh the gate runs.
+    let read_caps = "while read -r k v; do case $k in Cap*) echo \"$k $v\";; esac; done < /proc/1/status";
+    let argv = ["/bin/sh", "-c", read_caps].map(String::from);
+    let (code, out, err) = api
+        .exec_output(id, &argv)
+        .map_err(|e| StepError::Verify(e.to_string()))?;
+    let (out, err) = (String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
+    let inside: Vec<(&str, &str)> = out.lines().filter_map(|l| l.split_once(' ')).collect();
+    let has = |k: &str| inside.iter().any(|(name, _)| *name == k);
+    let none = inside.iter().all(|(_, v)| v.trim().trim_start_matches('0').is_empty());
+    if code != 0 || !has("CapEff:") || !has("CapBnd:") || !none {
+        return Err(StepError::Verify(format!(
+            "inside gVisor the container's first process reports {:?} (exit {code}{}); want every capability set empty",
+            out.trim(),
+            said(&err)
+        )));
+    }
+    decoy_refused(api, id, shared)?;
+    netns_check(pid)
+}
+
+/// A Unix socket of the host's in the container's binds must not answer the container.
+fn decoy_refused(api: &super::Api, id: &str, shared: &Path) -> Result<(), StepError> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let path = shared.join(DECOY);
+    let listener = (|| -> std::io::Result<_> {
+        let sock = rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+            None,
+        )?;
+        rustix::net::bind(&sock, &SocketAddrUnix::new(&path)?)?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
+        rustix::net::listen(&sock, 4)?;
+        Ok(sock)
+    })()
+    .map_err(io("verify"));
+    let listener = match listener {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
+    };
+    let runtime = super::sockets::Runtime::of_this_process().map_err(io("verify"));
+    let tried = runtime.and_then(|rt| {
+        let argv = rt.connect_check(&format!("{}/{DECOY}", plan::IN_CONTAINER_DIR));
+        api.exec_output(id, &argv).map_err(|e| StepError::Verify(e.to_string()))
+    });
+    let accepted = rustix::net::accept(&listener).is_ok();
+    drop(listener);
+    let _ = std::fs::remove_file(&path);
+    match tried? {
+        _ if accepted => Err(StepError::Verify(
+            "a host Unix socket in the container's binds answered a process inside gVisor".into(),
+        )),
+        (1, _, _) => Ok(()),
+        (0, _, _) => Err(StepError::Verify(
+            "a process inside gVisor connected to a host Unix socket in the container's binds".into(),
+        )),
+        (code, _, err) => Err(StepError::Verify(format!(
+            "the host-socket check could not run inside gVisor (exit {code}{})",
+            said(&String::from_utf8_lossy(&err))
+        ))),
+    }
+}
+
+/// `: WHAT IT SAID` for an error message, or nothing.
+fn said(stderr: &str) -> String {
+    let s = stderr.trim();
+    if s.is_empty() { String::new() } else { format!(": {s}") }
 }
 
 /// From inside the container's network namespace: it is not the host's, it has no interface but `lo` and no

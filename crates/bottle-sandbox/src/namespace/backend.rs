@@ -91,6 +91,11 @@ pub enum NamespaceError {
          remove it, or run with --backend container"
     )]
     Image(String),
+    #[error(
+        "`runtime` ({0}) is a container engine's runtime (gVisor: `runsc`); a namespace bottle runs on this host's \
+         kernel: remove it, or run with --backend container"
+    )]
+    Runtime(String),
 }
 
 fn sandbox(e: impl Into<NamespaceError>) -> BackendError {
@@ -111,6 +116,12 @@ impl Backend for Namespace {
             return Err(BackendError::new(
                 FailureClass::Unsupported,
                 NamespaceError::Image(image.clone()),
+            ));
+        }
+        if let Some(runtime) = &policy.bottle.runtime {
+            return Err(BackendError::new(
+                FailureClass::Unsupported,
+                NamespaceError::Runtime(runtime.clone()),
             ));
         }
         match policy.bottle.resources.memory_mib {

@@ -1,6 +1,7 @@
 //! Checks for the container backend: a docker/podman CLI, a daemon answering `/_ping` on its unix socket, its
 //! default runtime, and optional gVisor. Trusts the `Host` seam; treats the daemon's replies as untrusted bytes.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use serde::Deserialize;
 
 use super::host::Host;
 use super::{Check, Status};
+use crate::container::runtime::{RUNSC_ENTRY, Registered, choose, is_gvisor};
 
 /// The remedy when no Docker daemon answers.
 pub const DAEMON_REMEDY: &str = "start the daemon: `sudo systemctl start docker` (or `sudo dockerd &` where there is \
@@ -29,10 +31,11 @@ pub(super) fn checks(host: &dyn Host) -> Vec<Check> {
     let mut checks = vec![launcher_check(host), cli_check(host, cli.as_ref())];
     let (daemon, socket) = daemon_check(host, cli.as_ref());
     checks.push(daemon);
-    if let Some(runtime) = socket.and_then(|socket| runtime_check(host, &socket)) {
+    let info = socket.as_deref().and_then(|socket| info(host, socket));
+    if let Some(runtime) = info.as_ref().and_then(runtime_check) {
         checks.push(runtime);
     }
-    checks.push(gvisor_check(host));
+    checks.push(gvisor_check(host, info.as_ref()));
     checks
 }
 
@@ -163,16 +166,29 @@ struct Info {
     /// `name=seccomp,profile=default`, `name=rootless`, …
     #[serde(rename = "SecurityOptions", default)]
     security_options: Vec<String>,
+    #[serde(rename = "Runtimes", default)]
+    runtimes: BTreeMap<String, InfoRuntime>,
+}
+
+#[derive(Deserialize)]
+struct InfoRuntime {
+    path: Option<String>,
+    #[serde(rename = "runtimeArgs", default)]
+    runtime_args: Vec<String>,
+}
+
+/// The daemon's `GET /info`; `None` when it does not answer it.
+fn info(host: &dyn Host, socket: &Path) -> Option<Info> {
+    let reply = host.unix_exchange(socket, INFO_REQUEST, SOCKET_TIMEOUT).ok()?;
+    let (200, body) = parse_http(&reply)? else { return None };
+    serde_json::from_slice(body).ok()
 }
 
 /// The daemon's default runtime from `GET /info`; `None` when the daemon does not say.
-fn runtime_check(host: &dyn Host, socket: &Path) -> Option<Check> {
+fn runtime_check(info: &Info) -> Option<Check> {
     const NAME: &str = "container runtime";
-    let reply = host.unix_exchange(socket, INFO_REQUEST, SOCKET_TIMEOUT).ok()?;
-    let (200, body) = parse_http(&reply)? else { return None };
-    let info: Info = serde_json::from_slice(body).ok()?;
-    let runtime = info.default_runtime?;
-    let cgroup = info.cgroup_version.unwrap_or_else(|| "unknown".to_owned());
+    let runtime = info.default_runtime.clone()?;
+    let cgroup = info.cgroup_version.clone().unwrap_or_else(|| "unknown".to_owned());
     let rootless = info
         .security_options
         .iter()
@@ -199,15 +215,63 @@ fn runtime_check(host: &dyn Host, socket: &Path) -> Option<Check> {
     Some(Check::ok(NAME, detail))
 }
 
-fn gvisor_check(host: &dyn Host) -> Check {
+/// gVisor, said rather than judged unless the engine has it registered: a bottle runs under it only when asked
+/// (`runtime = "runsc"`), and then only if the registration fits (the launch refuses otherwise, as this says).
+fn gvisor_check(host: &dyn Host, info: Option<&Info>) -> Check {
     const NAME: &str = "gVisor (runsc)";
-    // Said, not judged: bot-bottle does not run bottles under gVisor, so its presence changes nothing.
-    const UNUSED: &str = "container bottles do not use it yet (gVisor refuses the seccomp listener every bottle's \
-                          socket warden needs)";
-    match host.which("runsc") {
-        Some(path) => Check::ok(NAME, format!("installed at {}; {UNUSED}", path.display())),
-        None => Check::ok(NAME, format!("not installed; {UNUSED}")),
+    let registered: BTreeMap<String, Registered> = info
+        .map(|i| {
+            i.runtimes
+                .iter()
+                .map(|(name, r)| {
+                    let path = r.path.clone().unwrap_or_else(|| name.clone());
+                    (
+                        name.clone(),
+                        Registered {
+                            path,
+                            args: r.runtime_args.clone(),
+                        },
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let gvisors: Vec<&String> = registered
+        .iter()
+        .filter(|(_, r)| is_gvisor(r))
+        .map(|(n, _)| n)
+        .collect();
+    let installed = host.which("runsc");
+    if gvisors.is_empty() {
+        let detail = match (installed, info) {
+            (Some(path), Some(_)) => format!(
+                "installed at {}, not registered with the engine; to run bottles under it (`--runtime runsc`) \
+                 register it in /etc/docker/daemon.json: {RUNSC_ENTRY}",
+                path.display()
+            ),
+            (Some(path), None) => format!("installed at {}", path.display()),
+            (None, _) => "not installed; bottles run under the engine's default runtime (`apt-get install runsc` \
+                          for gVisor)"
+                .to_string(),
+        };
+        return Check::ok(NAME, detail);
     }
+    let mut fit = Vec::new();
+    for name in gvisors {
+        match choose(Some(name), None, &registered, false) {
+            Ok(_) => fit.push(format!("`--runtime {name}`")),
+            Err(e) => {
+                return Check::new(NAME, Status::degraded(e.to_string())).with_detail(format!(
+                    "registered as runtime `{name}` with {:?}",
+                    registered[name].args
+                ));
+            }
+        }
+    }
+    Check::ok(
+        NAME,
+        format!("registered; bottles run under gVisor with {}", fit.join(" or ")),
+    )
 }
 
 /// Splits an HTTP/1.x reply into its status code and body. Only what `/_ping` and `/info` need: no chunking
@@ -387,15 +451,52 @@ mod tests {
     }
 
     #[test]
-    fn runsc_is_reported_and_changes_nothing() {
+    fn runsc_unregistered_or_absent_is_reported_and_changes_nothing() {
         let mut host = FakeHost::healthy();
         let with = run(&host);
+        let check = with.check("gVisor (runsc)").unwrap();
+        assert!(
+            format!("{check:?}").contains("not registered with the engine"),
+            "{check:#?}"
+        );
         host.path.remove("runsc");
         let without = run(&host);
+        assert!(format!("{:?}", without.check("gVisor (runsc)")).contains("not installed"));
         for report in [&with, &without] {
             let check = report.check("gVisor (runsc)").unwrap();
             assert_eq!(check.status.severity(), Severity::Ok, "{check:#?}");
-            assert!(format!("{check:?}").contains("do not use it yet"), "{check:#?}");
+            assert!(report.usable());
+        }
+    }
+
+    #[test]
+    fn a_registered_runsc_is_judged_as_a_launch_would() {
+        for (args, severity, says) in [
+            (
+                r#"["--network=host","--host-fifo=open"]"#,
+                Severity::Ok,
+                "--runtime runsc",
+            ),
+            (r#"[]"#, Severity::Degraded, "--network=host"),
+            (
+                r#"["--network=host","--host-fifo=open","--host-uds=all"]"#,
+                Severity::Degraded,
+                "--host-uds=all",
+            ),
+        ] {
+            let mut host = FakeHost::healthy();
+            host.socket(
+                "/var/run/docker.sock",
+                "/info",
+                &format!(
+                    "HTTP/1.0 200 OK\r\n\r\n{{\"DefaultRuntime\":\"runc\",\"CgroupVersion\":\"1\",\"Runtimes\":\
+                     {{\"runc\":{{\"path\":\"runc\"}},\"runsc\":{{\"path\":\"/usr/bin/runsc\",\"runtimeArgs\":{args}}}}}}}"
+                ),
+            );
+            let report = run(&host);
+            let check = report.check("gVisor (runsc)").unwrap();
+            assert_eq!(check.status.severity(), severity, "{check:#?}");
+            assert!(format!("{check:?}").contains(says), "{check:#?}");
             assert!(report.usable());
         }
     }

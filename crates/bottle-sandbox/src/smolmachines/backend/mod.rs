@@ -76,6 +76,11 @@ pub enum StepError {
          is not reachable through the VM's shared folders; use the namespace backend for that bottle"
     )]
     ShareSockets,
+    #[error(
+        "`runtime` ({0}) is a container engine's runtime; a smolmachines bottle is a microVM of its own: remove it, \
+         or run with --backend container"
+    )]
+    Runtime(String),
     #[error("step lease: the bottle's loopback address cannot be used")]
     Loopback(#[source] preflight::AliasError),
     #[error(
@@ -179,7 +184,7 @@ impl StepError {
             Self::Preflight(_) | Self::Engine(_) | Self::Loopback(_) => FailureClass::Preflight,
             Self::Start { source, .. } if source.remedy().is_some() => FailureClass::Preflight,
             Self::Listen { .. } | Self::Discover { .. } => FailureClass::Proxy,
-            Self::Home | Self::Pids | Self::ShareSockets => FailureClass::Unsupported,
+            Self::Home | Self::Pids | Self::ShareSockets | Self::Runtime(_) => FailureClass::Unsupported,
             Self::NotRunning(_) | Self::Record { .. } => FailureClass::Target,
             _ => FailureClass::Sandbox,
         }
@@ -242,6 +247,9 @@ impl Backend for Smolmachines {
         }
         if !policy.bottle.share_sockets.is_empty() {
             return Err(StepError::ShareSockets.into());
+        }
+        if let Some(runtime) = &policy.bottle.runtime {
+            return Err(StepError::Runtime(runtime.clone()).into());
         }
         Ok(())
     }
@@ -695,6 +703,7 @@ mod tests {
             env: Default::default(),
             pass_env: Default::default(),
             image: None,
+            runtime: None,
             cpus: None,
             memory_mib: None,
             pids: None,
