@@ -84,9 +84,14 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<std::ffi::OsString>,
     },
-    /// Internal: in a container bottle under gVisor, whether a host Unix socket answers (it must not).
-    #[command(name = "__connect-check", hide = true)]
-    ConnectCheck { path: PathBuf },
+    /// Internal: a container bottle's first command under gVisor: reports what gVisor says of it, then is its init.
+    #[command(name = "__gvisor-check", hide = true)]
+    GvisorCheck {
+        decoy: PathBuf,
+        report: PathBuf,
+        #[arg(last = true, required = true)]
+        command: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -129,6 +129,56 @@ fn issue_15_rootful_podman_confines_a_bottle_as_docker_does() {
     reaches_the_allowed_host_and_nothing_else(scene, "podman", None);
 }
 
+/// Rootless Podman's API as `.ci/run` starts it (a user with subordinate ids; README.md, "BOTTLE_TEST_REQUIRE").
+const ROOTLESS_PODMAN_SOCKET: &str = "/run/bb-rootless/podman.sock";
+
+#[test]
+fn issue_15_a_rootless_engine_is_refused_with_the_rootful_socket_to_use() {
+    if skip() {
+        return;
+    }
+    if std::os::unix::net::UnixStream::connect(ROOTLESS_PODMAN_SOCKET).is_err() {
+        require::skip(
+            "podman-rootless",
+            &format!("rootless Podman's API does not answer at {ROOTLESS_PODMAN_SOCKET} (.ci/run starts it as a user)"),
+        );
+        return;
+    }
+    let mut scene = Scene::new();
+    scene.engine = Some(format!("unix://{ROOTLESS_PODMAN_SOCKET}"));
+    let out = scene.run_container("ct-rootless", container::image(), &["true"]);
+    assert_eq!(out.status.code(), Some(122), "{}", text(&out));
+    says(
+        &out.stderr,
+        "the engine is rootless; container bottles need a rootful engine",
+        &out,
+    );
+    says(&out.stderr, "unix:///var/run/docker.sock", &out);
+    // cgroup v1 (no cgroup2 root): a rootless engine there ignores limits, and the refusal says so.
+    if !Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        says(&out.stderr, "ignores every resource limit", &out);
+    }
+    // Nothing was asked of the engine beyond what it is.
+    let listed = Command::new("curl")
+        .args([
+            "-sS",
+            "--unix-socket",
+            ROOTLESS_PODMAN_SOCKET,
+            "http://d/v1.41/containers/json?all=1",
+        ])
+        .output()
+        .unwrap();
+    assert!(listed.status.success(), "{}", text(&listed));
+    assert!(
+        !String::from_utf8_lossy(&listed.stdout).contains("bot-bottle-"),
+        "{}",
+        text(&listed)
+    );
+    let doctor = scene.bb(&["doctor", "--backend", "container"]);
+    says(&doctor.stdout, "rootless", &doctor);
+    says(&doctor.stdout, "container bottles need a rootful engine", &doctor);
+}
+
 /// A bottle on the engine `cli` names (under `runtime`, else the engine's default) reaches an allowed HTTPS host
 /// through interception, and nothing else: no direct address, no DNS, no UDP, not the host's loopback; no
 /// capability, no-new-privs, a read-only root, only `lo`.

@@ -50,8 +50,8 @@ pub fn dispatch(command: Command, out: &Output) -> anyhow::Result<u8> {
             let code = bottle_sandbox::container::sockets::exec_under_warden(socket.as_deref(), &command);
             Ok(u8::try_from(code).unwrap_or(crate::exit::SANDBOX))
         }
-        Command::ConnectCheck { path } => {
-            let code = bottle_sandbox::container::sockets::connect_check(&path);
+        Command::GvisorCheck { decoy, report, command } => {
+            let code = bottle_sandbox::container::sockets::gvisor_check_and_exec(&decoy, &report, &command);
             Ok(u8::try_from(code).unwrap_or(crate::exit::SANDBOX))
         }
     }

@@ -46,6 +46,23 @@ fn local_socket() -> Option<String> {
 pub struct Api {
     pub(super) docker: Docker,
     pub(super) rt: tokio::runtime::Runtime,
+    /// The engine's Unix socket, when it is reached through one.
+    socket: Option<std::path::PathBuf>,
+}
+
+/// The path of the engine's Unix socket: `local` (found by `local_socket`) or `DOCKER_HOST`'s `unix://` path.
+fn socket_path(local: Option<&str>) -> Option<std::path::PathBuf> {
+    let host = match local {
+        Some(l) => l.to_string(),
+        None => std::env::var("DOCKER_HOST").ok()?,
+    };
+    host.strip_prefix("unix://").map(std::path::PathBuf::from)
+}
+
+/// Whether the engine listening at `socket` runs as a user rather than root: its socket is that user's. Rootless
+/// Podman does not say so where Docker does (`name=rootless` in `SecurityOptions`); its socket does.
+fn socket_not_roots(socket: &std::path::Path) -> bool {
+    std::fs::metadata(socket).is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) != 0)
 }
 
 /// What `doctor` and the preflight say about the engine.
@@ -56,6 +73,8 @@ pub struct EngineInfo {
     /// Podman answers with its own name in the components.
     pub podman: bool,
     pub rootless: bool,
+    /// The host's cgroups are v1 (where a rootless engine ignores every resource limit).
+    pub cgroup_v1: bool,
     /// The runtime a container gets when none is named.
     pub default_runtime: Option<String>,
     pub runtimes: BTreeMap<String, super::runtime::Registered>,
@@ -72,8 +91,10 @@ impl Api {
             .enable_all()
             .build()
             .map_err(ApiError::Runtime)?;
-        let docker = match local_socket() {
-            Some(path) => Docker::connect_with_socket(&path, 120, bollard::API_DEFAULT_VERSION),
+        let local = local_socket();
+        let socket = socket_path(local.as_deref());
+        let docker = match &local {
+            Some(path) => Docker::connect_with_socket(path, 120, bollard::API_DEFAULT_VERSION),
             None => Docker::connect_with_local_defaults(),
         }
         .map_err(|e| ApiError::Connect(e.to_string()))?;
@@ -82,7 +103,7 @@ impl Api {
             .block_on(async { tokio::time::timeout(timeout, docker.negotiate_version()).await })
             .map_err(|_| ApiError::Timeout(timeout))?
             .map_err(|e| ApiError::Connect(e.to_string()))?;
-        Ok(Self { docker, rt })
+        Ok(Self { docker, rt, socket })
     }
 
     fn call<T>(&self, f: impl std::future::Future<Output = Result<T, bollard::errors::Error>>) -> Result<T, ApiError> {
@@ -93,8 +114,18 @@ impl Api {
     }
 
     pub fn info(&self) -> Result<EngineInfo, ApiError> {
-        let version = self.call(self.docker.version())?;
-        let info = self.call(self.docker.info())?;
+        // Side by side: a launch waits for both.
+        let (version, info) = self
+            .rt
+            .block_on(async {
+                tokio::time::timeout(CALL_TIMEOUT, async {
+                    tokio::join!(self.docker.version(), self.docker.info())
+                })
+                .await
+            })
+            .map_err(|_| ApiError::Timeout(CALL_TIMEOUT))?;
+        let engine = |e: bollard::errors::Error| ApiError::Engine(e.to_string());
+        let (version, info) = (version.map_err(engine)?, info.map_err(engine)?);
         let podman = version
             .components
             .unwrap_or_default()
@@ -104,7 +135,9 @@ impl Api {
             .security_options
             .unwrap_or_default()
             .iter()
-            .any(|o| o.contains("rootless"));
+            .any(|o| o.contains("rootless"))
+            || self.socket.as_deref().is_some_and(socket_not_roots);
+        let cgroup_v1 = info.cgroup_version == Some(bollard::models::SystemInfoCgroupVersionEnum::_1);
         let runtimes = info
             .runtimes
             .unwrap_or_default()
@@ -122,6 +155,7 @@ impl Api {
             api_version: version.api_version.unwrap_or_default(),
             podman,
             rootless,
+            cgroup_v1,
             default_runtime: info.default_runtime,
             runtimes,
         })
@@ -220,23 +254,6 @@ impl Api {
     /// Runs `command` in the running container `id` (as its user, with its environment), its output copied to ours;
     /// returns its exit code.
     pub fn exec(&self, id: &str, command: &[String]) -> Result<i64, ApiError> {
-        self.exec_into(id, command, None)
-    }
-
-    /// Runs `command` in the running container `id` (a check: bounded in time); returns its exit code and what it
-    /// wrote to stdout and to stderr (at most 64 KiB of each kept).
-    pub fn exec_output(&self, id: &str, command: &[String]) -> Result<(i64, Vec<u8>, Vec<u8>), ApiError> {
-        let mut captured = (Vec::new(), Vec::new());
-        let code = self.exec_into(id, command, Some(&mut captured))?;
-        Ok((code, captured.0, captured.1))
-    }
-
-    fn exec_into(
-        &self,
-        id: &str,
-        command: &[String],
-        mut capture: Option<&mut (Vec<u8>, Vec<u8>)>,
-    ) -> Result<i64, ApiError> {
         use bollard::exec::{CreateExecOptions, StartExecResults};
         let created = self.call(self.docker.create_exec(
             id,
@@ -248,35 +265,21 @@ impl Api {
             },
         ))?;
         let started = self.call(self.docker.start_exec(&created.id, None))?;
-        let bounded = capture.is_some();
         if let StartExecResults::Attached { mut output, .. } = started {
-            let copy = async {
+            self.rt.block_on(async {
                 use std::io::Write;
                 while let Some(Ok(item)) = output.next().await {
-                    let keep = |into: &mut Vec<u8>, bytes: &[u8]| {
-                        let room = (64usize << 10).saturating_sub(into.len());
-                        into.extend_from_slice(&bytes[..bytes.len().min(room)]);
-                    };
-                    match (item, capture.as_deref_mut()) {
-                        (bollard::container::LogOutput::StdErr { message }, Some((_, err))) => keep(err, &message),
-                        (other, Some((out, _))) => keep(out, &other.into_bytes()),
-                        (bollard::container::LogOutput::StdErr { message }, None) => {
+                    match item {
+                        bollard::container::LogOutput::StdErr { message } => {
                             let _ = std::io::stderr().write_all(&message);
                         }
-                        (other, None) => {
+                        other => {
                             let _ = std::io::stdout().write_all(&other.into_bytes());
                             let _ = std::io::stdout().flush();
                         }
                     }
                 }
-            };
-            if bounded {
-                self.rt
-                    .block_on(async { tokio::time::timeout(CALL_TIMEOUT, copy).await })
-                    .map_err(|_| ApiError::Timeout(CALL_TIMEOUT))?;
-            } else {
-                self.rt.block_on(copy);
-            }
+            });
         }
         let inspected = self.call(self.docker.inspect_exec(&created.id))?;
         Ok(inspected.exit_code.unwrap_or(-1))

@@ -58,13 +58,56 @@ pub(super) fn open_gate(path: &Path, pass_env: &BTreeMap<String, String>) -> std
                 let flags = rustix::fs::fcntl_getfl(&f)? - rustix::fs::OFlags::NONBLOCK;
                 rustix::fs::fcntl_setfl(&f, flags)?;
                 // Never nothing: gVisor's reader of a host FIFO sees no end when the writer closes without writing.
-                return f.write_all(format!("# the bottle's gate\n{}", exports(pass_env)).as_bytes());
+                f.write_all(format!("# the bottle's gate\n{}", exports(pass_env)).as_bytes())?;
+                return until_read(&f, deadline);
             }
             // ENXIO: nobody reads yet (the container's shell is starting).
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) && std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Keeps the gate's write end open until the shell has read all of it. Under gVisor the open can succeed before the
+/// shell's own open (gVisor's gofer holds the host FIFO open for reading), and a shell whose open comes after the
+/// writer closed waits for a writer forever, the gate's text unread in the pipe (measured: one launch in a few dozen).
+fn until_read(f: &std::fs::File, deadline: std::time::Instant) -> std::io::Result<()> {
+    loop {
+        if rustix::io::ioctl_fionread(f)? == 0 {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(std::io::Error::other(
+                "the container's shell did not read its gate within 10 s",
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// Turns away a shell that waits, or is about to wait, at the gate of a bottle that is not to start: it is told to
+/// exit (125, "never passed the gate"), so the container ends at once. For gVisor, which cannot kill a process
+/// blocked opening a host FIFO until its sandbox is torn down (~10 s, and the engine then fails to remove the
+/// container). Waits up to `within` for the shell to come to the gate.
+pub(super) fn turn_away(path: &Path, within: std::time::Duration) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+        {
+            Ok(mut f) => {
+                let _ = f.write_all(b"exit 125\n");
+                return;
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(_) => return,
         }
     }
 }

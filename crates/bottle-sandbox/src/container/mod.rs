@@ -51,10 +51,13 @@ pub enum StepError {
     #[error("step preflight: {0}")]
     Runtime(runtime::RuntimeError),
     #[error(
-        "step preflight: the engine is rootless; bottles on a rootless engine are not built yet (the proxy's listener \
-         is put into the container's network namespace from the host, which needs a rootful engine)"
+        "step preflight: the engine is rootless; container bottles need a rootful engine (the proxy's listener is put \
+         into the container's network namespace from the host, which a rootless engine's user namespace keeps out{}): \
+         point DOCKER_HOST at a rootful daemon's socket (`unix:///var/run/docker.sock`, or Podman's \
+         `unix:///run/podman/podman.sock`), or use `--backend namespace`",
+        rootless_limits(*.cgroup_v1)
     )]
-    Rootless,
+    Rootless { cgroup_v1: bool },
     #[error(
         "step preflight: {}; {}",
         crate::preflight::container::NOT_ROOT_REASON,
@@ -105,7 +108,7 @@ impl StepError {
             Self::Engine(_)
             | Self::NoImage
             | Self::Image(_)
-            | Self::Rootless
+            | Self::Rootless { .. }
             | Self::NotRoot
             | Self::RootWorkspace(_) => FailureClass::Preflight,
             Self::Runtime(runtime::RuntimeError::GvisorShare { .. }) => FailureClass::Unsupported,
@@ -158,18 +161,23 @@ impl Backend for Container {
         let api = Api::connect().map_err(StepError::Engine)?;
         let engine = api.info().map_err(StepError::Engine)?;
         if engine.rootless {
-            return Err(StepError::Rootless.into());
+            return Err(StepError::Rootless {
+                cgroup_v1: engine.cgroup_v1,
+            }
+            .into());
         }
         Ok(Box::new(ContainerLaunch {
             api,
             engine,
             confinement: None,
+            gvisor: None,
             root: root.to_path_buf(),
             id: None,
             pid: None,
             dir: None,
             io: None,
             listener_ready: false,
+            gate_opened: false,
             pass_env: BTreeMap::new(),
         }))
     }
@@ -219,6 +227,8 @@ pub struct ContainerLaunch {
     engine: EngineInfo,
     /// How the container keeps host sockets out, once chosen.
     confinement: Option<runtime::Confinement>,
+    /// Under gVisor: what its check inside the container needs, made before the container starts.
+    gvisor: Option<verify::GvisorChecks>,
     root: PathBuf,
     /// The container, once created.
     id: Option<String>,
@@ -227,6 +237,8 @@ pub struct ContainerLaunch {
     dir: Option<PathBuf>,
     io: Option<AgentIo>,
     listener_ready: bool,
+    /// Whether the agent was let through the gate.
+    gate_opened: bool,
     /// SECURITY: in memory only, until the gate hands them to the agent.
     pass_env: BTreeMap<String, String>,
 }
@@ -242,6 +254,16 @@ fn agent_user(workspace: &Path) -> Result<(u32, u32), StepError> {
         return Err(StepError::RootWorkspace(workspace.to_path_buf()));
     }
     Ok((meta.uid(), not_root_group(meta.gid())))
+}
+
+/// What `StepError::Rootless` adds on a cgroup v1 host (measured: rootless Podman there says "Resource limits are
+/// not supported and ignored on cgroups V1 rootless systems" and reads back no limit).
+fn rootless_limits(cgroup_v1: bool) -> &'static str {
+    if cgroup_v1 {
+        "; and on this cgroup v1 host a rootless engine ignores every resource limit"
+    } else {
+        ""
+    }
 }
 
 /// The group the agent runs in: never the host's root group (a container shares the host's ids, so gid 0 would read
@@ -311,7 +333,10 @@ impl Launch for ContainerLaunch {
             runtime::Confinement::Warden => {
                 Some(sockets::listen(&shared.join(sockets::WARDEN_SOCK)).map_err(io("begin"))?)
             }
-            runtime::Confinement::Gvisor => None,
+            runtime::Confinement::Gvisor => {
+                self.gvisor = Some(verify::GvisorChecks::prepare(&shared)?);
+                None
+            }
         };
         let body = plan::plan(&plan::Inputs {
             spec: &spec,
@@ -387,13 +412,14 @@ impl Launch for ContainerLaunch {
         match self.confinement {
             Some(runtime::Confinement::Warden) => verify::verify(pid)?,
             Some(runtime::Confinement::Gvisor) => {
-                let id = self.id.as_deref().ok_or(StepError::Order("start before begin"))?;
-                verify::verify_gvisor(pid, &self.api, id, &shared)?;
+                let checks = self.gvisor.take().ok_or(StepError::Order("start before begin"))?;
+                verify::verify_gvisor(pid, checks)?;
             }
             None => return Err(StepError::Order("start before begin").into()),
         }
         // `stop` (SIGTERM to the supervisor) reaches the agent: the container's first process, seen from the host.
         services.forward_termination(pid);
+        self.gate_opened = true;
         gate::open_gate(&shared.join(plan::GATE), &self.pass_env).map_err(io("start"))?;
         self.pass_env.clear();
         Ok(Started { init_pid: None })
@@ -423,6 +449,13 @@ impl Launch for ContainerLaunch {
 
     fn shutdown(&mut self) -> Result<(), TeardownError> {
         let mut left = TeardownError::default();
+        let gvisor = self.confinement == Some(runtime::Confinement::Gvisor);
+        if let (Some(dir), Some(_), false, true) = (&self.dir, &self.id, self.gate_opened, gvisor) {
+            gate::turn_away(
+                &dir.join(SHARED_DIR).join(plan::GATE),
+                std::time::Duration::from_secs(2),
+            );
+        }
         if let Some(id) = self.id.take()
             && let Err(e) = self.api.remove(&id)
         {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountTmpfsOptions, MountType};
 
 use super::runtime::{Chosen, Confinement};
-use super::sockets::Runtime;
+use super::sockets::{self, Runtime};
 use crate::backend::{BottleSpec, MountTarget};
 use crate::namespace::spec::IN_BOTTLE_CA_BUNDLE;
 
@@ -78,6 +78,15 @@ pub fn plan(i: &Inputs<'_>) -> ContainerCreateBody {
         binds.push(bind(&m.source, &target, m.writable));
     }
     binds.extend(i.runtime.binds());
+    if i.oci.confinement == Confinement::Gvisor {
+        // gVisor opens a host FIFO for writing only on a writable bind: the report FIFO's own folder (root's, 0755:
+        // nothing can be made in it) is the one writable bind of bot-bottle's.
+        binds.push(bind(
+            &i.shared_dir.join(sockets::REPORT_DIR),
+            Path::new(sockets::IN_CONTAINER_REPORT_DIR),
+            true,
+        ));
+    }
     // SECURITY: the engine shows the host's sysfs (read-only) in the container; a bottle sees none of it.
     let mut tmpfs = vec![tmpfs_at("/tmp", 0o1777), empty_at("/sys")];
     if spec.home.is_none() {
@@ -85,7 +94,13 @@ pub fn plan(i: &Inputs<'_>) -> ContainerCreateBody {
     }
     let gate = format!("{IN_CONTAINER_DIR}/{GATE}");
     // The agent starts only once the bottle's confinement was verified from outside: it waits at the gate.
-    let mut cmd = vec![
+    // Under gVisor the first command reports what gVisor's kernel says of it before anything else runs, then is
+    // the container's init.
+    let mut cmd = match i.oci.confinement {
+        Confinement::Warden => Vec::new(),
+        Confinement::Gvisor => i.runtime.gvisor_check_prefix(),
+    };
+    cmd.extend([
         "/bin/sh".to_string(),
         "-c".into(),
         format!(
@@ -96,10 +111,13 @@ pub fn plan(i: &Inputs<'_>) -> ContainerCreateBody {
         // The working directory, here rather than the engine's `WorkingDir`: Docker 20.10 creates that one in the
         // image before the tmpfs mounts, which then lose their mode (a /tmp of 0755 when the workspace is under it).
         spec.workspace.display().to_string(),
-    ];
-    // SECURITY (#12): the command starts under the socket warden, which judges every connect it makes (under
-    // gVisor, whose kernel refuses host sockets itself, under the seccomp filter alone).
-    cmd.extend(i.runtime.prefix(i.oci.confinement));
+    ]);
+    // SECURITY (#12): the command starts under the socket warden, which judges every connect it makes. Under
+    // gVisor, whose kernel refuses host sockets itself, the first command is the init and confines the gate's shell
+    // with the seccomp filter alone.
+    if i.oci.confinement == Confinement::Warden {
+        cmd.extend(i.runtime.prefix(i.oci.confinement));
+    }
     cmd.extend(spec.argv.iter().cloned());
     let labels = HashMap::from([
         (OWNER_LABEL.0.to_string(), OWNER_LABEL.1.to_string()),
@@ -344,7 +362,19 @@ mod tests {
         assert_eq!(hc.network_mode.as_deref(), Some("none"));
         assert_eq!(hc.cap_drop.unwrap(), ["ALL"]);
         let cmd = body.cmd.unwrap();
-        assert_eq!(cmd[9..12], ["__warden-exec", "--gvisor", "--"]);
+        // First the report of what gVisor says of the container (then the init), then the gate, then the command;
+        // no warden.
+        assert_eq!(
+            cmd[4..8],
+            [
+                "__gvisor-check",
+                "/.bot-bottle/decoy.sock",
+                "/.bot-bottle-report/report",
+                "--"
+            ]
+        );
+        assert_eq!(cmd[8..10], ["/bin/sh", "-c"]);
+        assert_eq!(cmd[12..], ["/w", "echo", "hi there"]);
         assert!(!cmd.iter().any(|a| a.contains("warden.sock")), "{cmd:?}");
     }
 }

@@ -28,8 +28,16 @@ pub const WARDEN_SOCK: &str = "warden.sock";
 pub const SUBCOMMAND: &str = "__warden-exec";
 /// `SUBCOMMAND`'s flag for a container under gVisor: no warden (gVisor refuses it; it refuses host sockets itself).
 pub const GVISOR_FLAG: &str = "--gvisor";
-/// The hidden subcommand that tries a Unix socket connect in the container: 0 connected, 1 refused.
-pub const CONNECT_CHECK: &str = "__connect-check";
+/// The hidden subcommand a gVisor container starts with (`gvisor_check_and_exec`).
+pub const GVISOR_CHECK: &str = "__gvisor-check";
+/// In the shared folder, under gVisor: a host socket of the launcher's that must not answer the container...
+pub const DECOY: &str = "decoy.sock";
+/// ...and the FIFO its first command reports through, alone in a folder of the shared one...
+pub const REPORT: &str = "report";
+/// ...which the container sees (writable: gVisor opens a host FIFO for writing on a writable bind only) here.
+pub const REPORT_DIR: &str = "report";
+/// Where the container sees `REPORT_DIR`.
+pub const IN_CONTAINER_REPORT_DIR: &str = "/.bot-bottle-report";
 /// Exit code when the command never started (as the gate's).
 const NOT_STARTED: i32 = 125;
 
@@ -103,10 +111,17 @@ impl Runtime {
         argv
     }
 
-    /// The argv that tries to connect to the Unix socket `path` in the container (`CONNECT_CHECK`).
-    pub fn connect_check(&self, path: &str) -> Vec<String> {
+    /// The argv prefix of a gVisor container's first command: `GVISOR_CHECK` reports what gVisor's kernel says of it
+    /// to the launcher, then execs the rest.
+    pub fn gvisor_check_prefix(&self) -> Vec<String> {
         let mut argv = self.loader_prefix();
-        argv.extend([format!("{RUNTIME_DIR}/bot-bottle"), CONNECT_CHECK.into(), path.into()]);
+        argv.extend([
+            format!("{RUNTIME_DIR}/bot-bottle"),
+            GVISOR_CHECK.into(),
+            format!("{IN_CONTAINER_DIR}/{DECOY}"),
+            format!("{IN_CONTAINER_REPORT_DIR}/{REPORT}"),
+            "--".into(),
+        ]);
         argv
     }
 
@@ -249,21 +264,44 @@ fn confine_and_exec(sock: Option<&Path>, argv: &[OsString]) -> i32 {
     }
 }
 
-/// In the container (`CONNECT_CHECK`), before the agent starts: whether a stream connect to the Unix socket at
-/// `path` succeeds (0) or is refused (1, the reason on stderr).
-pub fn connect_check(path: &Path) -> i32 {
+/// In a gVisor container (`GVISOR_CHECK`), as its first command, before the gate: reports to the launcher (through
+/// the `report` FIFO, whose read end the launcher holds) what gVisor's kernel says of this process's capabilities
+/// and whether a stream connect to the launcher's `decoy` host socket succeeds, then runs `argv` as
+/// `exec_under_warden` does without a warden (as the container's init: `argv` under the seccomp filter). The
+/// launcher judges the report; `argv` (the gate's shell) waits for its verdict, so nothing of the agent has run yet.
+pub fn gvisor_check_and_exec(decoy: &Path, report: &Path, argv: &[OsString]) -> i32 {
+    if argv.is_empty() {
+        eprintln!("bot-bottle: no command to run");
+        return NOT_STARTED;
+    }
+    let mut text: String = std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("Cap"))
+        .map(|l| format!("{l}\n"))
+        .collect();
     let tried = (|| -> io::Result<()> {
         let sock = rustix::net::socket_with(AddressFamily::UNIX, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
-        rustix::net::connect(&sock, &SocketAddrUnix::new(path)?)?;
+        rustix::net::connect(&sock, &SocketAddrUnix::new(decoy)?)?;
         Ok(())
     })();
-    match tried {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("bot-bottle: connect to {}: {e}", path.display());
-            1
-        }
+    text.push_str(&match tried {
+        Ok(()) => "decoy: connected\n".to_string(),
+        Err(e) => format!("decoy: refused ({e})\n"),
+    });
+    let sent = std::fs::OpenOptions::new()
+        .write(true)
+        .open(report)
+        .and_then(|mut f| io::Write::write_all(&mut f, text.as_bytes()));
+    if let Err(e) = sent {
+        eprintln!(
+            "bot-bottle: cannot report to the launcher through {}: {e}",
+            report.display()
+        );
+        return NOT_STARTED;
     }
+    // The container's init from here (as `SUBCOMMAND --gvisor`): one program of bot-bottle's loaded in gVisor, not two.
+    exec_under_warden(None, argv)
 }
 
 #[cfg(test)]

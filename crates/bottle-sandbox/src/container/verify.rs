@@ -2,10 +2,12 @@
 //! the container's network namespace the only way out is the bottle's proxy.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 
-use super::{StepError, io, plan};
+use super::{StepError, io, plan, sockets};
 use crate::backend::BottleSpec;
 use crate::namespace::spec::IN_BOTTLE_PROXY_PORT;
 
@@ -88,15 +90,65 @@ fn status_of(pid: u32) -> Result<([String; 5], String, String), StepError> {
 
 /// CAP_SYS_PTRACE: gVisor's sandbox process keeps it on the ptrace platform, to run the bottle's processes.
 const CAP_SYS_PTRACE: u64 = 1 << 19;
-/// The decoy host socket a bottle under gVisor must not reach, in the shared folder.
-const DECOY: &str = "decoy.sock";
+/// How long the container's first command may take to report (gVisor boots its kernel first).
+const REPORT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// What a gVisor bottle's check needs from before the container starts: the read end of the FIFO its first command
+/// reports through, and the decoy host socket that must not answer it.
+pub(super) struct GvisorChecks {
+    report: OwnedFd,
+    report_path: PathBuf,
+    decoy: OwnedFd,
+    decoy_path: PathBuf,
+}
+
+impl GvisorChecks {
+    /// In the bottle's shared folder: the decoy where the container sees it read-only, the FIFO in a folder of its
+    /// own the container sees writable (the launcher's, 0755: the container's user can make nothing there).
+    pub(super) fn prepare(shared: &Path) -> Result<Self, StepError> {
+        use rustix::fs::{CWD, FileType, Mode, OFlags};
+        use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+        let made = (|| -> std::io::Result<Self> {
+            let dir = shared.join(sockets::REPORT_DIR);
+            std::fs::create_dir(&dir)?;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+            let report_path = dir.join(sockets::REPORT);
+            rustix::fs::mknodat(CWD, &report_path, FileType::Fifo, Mode::from_raw_mode(0o600), 0)?;
+            // The container's user writes it; it is read by the launcher alone.
+            std::fs::set_permissions(&report_path, std::fs::Permissions::from_mode(0o622))?;
+            let report = rustix::fs::open(
+                &report_path,
+                OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            let decoy_path = shared.join(sockets::DECOY);
+            let decoy = rustix::net::socket_with(
+                AddressFamily::UNIX,
+                SocketType::STREAM,
+                SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+                None,
+            )?;
+            rustix::net::bind(&decoy, &SocketAddrUnix::new(&decoy_path)?)?;
+            std::fs::set_permissions(&decoy_path, std::fs::Permissions::from_mode(0o777))?;
+            rustix::net::listen(&decoy, 4)?;
+            Ok(Self {
+                report,
+                report_path,
+                decoy,
+                decoy_path,
+            })
+        })();
+        made.map_err(io("begin"))
+    }
+}
 
 /// The same promises under gVisor (`runsc` with the host's network stack). The engine's pid is gVisor's sandbox
 /// on the host: no capability but CAP_SYS_PTRACE, no-new-privileges, under its own seccomp filter. Inside, as
-/// gVisor's kernel reports it before any command of the agent ran: the container's first process holds no
-/// capability, and a host socket in a bind (the decoy) does not answer: gVisor keeps host sockets out instead of
-/// the socket warden, and the bottle starts only if it does. The network namespace is checked as under runc.
-pub(super) fn verify_gvisor(pid: u32, api: &super::Api, id: &str, shared: &Path) -> Result<(), StepError> {
+/// gVisor's kernel reported it to the container's first command (bot-bottle's own, before the gate: nothing of
+/// the agent has run): no capability, and the decoy host socket in a bind did not answer, nor did it see a
+/// connection (gVisor keeps host sockets out instead of the socket warden). The network namespace is checked as
+/// under runc.
+pub(super) fn verify_gvisor(pid: u32, checks: GvisorChecks) -> Result<(), StepError> {
     let (sets, nnp, seccomp) = status_of(pid)?;
     let only_ptrace = sets
         .iter()
@@ -108,78 +160,64 @@ pub(super) fn verify_gvisor(pid: u32, api: &super::Api, id: &str, shared: &Path)
             sets.join(" / ")
         )));
     }
-    // Shell builtins only: every image has the /bin/sh the gate runs.
-    let read_caps = "while read -r k v; do case $k in Cap*) echo \"$k $v\";; esac; done < /proc/1/status";
-    let argv = ["/bin/sh", "-c", read_caps].map(String::from);
-    let (code, out, err) = api
-        .exec_output(id, &argv)
-        .map_err(|e| StepError::Verify(e.to_string()))?;
-    let (out, err) = (String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
-    let inside: Vec<(&str, &str)> = out.lines().filter_map(|l| l.split_once(' ')).collect();
-    let has = |k: &str| inside.iter().any(|(name, _)| *name == k);
-    let none = inside.iter().all(|(_, v)| v.trim().trim_start_matches('0').is_empty());
-    if code != 0 || !has("CapEff:") || !has("CapBnd:") || !none {
+    let report = read_report(&checks.report)?;
+    let accepted = rustix::net::accept(&checks.decoy).is_ok();
+    // Neither is of use to anything in the bottle from now on.
+    let _ = std::fs::remove_file(&checks.decoy_path);
+    let _ = std::fs::remove_file(&checks.report_path);
+    let caps: Vec<(&str, &str)> = report
+        .lines()
+        .filter(|l| l.starts_with("Cap"))
+        .filter_map(|l| l.split_once(':'))
+        .collect();
+    let has = |k: &str| caps.iter().any(|(name, _)| *name == k);
+    let none = caps.iter().all(|(_, v)| v.trim().trim_start_matches('0').is_empty());
+    if !has("CapEff") || !has("CapBnd") || !none {
         return Err(StepError::Verify(format!(
-            "inside gVisor the container's first process reports {:?} (exit {code}{}); want every capability set empty",
-            out.trim(),
-            said(&err)
+            "inside gVisor the container's first process reports {:?}; want every capability set empty",
+            report.trim()
         )));
     }
-    decoy_refused(api, id, shared)?;
+    let decoy = report.lines().find_map(|l| l.strip_prefix("decoy: ")).unwrap_or("");
+    if accepted || !decoy.starts_with("refused") {
+        return Err(StepError::Verify(format!(
+            "a host Unix socket in the container's binds answered a process inside gVisor ({})",
+            if decoy.is_empty() { "no report of it" } else { decoy }
+        )));
+    }
     netns_check(pid)
 }
 
-/// A Unix socket of the host's in the container's binds must not answer the container.
-fn decoy_refused(api: &super::Api, id: &str, shared: &Path) -> Result<(), StepError> {
-    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
-    let path = shared.join(DECOY);
-    let listener = (|| -> std::io::Result<_> {
-        let sock = rustix::net::socket_with(
-            AddressFamily::UNIX,
-            SocketType::STREAM,
-            SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
-            None,
-        )?;
-        rustix::net::bind(&sock, &SocketAddrUnix::new(&path)?)?;
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777))?;
-        rustix::net::listen(&sock, 4)?;
-        Ok(sock)
-    })()
-    .map_err(io("verify"));
-    let listener = match listener {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = std::fs::remove_file(&path);
-            return Err(e);
+/// The container's first command's report, up to its end (the writer closing), within `REPORT_TIMEOUT`.
+fn read_report(fifo: &OwnedFd) -> Result<String, StepError> {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let deadline = std::time::Instant::now() + REPORT_TIMEOUT;
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(StepError::Verify(format!(
+                "the container's first command did not report within {REPORT_TIMEOUT:?} (it reported {:?})",
+                String::from_utf8_lossy(&text)
+            )));
         }
-    };
-    let runtime = super::sockets::Runtime::of_this_process().map_err(io("verify"));
-    let tried = runtime.and_then(|rt| {
-        let argv = rt.connect_check(&format!("{}/{DECOY}", plan::IN_CONTAINER_DIR));
-        api.exec_output(id, &argv).map_err(|e| StepError::Verify(e.to_string()))
-    });
-    let accepted = rustix::net::accept(&listener).is_ok();
-    drop(listener);
-    let _ = std::fs::remove_file(&path);
-    match tried? {
-        _ if accepted => Err(StepError::Verify(
-            "a host Unix socket in the container's binds answered a process inside gVisor".into(),
-        )),
-        (1, _, _) => Ok(()),
-        (0, _, _) => Err(StepError::Verify(
-            "a process inside gVisor connected to a host Unix socket in the container's binds".into(),
-        )),
-        (code, _, err) => Err(StepError::Verify(format!(
-            "the host-socket check could not run inside gVisor (exit {code}{})",
-            said(&String::from_utf8_lossy(&err))
-        ))),
+        // A FIFO no writer has opened yet is not hung up: poll waits for the first command.
+        let mut ready = [PollFd::new(fifo, PollFlags::IN)];
+        let within = Timespec::try_from(left).unwrap_or(Timespec { tv_sec: 1, tv_nsec: 0 });
+        match rustix::event::poll(&mut ready, Some(&within)) {
+            Ok(0) | Err(rustix::io::Errno::INTR) => continue,
+            Ok(_) => {}
+            Err(e) => return Err(io("verify")(e.into())),
+        }
+        match rustix::io::read(fifo, &mut buf) {
+            Ok(0) => return Ok(String::from_utf8_lossy(&text).into_owned()),
+            Ok(n) if text.len() < 64 << 10 => text.extend_from_slice(&buf[..n]),
+            Ok(_) => return Err(StepError::Verify("the container's report is too long".into())),
+            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(io("verify")(e.into())),
+        }
     }
-}
-
-/// `: WHAT IT SAID` for an error message, or nothing.
-fn said(stderr: &str) -> String {
-    let s = stderr.trim();
-    if s.is_empty() { String::new() } else { format!(": {s}") }
 }
 
 /// From inside the container's network namespace: it is not the host's, it has no interface but `lo` and no

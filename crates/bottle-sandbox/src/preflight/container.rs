@@ -166,6 +166,9 @@ struct Info {
     /// `name=seccomp,profile=default`, `name=rootless`, …
     #[serde(rename = "SecurityOptions", default)]
     security_options: Vec<String>,
+    /// Podman's word for it (its `SecurityOptions` do not say `rootless`).
+    #[serde(rename = "Rootless", default)]
+    rootless: bool,
     #[serde(rename = "Runtimes", default)]
     runtimes: BTreeMap<String, InfoRuntime>,
 }
@@ -189,10 +192,11 @@ fn runtime_check(info: &Info) -> Option<Check> {
     const NAME: &str = "container runtime";
     let runtime = info.default_runtime.clone()?;
     let cgroup = info.cgroup_version.clone().unwrap_or_else(|| "unknown".to_owned());
-    let rootless = info
-        .security_options
-        .iter()
-        .any(|o| o.split(',').any(|kv| kv == "name=rootless"));
+    let rootless = info.rootless
+        || info
+            .security_options
+            .iter()
+            .any(|o| o.split(',').any(|kv| kv == "name=rootless"));
     let detail = format!(
         "default runtime {runtime}, cgroup v{cgroup}, {}",
         if rootless { "rootless" } else { "rootful" }
@@ -200,7 +204,14 @@ fn runtime_check(info: &Info) -> Option<Check> {
     // The container backend puts the proxy's listener into the container's network namespace from the host, which a
     // rootless engine's namespaces do not let it do.
     if rootless {
-        let reason = "the engine is rootless; container bottles need a rootful engine for now";
+        // Measured on a cgroup v1 host: rootless Podman says "Resource limits are not supported and ignored on
+        // cgroups V1 rootless systems" and reads back no pids or memory limit.
+        let reason = if cgroup == "1" {
+            "the engine is rootless; container bottles need a rootful engine (and on cgroup v1 a rootless engine \
+             ignores every resource limit)"
+        } else {
+            "the engine is rootless; container bottles need a rootful engine"
+        };
         let remedy = "start a rootful daemon (`sudo systemctl start docker`, or `sudo dockerd &`) and point DOCKER_HOST \
                       at its socket (`unix:///var/run/docker.sock`)";
         return Some(Check::new(NAME, Status::missing(reason, remedy)).with_detail(detail));
@@ -437,6 +448,43 @@ mod tests {
         );
         assert!(
             remedy(&report, "container runtime").contains("rootful daemon"),
+            "{check:#?}"
+        );
+        assert!(
+            !format!("{check:?}").contains("ignores every resource limit"),
+            "{check:#?}"
+        );
+    }
+
+    #[test]
+    fn rootless_podman_is_known_by_its_own_field() {
+        let mut host = FakeHost::healthy();
+        // As rootless Podman 4.3.1 answers `GET /info` on its Docker-compatible socket.
+        host.socket(
+            "/var/run/docker.sock",
+            "/info",
+            "HTTP/1.0 200 OK\r\n\r\n{\"DefaultRuntime\":\"crun\",\"CgroupVersion\":\"2\",\
+             \"SecurityOptions\":[\"name=seccomp,profile=default\"],\"Rootless\":true}",
+        );
+        let report = run(&host);
+        let check = report.check("container runtime").unwrap();
+        assert_eq!(check.status.severity(), Severity::Missing, "{check:#?}");
+    }
+
+    #[test]
+    fn a_rootless_engine_on_cgroup_v1_is_said_to_ignore_limits() {
+        let mut host = FakeHost::healthy();
+        host.socket(
+            "/var/run/docker.sock",
+            "/info",
+            "HTTP/1.0 200 OK\r\n\r\n{\"DefaultRuntime\":\"runc\",\"CgroupVersion\":\"1\",\
+             \"SecurityOptions\":[\"name=rootless\"]}",
+        );
+        let report = run(&host);
+        let check = report.check("container runtime").unwrap();
+        assert_eq!(check.status.severity(), Severity::Missing);
+        assert!(
+            format!("{check:?}").contains("ignores every resource limit"),
             "{check:#?}"
         );
     }
