@@ -97,6 +97,8 @@ struct Scene {
     user: Option<u32>,
     /// Run the bottles on the container backend with this image instead of the namespace backend.
     image: Option<String>,
+    /// `--mount` arguments for every bottle.
+    mounts: Vec<String>,
 }
 
 impl Scene {
@@ -111,6 +113,7 @@ impl Scene {
             ca,
             user: None,
             image: None,
+            mounts: Vec::new(),
         }
     }
 
@@ -154,6 +157,9 @@ impl Scene {
         cmd.args(["run", "--agent", agent]);
         if let Some(image) = &self.image {
             cmd.args(["--backend", "container", "--image", image]);
+        }
+        for m in &self.mounts {
+            cmd.args(["--mount", m]);
         }
         for host in hosts {
             cmd.args(["--resolve", &format!("{host}={addr}")]);
@@ -232,6 +238,47 @@ fn claude_code_in_a_container_bottle_answers_with_the_real_key_and_continues() {
     claude_round(Scene::in_container(image), "127.0.1.34");
 }
 
+/// A container bottle of an image that has node (the host's, with the libraries it links, and busybox) and the
+/// host's npm package `package` shown read-only at /opt/PACKAGE-NAME (`--mount`): the command that runs its `js`.
+fn node_agent_in_container(package: &str, js: &str) -> Option<(Scene, Vec<String>)> {
+    if let Some(why) = bottle_test_support::container::unavailable() {
+        require::skip("container", &why);
+        return None;
+    }
+    let node = std::fs::canonicalize(which("node")).unwrap();
+    let image = bottle_test_support::container::image_with("bot-bottle-test/node:1", &node, "node");
+    let installed = Path::new("/usr/lib/node_modules").join(package);
+    assert!(
+        installed.is_dir(),
+        "{} is missing (npm install -g {package})",
+        installed.display()
+    );
+    let at = format!("/opt/{}", package.rsplit('/').next().unwrap());
+    let mut s = Scene::in_container(image);
+    s.mounts.push(format!("{}:{at}", installed.display()));
+    Some((s, vec!["node".to_string(), format!("{at}/{js}")]))
+}
+
+/// Gemini CLI (node) in a container bottle: the same round as in a namespace bottle.
+#[test]
+fn gemini_cli_in_a_container_bottle_answers_with_the_real_key() {
+    need_agent!("gemini");
+    let Some((s, gemini)) = node_agent_in_container("@google/gemini-cli", "bundle/gemini.js") else {
+        return;
+    };
+    gemini_round_with(s, "127.0.1.64", &gemini);
+}
+
+/// Codex (node launcher, native binary) in a container bottle: the same round, its session kept in the home.
+#[test]
+fn codex_in_a_container_bottle_answers_with_the_real_key_and_keeps_its_session() {
+    need_agent!("codex");
+    let Some((s, codex)) = node_agent_in_container("@openai/codex", "bin/codex.js") else {
+        return;
+    };
+    codex_round_with(s, "127.0.1.65", &codex);
+}
+
 /// `cli` on PATH.
 fn which(cli: &str) -> PathBuf {
     std::env::var_os("PATH")
@@ -299,15 +346,16 @@ fn gemini_cli_answers_from_the_fake_api_with_the_real_key() {
 }
 
 fn gemini_round(s: Scene, addr: &str) {
+    gemini_round_with(s, addr, &["gemini".to_string()]);
+}
+
+/// `gemini` is the command that starts Gemini CLI.
+fn gemini_round_with(s: Scene, addr: &str, gemini: &[String]) {
     let host = "generativelanguage.googleapis.com";
     let api = FakeApi::start(&s.path("pki"), &s.ca, &[host], addr, "FAKE-GEMINI-REPLY");
-    let out = s.run(
-        "gemini",
-        host,
-        addr,
-        "GEMINI_API_KEY",
-        &["gemini", "-p", "say hi MARKER-G"],
-    );
+    let mut argv: Vec<&str> = gemini.iter().map(String::as_str).collect();
+    argv.extend(["-p", "say hi MARKER-G"]);
+    let out = s.run("gemini", host, addr, "GEMINI_API_KEY", &argv);
     print_refused("gemini", &out);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
@@ -395,13 +443,23 @@ fn codex_answers_from_the_fake_api_with_the_real_key_and_keeps_its_session() {
 }
 
 fn codex_round(s: Scene, addr: &str) {
+    codex_round_with(s, addr, &["codex".to_string()]);
+}
+
+/// `codex` is the command that starts Codex.
+fn codex_round_with(s: Scene, addr: &str, codex: &[String]) {
     let api = FakeApi::start(&s.path("pki"), &s.ca, &["api.openai.com"], addr, "FAKE-CODEX-REPLY");
+    let with = |args: &[&'static str]| -> Vec<&str> {
+        let mut argv: Vec<&str> = codex.iter().map(String::as_str).collect();
+        argv.extend(args);
+        argv
+    };
     let first = s.run(
         "codex",
         "api.openai.com",
         addr,
         "CODEX_API_KEY",
-        &["codex", "exec", "--skip-git-repo-check", "first prompt MARKER-ONE"],
+        &with(&["exec", "--skip-git-repo-check", "first prompt MARKER-ONE"]),
     );
     print_refused("codex", &first);
     assert!(first.status.success(), "{}", text(&first));
@@ -431,14 +489,7 @@ fn codex_round(s: Scene, addr: &str) {
         "api.openai.com",
         addr,
         "CODEX_API_KEY",
-        &[
-            "codex",
-            "exec",
-            "--skip-git-repo-check",
-            "resume",
-            "--last",
-            "second prompt",
-        ],
+        &with(&["exec", "--skip-git-repo-check", "resume", "--last", "second prompt"]),
     );
     print_refused("codex", &second);
     assert!(second.status.success(), "{}", text(&second));
