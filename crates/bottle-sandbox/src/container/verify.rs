@@ -160,6 +160,8 @@ pub(super) fn verify_gvisor(pid: u32, checks: GvisorChecks) -> Result<(), StepEr
             sets.join(" / ")
         )));
     }
+    // The network first: the container's first command is still being loaded by gVisor meanwhile.
+    netns_check(pid)?;
     let report = read_report(&checks.report)?;
     let accepted = rustix::net::accept(&checks.decoy).is_ok();
     // Neither is of use to anything in the bottle from now on.
@@ -185,7 +187,7 @@ pub(super) fn verify_gvisor(pid: u32, checks: GvisorChecks) -> Result<(), StepEr
             if decoy.is_empty() { "no report of it" } else { decoy }
         )));
     }
-    netns_check(pid)
+    Ok(())
 }
 
 /// The container's first command's report, up to its end (the writer closing), within `REPORT_TIMEOUT`.
