@@ -48,6 +48,17 @@ pub struct Api {
     pub(super) rt: tokio::runtime::Runtime,
     /// The engine's Unix socket, when it is reached through one.
     socket: Option<std::path::PathBuf>,
+    /// What the engine said of its version when connected.
+    version: bollard::models::SystemVersion,
+}
+
+/// `MAJOR.MINOR` of an API version as the engine writes it (`1.41`).
+fn client_version(api: &str) -> Option<bollard::ClientVersion> {
+    let (major, minor) = api.split_once('.')?;
+    Some(bollard::ClientVersion {
+        major_version: major.parse().ok()?,
+        minor_version: minor.parse().ok()?,
+    })
 }
 
 /// The path of the engine's Unix socket: `local` (found by `local_socket`) or `DOCKER_HOST`'s `unix://` path.
@@ -98,12 +109,30 @@ impl Api {
             None => Docker::connect_with_local_defaults(),
         }
         .map_err(|e| ApiError::Connect(e.to_string()))?;
-        // The daemon may be older than the client's API (Debian's 20.10 speaks 1.41): speak the daemon's.
-        let docker = rt
-            .block_on(async { tokio::time::timeout(timeout, docker.negotiate_version()).await })
+        // The daemon may be older than the client's API (Debian's 20.10 speaks 1.41): speak the daemon's. Through a
+        // Unix socket its `/version` (the request bollard's negotiation makes) is asked once; `info` uses it too.
+        let version = rt
+            .block_on(async { tokio::time::timeout(timeout, docker.version()).await })
             .map_err(|_| ApiError::Timeout(timeout))?
             .map_err(|e| ApiError::Connect(e.to_string()))?;
-        Ok(Self { docker, rt, socket })
+        let spoken = version.api_version.as_deref().and_then(client_version);
+        let docker = match (&socket, spoken) {
+            (Some(path), Some(v)) if v < *bollard::API_DEFAULT_VERSION => {
+                Docker::connect_with_socket(&path.to_string_lossy(), 120, &v)
+                    .map_err(|e| ApiError::Connect(e.to_string()))?
+            }
+            (Some(_), Some(_)) => docker,
+            _ => rt
+                .block_on(async { tokio::time::timeout(timeout, docker.negotiate_version()).await })
+                .map_err(|_| ApiError::Timeout(timeout))?
+                .map_err(|e| ApiError::Connect(e.to_string()))?,
+        };
+        Ok(Self {
+            docker,
+            rt,
+            socket,
+            version,
+        })
     }
 
     fn call<T>(&self, f: impl std::future::Future<Output = Result<T, bollard::errors::Error>>) -> Result<T, ApiError> {
@@ -114,18 +143,8 @@ impl Api {
     }
 
     pub fn info(&self) -> Result<EngineInfo, ApiError> {
-        // Side by side: a launch waits for both.
-        let (version, info) = self
-            .rt
-            .block_on(async {
-                tokio::time::timeout(CALL_TIMEOUT, async {
-                    tokio::join!(self.docker.version(), self.docker.info())
-                })
-                .await
-            })
-            .map_err(|_| ApiError::Timeout(CALL_TIMEOUT))?;
-        let engine = |e: bollard::errors::Error| ApiError::Engine(e.to_string());
-        let (version, info) = (version.map_err(engine)?, info.map_err(engine)?);
+        let version = self.version.clone();
+        let info = self.call(self.docker.info())?;
         let podman = version
             .components
             .unwrap_or_default()
