@@ -46,26 +46,29 @@ pub(super) fn write_env(path: &Path, vars: &BTreeMap<String, String>) -> std::io
 /// disk) nor in a file. The FIFO is opened without blocking, so a container whose shell is gone is an error, not a
 /// hang; the write then blocks (values may be longer than the pipe's buffer).
 pub(super) fn open_gate(path: &Path, pass_env: &BTreeMap<String, String>) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut f = writer(path, deadline)?;
+    let flags = rustix::fs::fcntl_getfl(&f)? - rustix::fs::OFlags::NONBLOCK;
+    rustix::fs::fcntl_setfl(&f, flags)?;
+    // Never nothing: gVisor's reader of a host FIFO sees no end when the writer closes without writing.
+    f.write_all(format!("# the bottle's gate\n{}", exports(pass_env)).as_bytes())?;
+    until_read(&f, deadline)
+}
+
+/// The FIFO at `path` opened for writing without blocking, once a reader has it open (ENXIO until then: the
+/// container's shell is starting), until `deadline`.
+fn writer(path: &Path, deadline: std::time::Instant) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
     loop {
         match std::fs::OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_NONBLOCK)
             .open(path)
         {
-            Ok(mut f) => {
-                let flags = rustix::fs::fcntl_getfl(&f)? - rustix::fs::OFlags::NONBLOCK;
-                rustix::fs::fcntl_setfl(&f, flags)?;
-                // Never nothing: gVisor's reader of a host FIFO sees no end when the writer closes without writing.
-                f.write_all(format!("# the bottle's gate\n{}", exports(pass_env)).as_bytes())?;
-                return until_read(&f, deadline);
-            }
-            // ENXIO: nobody reads yet (the container's shell is starting).
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) && std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            Err(e) => return Err(e),
+            opened => return opened,
         }
     }
 }
@@ -92,23 +95,8 @@ fn until_read(f: &std::fs::File, deadline: std::time::Instant) -> std::io::Resul
 /// blocked opening a host FIFO until its sandbox is torn down (~10 s, and the engine then fails to remove the
 /// container). Waits up to `within` for the shell to come to the gate.
 pub(super) fn turn_away(path: &Path, within: std::time::Duration) {
-    use std::os::unix::fs::OpenOptionsExt;
-    let deadline = std::time::Instant::now() + within;
-    loop {
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
-        {
-            Ok(mut f) => {
-                let _ = f.write_all(b"exit 125\n");
-                return;
-            }
-            Err(e) if e.raw_os_error() == Some(libc::ENXIO) && std::time::Instant::now() < deadline => {
-                std::thread::sleep(std::time::Duration::from_millis(20));
-            }
-            Err(_) => return,
-        }
+    if let Ok(mut f) = writer(path, std::time::Instant::now() + within) {
+        let _ = f.write_all(b"exit 125\n");
     }
 }
 

@@ -53,16 +53,7 @@ pub(super) fn check_limits(spec: &BottleSpec, c: &bollard::models::ContainerInsp
 /// The container's first process (the one the agent's will descend from) holds no capability, cannot gain privileges,
 /// and is under a seccomp filter: what the engine was asked for, as the kernel reports it.
 fn hardened(pid: u32) -> Result<(), StepError> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(io("verify"))?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name).map(str::trim))
-            .unwrap_or("?")
-            .to_string()
-    };
-    let sets = ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"].map(field);
-    let (nnp, seccomp) = (field("NoNewPrivs:"), field("Seccomp:"));
+    let (sets, nnp, seccomp) = status_of(pid)?;
     // Not only the effective set: a bounding or permitted capability left is one a later exec could take.
     if sets.iter().all(|c| c.trim_start_matches('0').is_empty()) && nnp == "1" && seccomp == "2" {
         return Ok(());
