@@ -361,7 +361,7 @@ pub(crate) async fn forward_termination(init_pid: u32) {
 pub(crate) fn record_outcome(result: &anyhow::Result<Exit>) -> impl FnOnce(&mut BottleState) + use<> {
     let (status, code, error) = match result {
         Ok(exit) => (Status::Exited, Some(i32::from(exit.code)), exit.start_failure.clone()),
-        Err(e) => (Status::Failed, None, Some(format!("{e:#}"))),
+        Err(e) => (Status::Failed, None, Some(crate::output::message(e))),
     };
     move |s| {
         s.status = status;
@@ -462,4 +462,36 @@ pub fn generated_name() -> anyhow::Result<BottleName> {
     rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty()).context("no randomness")?;
     let name = format!("bottle-{:02x}{:02x}{:02x}", bytes[0], bytes[1], bytes[2]);
     BottleName::parse(&name).map_err(anyhow::Error::msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_launch_is_recorded_with_each_cause_said_once() {
+        let engine = std::io::Error::other("the container engine refused: status 500");
+        let err = anyhow::Error::new(engine).context("step create: the container engine refused: status 500");
+        let mut s = BottleState {
+            name: BottleName::parse("b1").unwrap(),
+            backend: bottle_sandbox::backend::Kind::Container,
+            addr: std::net::Ipv4Addr::new(127, 0, 0, 2),
+            status: Status::Running,
+            supervisor_pid: 1,
+            supervisor_start: 1,
+            init_pid: None,
+            started_at: 0,
+            exit_code: None,
+            error: None,
+            proxy_url: None,
+            detached: false,
+            remove: false,
+        };
+        record_outcome(&Err(err))(&mut s);
+        assert_eq!(s.status, Status::Failed);
+        assert_eq!(
+            s.error.as_deref(),
+            Some("step create: the container engine refused: status 500")
+        );
+    }
 }
