@@ -93,6 +93,18 @@ pub(super) struct GvisorChecks {
     decoy_path: PathBuf,
 }
 
+/// Neither is of use to anything in the bottle once checked, nor after a launch that failed before (a failed bottle's
+/// state directory is kept for `ls`: no dangling socket or FIFO in it).
+impl Drop for GvisorChecks {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.decoy_path);
+        let _ = std::fs::remove_file(&self.report_path);
+        if let Some(dir) = self.report_path.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
 impl GvisorChecks {
     /// In the bottle's shared folder: the decoy where the container sees it read-only, the FIFO in a folder of its
     /// own the container sees writable (the launcher's, 0755: the container's user can make nothing there).
@@ -155,9 +167,7 @@ pub(super) fn verify_gvisor(pid: u32, checks: GvisorChecks) -> Result<(), StepEr
     netns_check(pid)?;
     let report = read_report(&checks.report)?;
     let accepted = rustix::net::accept(&checks.decoy).is_ok();
-    // Neither is of use to anything in the bottle from now on.
-    let _ = std::fs::remove_file(&checks.decoy_path);
-    let _ = std::fs::remove_file(&checks.report_path);
+    drop(checks);
     let caps: Vec<(&str, &str)> = report
         .lines()
         .filter(|l| l.starts_with("Cap"))

@@ -310,6 +310,17 @@ mod tests {
         super::super::report(Backend::Container, host)
     }
 
+    /// A healthy host whose Docker socket answers `GET /info` with `json`.
+    fn with_info(json: &str) -> FakeHost {
+        let mut host = FakeHost::healthy();
+        host.socket(
+            "/var/run/docker.sock",
+            "/info",
+            &format!("HTTP/1.0 200 OK\r\n\r\n{json}"),
+        );
+        host
+    }
+
     fn remedy<'a>(report: &'a BackendReport, name: &str) -> &'a str {
         match &report.check(name).unwrap().status {
             Status::Missing { remedy, .. } => remedy,
@@ -419,12 +430,7 @@ mod tests {
 
     #[test]
     fn crun_on_cgroup_v1_degrades() {
-        let mut host = FakeHost::healthy();
-        host.socket(
-            "/var/run/docker.sock",
-            "/info",
-            "HTTP/1.0 200 OK\r\n\r\n{\"DefaultRuntime\":\"crun\",\"CgroupVersion\":\"1\"}",
-        );
+        let host = with_info(r#"{"DefaultRuntime":"crun","CgroupVersion":"1"}"#);
         assert_eq!(
             run(&host).check("container runtime").unwrap().status.severity(),
             Severity::Degraded
@@ -433,14 +439,9 @@ mod tests {
 
     #[test]
     fn a_rootless_engine_is_missing_with_the_rootful_remedy() {
-        let mut host = FakeHost::healthy();
-        host.socket(
-            "/var/run/docker.sock",
-            "/info",
-            "HTTP/1.0 200 OK\r\n\r\n{\"DefaultRuntime\":\"runc\",\"CgroupVersion\":\"2\",\
-             \"SecurityOptions\":[\"name=seccomp,profile=default\",\"name=rootless\"]}",
-        );
-        let report = run(&host);
+        let report = run(&with_info(
+            r#"{"DefaultRuntime":"runc","CgroupVersion":"2","SecurityOptions":["name=seccomp,profile=default","name=rootless"]}"#,
+        ));
         let check = report.check("container runtime").unwrap();
         assert_eq!(
             check.detail.as_deref(),
@@ -458,29 +459,19 @@ mod tests {
 
     #[test]
     fn rootless_podman_is_known_by_its_own_field() {
-        let mut host = FakeHost::healthy();
         // As rootless Podman 4.3.1 answers `GET /info` on its Docker-compatible socket.
-        host.socket(
-            "/var/run/docker.sock",
-            "/info",
-            "HTTP/1.0 200 OK\r\n\r\n{\"DefaultRuntime\":\"crun\",\"CgroupVersion\":\"2\",\
-             \"SecurityOptions\":[\"name=seccomp,profile=default\"],\"Rootless\":true}",
-        );
-        let report = run(&host);
+        let report = run(&with_info(
+            r#"{"DefaultRuntime":"crun","CgroupVersion":"2","SecurityOptions":["name=seccomp,profile=default"],"Rootless":true}"#,
+        ));
         let check = report.check("container runtime").unwrap();
         assert_eq!(check.status.severity(), Severity::Missing, "{check:#?}");
     }
 
     #[test]
     fn a_rootless_engine_on_cgroup_v1_is_said_to_ignore_limits() {
-        let mut host = FakeHost::healthy();
-        host.socket(
-            "/var/run/docker.sock",
-            "/info",
-            "HTTP/1.0 200 OK\r\n\r\n{\"DefaultRuntime\":\"runc\",\"CgroupVersion\":\"1\",\
-             \"SecurityOptions\":[\"name=rootless\"]}",
-        );
-        let report = run(&host);
+        let report = run(&with_info(
+            r#"{"DefaultRuntime":"runc","CgroupVersion":"1","SecurityOptions":["name=rootless"]}"#,
+        ));
         let check = report.check("container runtime").unwrap();
         assert_eq!(check.status.severity(), Severity::Missing);
         assert!(
